@@ -1,0 +1,70 @@
+"""Sliding-window attention over packed documents: the mask maths, and the portable SDPA kernel.
+
+Tokens of a row are packed documents; `segment` gives each token its document (or max_seq_len chunk) id.
+Query i may attend key j when j <= i, i - j < window and segment[j] == segment[i]. The kernel cuts the
+row into blocks of `window` queries; each block attends to itself and the block before, so the cost is
+O(T * window) instead of O(T^2), and the result equals full masked attention exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def segment_ids(tokens: torch.Tensor, bos_id: int, max_seq_len: int) -> torch.Tensor:
+    """Per-token segment id: a new segment at every BOS and every max_seq_len tokens inside a document."""
+    B, T = tokens.shape
+    is_bos = tokens == bos_id
+    doc = torch.cumsum(is_bos.long(), dim=1)
+    pos = torch.arange(T, device=tokens.device).expand(B, T)
+    doc_start = torch.where(is_bos, pos, torch.zeros_like(pos)).cummax(dim=1).values
+    chunk = (pos - doc_start) // max_seq_len
+    return doc * (T + 1) + chunk
+
+
+def allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, q_seg: torch.Tensor, k_seg: torch.Tensor,
+            window: int) -> torch.Tensor:
+    """The attention rule as a boolean mask (broadcasting over whatever shapes are given)."""
+    return (k_pos <= q_pos) & (q_pos - k_pos < window) & (k_seg == q_seg) & (k_pos >= 0)
+
+
+def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment: torch.Tensor,
+                       window: int, scale: float | torch.Tensor) -> torch.Tensor:
+    """q, k, v: (B, T, H, D); segment: (B, T). Returns (B, T, H, D)."""
+    B, T, H, D = q.shape
+    C = max(1, min(window, T))
+    n = -(-T // C)
+    pad = n * C - T
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (q, k, v))
+        segment = F.pad(segment, (0, pad), value=-1)
+    # (B, n, C, H, D) blocks; keys/values of block b are blocks b-1 and b.
+    qb, kb, vb = (t.view(B, n, C, H, D) for t in (q, k, v))
+    kb = torch.cat([F.pad(kb, (0, 0, 0, 0, 0, 0, 1, 0))[:, :-1], kb], dim=2)
+    vb = torch.cat([F.pad(vb, (0, 0, 0, 0, 0, 0, 1, 0))[:, :-1], vb], dim=2)
+    seg = segment.view(B, n, C)
+    k_seg = torch.cat([F.pad(seg, (0, 0, 1, 0), value=-2)[:, :-1], seg], dim=2)
+    base = torch.arange(n, device=q.device).view(1, n, 1) * C
+    q_pos = base + torch.arange(C, device=q.device).view(1, 1, C)
+    k_pos = base - C + torch.arange(2 * C, device=q.device).view(1, 1, 2 * C)
+    mask = allowed(q_pos.unsqueeze(-1), k_pos.unsqueeze(-2), seg.unsqueeze(-1), k_seg.unsqueeze(-2), window)
+    out = F.scaled_dot_product_attention(
+        qb.reshape(B * n, C, H, D).transpose(1, 2),
+        kb.reshape(B * n, 2 * C, H, D).transpose(1, 2),
+        vb.reshape(B * n, 2 * C, H, D).transpose(1, 2),
+        attn_mask=mask.reshape(B * n, 1, C, 2 * C),
+        scale=float(scale),
+    )
+    out = out.transpose(1, 2).reshape(B, n * C, H, D)
+    return out[:, :T]
+
+
+def reference_attention(q, k, v, segment, window, scale):
+    """Full T x T masked attention: the definition the fast kernels are checked against."""
+    B, T, H, D = q.shape
+    pos = torch.arange(T, device=q.device)
+    mask = allowed(pos.view(T, 1), pos.view(1, T), segment.unsqueeze(-1), segment.unsqueeze(-2), window)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask.unsqueeze(1), scale=float(scale))
+    return out.transpose(1, 2)

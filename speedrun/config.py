@@ -1,0 +1,433 @@
+"""TrainConfig: every knob of the trainer, typed, with the `record` and `tiny` presets.
+
+Configs are immutable nested dataclasses. `cfg.override({"optim.muon_lr": 0.03})` returns a new, validated
+config; tuple-valued knobs can be set whole (`schedule.long_windows=[3,7,11,13]`) or by index
+(`schedule.long_windows.2=12`). `to_dict()` gives flat dotted keys for logging and `from_dict()` reads
+them back.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, get_args, get_origin, get_type_hints
+
+SECTIONS = ("model", "optim", "schedule", "data", "run")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 50257
+    padded_vocab_size: int = 50304
+    n_layer: int = 11
+    n_head: int = 6
+    head_dim: int = 128
+    dim: int = 768
+    mlp_dim: int = 3072
+    block_size: int = 128  # tokens per attention-window unit
+    no_attn_layers: tuple[int, ...] = (6,)
+    long_window_layers: tuple[int, ...] = (3, 10)
+    value_embed_layers: tuple[int, ...] = (1, 2, 8, 9, 10)
+    paired_head_layers: tuple[int, ...] = (0, 2, 5, 9)
+    use_value_embeds: bool = True
+    use_smear_gate: bool = True
+    use_bigram_embed: bool = True
+    bigram_buckets: int = 65536
+    use_skip_connections: bool = True
+    use_paired_heads: bool = True
+    use_key_offset: bool = True
+    key_offset_dims: int = 32  # trailing head dims of the key taken from the previous token
+    use_attn_gate: bool = True
+    gate_dims: int = 12  # residual dims read by the sparse gates (attention, value embedding, smear)
+    use_qk_norm: bool = True
+    use_rope: bool = True
+    rope_min_freq: float = 1 / 1024
+    use_yarn: bool = True
+    attn_scale: float = 0.12
+    use_softcap: bool = True
+    softcap_scale: float = 23.0
+    softcap_shift: float = 5.0
+    softcap_div: float = 7.5
+    untie_step: int = 847  # embedding and lm_head share weights until this step; -1: never tied
+    use_fp8: bool = True  # GPU only: FP8 lm_head and MLP matmuls
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    muon_lr: float = 0.023
+    muon_momentum: float = 0.95
+    muon_momentum_min: float = 0.85
+    muon_momentum_warmup_steps: int = 300
+    muon_momentum_cooldown_steps: int = 50
+    muon_beta2: float = 0.9
+    muon_wd: float = 1.2
+    muon_mlp_out_lr_mult: float = 2.0
+    polar_express_steps: int = 5
+    adam_lr: float = 0.008
+    adam_eps: float = 1e-10
+    adam_wd: float = 0.005
+    adam_every: int = 2  # Adam steps once every this many steps, on the accumulated gradient
+    embed_betas: tuple[float, ...] = (0.5, 0.95)
+    embed_lr_mult: float = 1.0
+    embed_wd_mult: float = 150.0
+    value_embed_betas: tuple[float, ...] = (0.75, 0.95)
+    value_embed_lr_mult: float = 75.0
+    value_embed_wd_mult: float = 5.0
+    scalar_betas: tuple[float, ...] = (0.9, 0.99)
+    scalar_lr_mult: float = 5.0
+    scalar_wd_mult: float = 0.0
+    cautious_wd: bool = True
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    num_scheduled_steps: int = 1270
+    extension_steps: int = 15
+    cooldown_frac: float = 0.60
+    final_lr_frac: float = 0.15
+    # Stage k runs from stage_starts[k] (the last, extension stage from num_scheduled_steps).
+    stage_starts: tuple[int, ...] = (0, 423, 847)
+    tokens_per_step: tuple[int, ...] = (131072, 262144, 393216, 393216)
+    max_seq_lens: tuple[int, ...] = (896, 2048, 2048, 2048)
+    short_windows: tuple[int, ...] = (1, 3, 5, 6)
+    long_windows: tuple[int, ...] = (3, 7, 11, 13)
+    stage_lr_mults: tuple[float, ...] = (1.0, 1.52, 1.73, 0.15)
+    # Multi-token prediction weights, annealed linearly from start to end within each stage.
+    mtp_start: tuple[tuple[float, ...], ...] = ((1.0, 0.5, 0.25), (1.0, 0.5), (1.0,), (1.0,))
+    mtp_end: tuple[tuple[float, ...], ...] = ((1.0, 0.5, 0.0), (1.0, 0.0), (1.0,), (1.0,))
+    final_long_window: int = 20
+
+    @property
+    def total_steps(self) -> int:
+        return self.num_scheduled_steps + self.extension_steps
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stage_starts) + 1
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "fineweb"  # "fineweb": .bin shards under data_dir; "sample": the generated corpus
+    data_dir: str = ""  # empty: $SPEEDRUN_DATA or ./data/fineweb10B (fineweb), the sample cache (sample)
+    train_pattern: str = "fineweb_train_*.bin"
+    val_pattern: str = "fineweb_val_*.bin"
+    val_tokens: int = 10_485_760
+    bos_id: int = 50256
+    max_micro_batch_tokens: int = 49152  # per rank per forward; gradient accumulation covers the rest
+    val_micro_batch_tokens: int = 65536
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "bfloat16"  # activations on GPU; CPU always runs float32
+    val_every: int = 250
+    log_every: int = 25
+    warmup_steps: int = 3  # untimed steps per stage shape before the model and optimiser are reset
+    target_loss: float = 3.28
+    compile: bool = True  # GPU only
+    threads: int = 0  # CPU threads per process; 0 keeps torch's default
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    # ---- construction -------------------------------------------------------------------------
+    @staticmethod
+    def preset(name: str) -> "TrainConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(sorted(PRESETS))}")
+        return PRESETS[name]()
+
+    def override(self, updates: dict[str, Any]) -> "TrainConfig":
+        """New config with dotted keys replaced; values may be typed or strings (from a CLI)."""
+        sections = {s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS}
+        for key, value in updates.items():
+            section, name, index = _split_key(key)
+            cls = type(getattr(self, section))
+            hint = get_type_hints(cls)[name]
+            if index is None:
+                sections[section][name] = _coerce(key, value, hint)
+            else:
+                current = list(sections[section][name])
+                if not 0 <= index < len(current):
+                    raise ValueError(f"{key}: index {index} out of range for {name} of length {len(current)}")
+                current[index] = _coerce(key, value, get_args(hint)[0])
+                sections[section][name] = _coerce(key, current, hint)
+        return _build(sections)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat dotted keys; tuples become lists (JSON-friendly)."""
+        flat = {}
+        for s in SECTIONS:
+            for f in fields(getattr(self, s)):
+                flat[f"{s}.{f.name}"] = _jsonable(getattr(getattr(self, s), f.name))
+        return flat
+
+    @staticmethod
+    def from_dict(flat: dict[str, Any]) -> "TrainConfig":
+        return TrainConfig().override(flat)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+    # ---- derived settings -----------------------------------------------------------------------
+    def with_total_steps(self, steps: int) -> "TrainConfig":
+        """The same run compressed (or stretched) to `steps` steps: every step-valued knob scales."""
+        sch = self.schedule
+        if steps < sch.num_stages:
+            raise ValueError(f"--steps {steps} is too short: the schedule has {sch.num_stages} stages")
+        ratio = steps / sch.total_steps
+        scaled = lambda n: max(1, round(n * ratio)) if n > 0 else n  # noqa: E731
+        ext = max(1, round(sch.extension_steps * ratio)) if sch.extension_steps else 0
+        scheduled = steps - ext
+        starts = tuple(sorted({0, *(min(scheduled - 1, scaled(s)) for s in sch.stage_starts[1:])}))
+        if len(starts) != len(sch.stage_starts):
+            raise ValueError(f"--steps {steps} is too short to keep {sch.num_stages} distinct stages")
+        o, r = self.optim, self.run
+        return replace(
+            self,
+            schedule=replace(sch, num_scheduled_steps=scheduled, extension_steps=ext, stage_starts=starts),
+            optim=replace(
+                o,
+                muon_momentum_warmup_steps=scaled(o.muon_momentum_warmup_steps),
+                muon_momentum_cooldown_steps=scaled(o.muon_momentum_cooldown_steps),
+            ),
+            model=replace(self.model, untie_step=scaled(self.model.untie_step)),
+            run=replace(r, val_every=scaled(r.val_every), log_every=max(1, scaled(r.log_every))),
+        )
+
+
+# ---- presets -----------------------------------------------------------------------------------
+def _record() -> TrainConfig:
+    return TrainConfig()
+
+
+def _tiny() -> TrainConfig:
+    """The record's architecture and schedule shape, scaled to learn the sample corpus on 2 CPU cores."""
+    return TrainConfig(
+        model=ModelConfig(
+            vocab_size=128,
+            padded_vocab_size=128,
+            n_layer=6,
+            n_head=4,
+            head_dim=32,
+            dim=128,
+            mlp_dim=384,
+            block_size=16,
+            no_attn_layers=(3,),
+            long_window_layers=(2, 5),
+            value_embed_layers=(1, 4, 5),
+            paired_head_layers=(0, 4),
+            bigram_buckets=4096,
+            key_offset_dims=8,
+            untie_step=170,
+        ),
+        optim=OptimConfig(muon_lr=0.02, muon_wd=0.5, adam_lr=0.008, muon_momentum_warmup_steps=50,
+                          muon_momentum_cooldown_steps=10, value_embed_lr_mult=10.0, embed_wd_mult=10.0),
+        schedule=ScheduleConfig(
+            num_scheduled_steps=260,
+            extension_steps=10,
+            cooldown_frac=0.5,
+            stage_starts=(0, 85, 170),
+            tokens_per_step=(2048, 2048, 3072, 3072),
+            max_seq_lens=(256, 512, 512, 512),
+            short_windows=(1, 3, 5, 6),
+            long_windows=(3, 7, 11, 13),
+            final_long_window=20,
+        ),
+        data=DataConfig(
+            source="sample",
+            train_pattern="sample_train_*.bin",
+            val_pattern="sample_val_*.bin",
+            val_tokens=32768,
+            bos_id=127,
+            max_micro_batch_tokens=1024,
+            val_micro_batch_tokens=8192,
+        ),
+        run=RunConfig(val_every=50, log_every=10, warmup_steps=1, target_loss=1.25, compile=False),
+    )
+
+
+PRESETS = {"record": _record, "tiny": _tiny}
+
+
+# ---- validation --------------------------------------------------------------------------------
+def validate(cfg: TrainConfig) -> None:
+    """Raise ValueError naming the first bad key and what would fix it."""
+    m, o, s, d, r = cfg.model, cfg.optim, cfg.schedule, cfg.data, cfg.run
+
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ValueError(f"{key}={_show(cfg, key)}: {msg}")
+
+    for key in ("model.n_layer", "model.n_head", "model.head_dim", "model.dim", "model.mlp_dim",
+                "model.block_size", "model.vocab_size", "model.bigram_buckets", "model.gate_dims"):
+        need(_get(cfg, key) > 0, key, "must be a positive integer")
+    need(m.padded_vocab_size >= m.vocab_size, "model.padded_vocab_size", "must be >= model.vocab_size")
+    need(m.dim == m.n_head * m.head_dim, "model.dim", f"must equal n_head*head_dim = {m.n_head * m.head_dim}")
+    need(m.head_dim % 4 == 0, "model.head_dim", "must be a multiple of 4 (half-RoPE pairs)")
+    need(m.gate_dims <= m.dim, "model.gate_dims", "must be <= model.dim")
+    need(0 <= m.key_offset_dims <= m.head_dim // 2, "model.key_offset_dims", "must be in [0, head_dim/2]")
+    for key in ("model.no_attn_layers", "model.long_window_layers", "model.value_embed_layers",
+                "model.paired_head_layers"):
+        need(all(0 <= i < m.n_layer for i in _get(cfg, key)), key, f"layer indices must be in [0, {m.n_layer})")
+    need(not (m.use_paired_heads and m.paired_head_layers) or m.n_head % 2 == 0, "model.n_head",
+         "must be even when paired-head attention is on")
+    need(m.softcap_scale > 0 and m.softcap_div > 0, "model.softcap_scale", "softcap scale and div must be > 0")
+    need(math.isfinite(m.softcap_shift), "model.softcap_shift", "must be finite")
+    need(0 < m.rope_min_freq < 1, "model.rope_min_freq", "must be in (0, 1)")
+    need(m.attn_scale > 0, "model.attn_scale", "must be > 0")
+
+    for key in ("optim.muon_lr", "optim.adam_lr", "optim.adam_eps", "optim.muon_mlp_out_lr_mult",
+                "optim.embed_lr_mult", "optim.value_embed_lr_mult", "optim.scalar_lr_mult"):
+        need(_get(cfg, key) > 0, key, "must be > 0")
+    for key in ("optim.muon_wd", "optim.adam_wd", "optim.embed_wd_mult", "optim.value_embed_wd_mult",
+                "optim.scalar_wd_mult", "optim.muon_momentum_warmup_steps", "optim.muon_momentum_cooldown_steps"):
+        need(_get(cfg, key) >= 0, key, "must be >= 0")
+    for key in ("optim.muon_momentum", "optim.muon_momentum_min", "optim.muon_beta2"):
+        need(0 <= _get(cfg, key) < 1, key, "must be in [0, 1)")
+    for key in ("optim.embed_betas", "optim.value_embed_betas", "optim.scalar_betas"):
+        b = _get(cfg, key)
+        need(len(b) == 2 and all(0 <= x < 1 for x in b), key, "must be two betas in [0, 1)")
+    need(o.polar_express_steps >= 1, "optim.polar_express_steps", "must be >= 1")
+    need(o.adam_every >= 1, "optim.adam_every", "must be >= 1")
+
+    n = s.num_stages
+    need(s.num_scheduled_steps >= 1, "schedule.num_scheduled_steps", "must be >= 1")
+    need(s.extension_steps >= 0, "schedule.extension_steps", "must be >= 0")
+    need(0 <= s.cooldown_frac <= 1, "schedule.cooldown_frac", "must be in [0, 1]")
+    need(0 <= s.final_lr_frac <= 1, "schedule.final_lr_frac", "must be in [0, 1]")
+    need(len(s.stage_starts) >= 1 and s.stage_starts[0] == 0, "schedule.stage_starts", "must start with 0")
+    need(all(a < b for a, b in zip(s.stage_starts, s.stage_starts[1:])) and s.stage_starts[-1] < s.num_scheduled_steps,
+         "schedule.stage_starts", f"must increase strictly and stay below num_scheduled_steps={s.num_scheduled_steps}")
+    for key in ("schedule.tokens_per_step", "schedule.max_seq_lens", "schedule.short_windows",
+                "schedule.long_windows", "schedule.stage_lr_mults", "schedule.mtp_start", "schedule.mtp_end"):
+        need(len(_get(cfg, key)) == n, key, f"needs one entry per stage ({n}: the stage_starts plus the extension)")
+    for k in range(n):
+        need(s.tokens_per_step[k] > 0, "schedule.tokens_per_step", "must be > 0")
+        need(1 <= s.short_windows[k] <= s.long_windows[k], "schedule.short_windows",
+             f"stage {k}: short window must be in [1, long window {s.long_windows[k]}]")
+        need(s.long_windows[k] * m.block_size <= s.max_seq_lens[k], "schedule.long_windows",
+             f"stage {k}: long window x block_size must fit max_seq_len {s.max_seq_lens[k]}")
+        need(s.stage_lr_mults[k] >= 0, "schedule.stage_lr_mults", "must be >= 0")
+        need(len(s.mtp_start[k]) == len(s.mtp_end[k]) >= 1, "schedule.mtp_start",
+             f"stage {k}: mtp_start and mtp_end need the same number (>=1) of weights")
+    need(s.final_long_window >= 1, "schedule.final_long_window", "must be >= 1")
+
+    need(d.source in ("fineweb", "sample"), "data.source", "must be 'fineweb' or 'sample'")
+    need(0 <= d.bos_id < m.vocab_size, "data.bos_id", f"must be a token id below vocab_size={m.vocab_size}")
+    need(d.val_tokens > 0, "data.val_tokens", "must be > 0")
+    need(d.max_micro_batch_tokens > 0 and d.val_micro_batch_tokens > 0, "data.max_micro_batch_tokens", "must be > 0")
+
+    need(r.device in ("auto", "cpu", "cuda"), "run.device", "must be auto, cpu or cuda")
+    need(r.dtype in ("bfloat16", "float32"), "run.dtype", "must be bfloat16 or float32")
+    need(r.val_every >= 1 and r.log_every >= 1, "run.val_every", "val_every and log_every must be >= 1")
+    need(r.warmup_steps >= 0, "run.warmup_steps", "must be >= 0")
+    need(r.threads >= 0, "run.threads", "must be >= 0")
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+def _split_key(key: str) -> tuple[str, str, int | None]:
+    parts = key.split(".")
+    if len(parts) not in (2, 3) or parts[0] not in SECTIONS:
+        raise ValueError(f"unknown config key {key!r}: keys look like 'optim.muon_lr' (sections: {', '.join(SECTIONS)})")
+    section, name = parts[0], parts[1]
+    names = _field_names(section)
+    if name not in names:
+        close = [n for n in names if n.split("_")[0] in name or name.split("_")[0] in n][:4]
+        hint = f" (did you mean {', '.join(section + '.' + c for c in close)}?)" if close else ""
+        raise ValueError(f"unknown config key {key!r}{hint}")
+    index = None
+    if len(parts) == 3:
+        if not parts[2].isdigit():
+            raise ValueError(f"config key {key!r}: only tuple knobs take an index, like schedule.long_windows.2")
+        index = int(parts[2])
+    return section, name, index
+
+
+def _field_names(section: str) -> list[str]:
+    cls = {"model": ModelConfig, "optim": OptimConfig, "schedule": ScheduleConfig,
+           "data": DataConfig, "run": RunConfig}[section]
+    return [f.name for f in fields(cls)]
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Turn `value` (maybe a CLI string) into the type `hint`, or raise ValueError naming `key`."""
+    if isinstance(value, str) and hint is not str:
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            if hint is bool and value.lower() in ("true", "false"):
+                value = value.lower() == "true"
+            else:
+                raise ValueError(f"{key}: cannot read {value!r} as {_type_name(hint)}") from None
+    try:
+        if hint is bool:
+            if not isinstance(value, (bool, int)) or value not in (0, 1, True, False):
+                raise TypeError
+            return bool(value)
+        if hint is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if hint is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if hint is str:
+            if not isinstance(value, str):
+                raise TypeError
+            return value
+        if get_origin(hint) is tuple:
+            (inner, *_rest) = get_args(hint)
+            if not isinstance(value, (list, tuple)):
+                raise TypeError
+            return tuple(_coerce(key, v, inner) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}: expected {_type_name(hint)}, got {value!r}") from None
+    raise ValueError(f"{key}: unsupported type {hint}")
+
+
+def _type_name(hint: Any) -> str:
+    if get_origin(hint) is tuple:
+        return f"a list of {_type_name(get_args(hint)[0])}"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _build(sections: dict[str, dict[str, Any]]) -> TrainConfig:
+    classes = {"model": ModelConfig, "optim": OptimConfig, "schedule": ScheduleConfig,
+               "data": DataConfig, "run": RunConfig}
+    built = {}
+    for s, cls in classes.items():
+        hints = get_type_hints(cls)
+        built[s] = cls(**{k: _coerce(f"{s}.{k}", v, hints[k]) for k, v in sections[s].items()})
+    return TrainConfig(**built)
+
+
+def _get(cfg: TrainConfig, key: str) -> Any:
+    section, name = key.split(".")[:2]
+    return getattr(getattr(cfg, section), name)
+
+
+def _show(cfg: TrainConfig, key: str) -> str:
+    return json.dumps(_jsonable(_get(cfg, key)))
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [_jsonable(x) for x in v]
+    return v

@@ -1,0 +1,222 @@
+"""FineWeb-format token shards: write, read, validate, BOS-aligned distributed loading, and download.
+
+A shard is a 256 x int32 header (magic 20240520, version 1, token count) followed by uint16 tokens.
+Training batches are cut into micro-batches ("chunks") that each start at a BOS token; chunk j of a step
+goes to rank j % world_size, so the global batch is the same for any world size and ranks never overlap.
+
+    python -m speedrun.data download --train-shards 8 --dir data/fineweb10B
+    python -m speedrun.data check --dir data/fineweb10B
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+HF_REPO = "kjj0/fineweb10B-gpt2"
+
+
+class ShardError(ValueError):
+    """A shard or a data folder that cannot be used; the message says which and what to do."""
+
+
+def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> Path:
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+        raise ValueError("tokens must fit in uint16")
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[:3] = (MAGIC, VERSION, tokens.size)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype(np.uint16).tobytes())
+    os.replace(tmp, path)  # readers never see a half-written shard
+    return path
+
+
+def shard_token_count(path: str | os.PathLike) -> int:
+    """Validate the header and file size; return the number of tokens."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise ShardError(f"{path}: truncated shard ({size} bytes, smaller than the {HEADER_BYTES}-byte header); "
+                         "re-download or regenerate it")
+    header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    if header[0] != MAGIC:
+        raise ShardError(f"{path}: wrong magic number {header[0]} (expected {MAGIC}): not a speedrun .bin shard")
+    if header[1] != VERSION:
+        raise ShardError(f"{path}: unsupported shard version {header[1]} (expected {VERSION})")
+    n = int(header[2])
+    expected = HEADER_BYTES + 2 * n
+    if size != expected:
+        raise ShardError(f"{path}: truncated or padded shard: header says {n} tokens ({expected} bytes), "
+                         f"file has {size} bytes; re-download or regenerate it")
+    return n
+
+
+def read_shard(path: str | os.PathLike) -> np.ndarray:
+    n = shard_token_count(path)
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(n,))
+
+
+def find_shards(data_dir: str | os.PathLike, pattern: str) -> list[Path]:
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise ShardError(f"data folder {data_dir} does not exist: pass --data DIR or run "
+                         f"`python -m speedrun.data download --dir {data_dir}`")
+    paths = sorted(Path(p) for p in glob.glob(str(data_dir / pattern)))
+    if not paths:
+        raise ShardError(f"no shards match {data_dir / pattern}: check --data or data.train_pattern/val_pattern")
+    return paths
+
+
+def validate_shards(paths: list[Path]) -> int:
+    return sum(shard_token_count(p) for p in paths)
+
+
+@dataclass
+class Batch:
+    inputs: torch.Tensor  # (1, T) int64
+    targets: torch.Tensor  # (1, T) int64
+
+
+class TrainLoader:
+    """Walks the training shards in order, cutting BOS-aligned chunks; each rank reads only its own."""
+
+    def __init__(self, paths: list[Path], bos_id: int, rank: int = 0, world_size: int = 1):
+        if not paths:
+            raise ShardError("no training shards given")
+        self.paths, self.bos_id, self.rank, self.world = list(paths), bos_id, rank, world_size
+        self._shard_idx, self._pos = 0, 0
+        self._load(0)
+
+    def _load(self, idx: int) -> None:
+        self._shard_idx = idx % len(self.paths)
+        self.tokens = read_shard(self.paths[self._shard_idx])
+        self.bos_positions = np.flatnonzero(self.tokens == self.bos_id)
+        self._pos = 0
+
+    def state(self) -> tuple[int, int]:
+        return self._shard_idx, self._pos
+
+    def restore(self, state: tuple[int, int]) -> None:
+        if state[0] != self._shard_idx:
+            self._load(state[0])
+        self._pos = state[1]
+
+    def _next_chunk_start(self, length: int) -> int:
+        for _ in range(2 * len(self.paths) + 1):
+            i = np.searchsorted(self.bos_positions, self._pos)
+            if i < len(self.bos_positions) and self.bos_positions[i] + length + 1 <= len(self.tokens):
+                return int(self.bos_positions[i])
+            self._load(self._shard_idx + 1)
+        raise ShardError(f"no BOS-aligned chunk of {length + 1} tokens in any training shard "
+                         f"(bos_id={self.bos_id}): shards too small or wrong bos_id")
+
+    def next_step(self, tokens_per_step: int, micro_tokens: int) -> list[Batch]:
+        """This rank's chunks of the next global batch (tokens_per_step // micro_tokens chunks in all)."""
+        if tokens_per_step % micro_tokens:
+            raise ValueError(f"tokens_per_step {tokens_per_step} is not a multiple of micro_tokens {micro_tokens}")
+        out = []
+        for j in range(tokens_per_step // micro_tokens):
+            start = self._next_chunk_start(micro_tokens)
+            self._pos = start + micro_tokens
+            if j % self.world == self.rank:
+                buf = torch.from_numpy(self.tokens[start : start + micro_tokens + 1].astype(np.int64))
+                out.append(Batch(buf[:-1].unsqueeze(0), buf[1:].unsqueeze(0)))
+        return out
+
+
+def val_batches(paths: list[Path], val_tokens: int, micro_tokens: int, rank: int = 0,
+                world_size: int = 1) -> list[Batch]:
+    """The first val_tokens of the validation shards, contiguous, in chunks; chunk j goes to rank j % world."""
+    arrays, have = [], 0
+    for p in paths:
+        if have > val_tokens:
+            break
+        a = read_shard(p)
+        arrays.append(a[: val_tokens + 1 - have])
+        have += len(arrays[-1])
+    if have < val_tokens + 1:
+        raise ShardError(f"validation shards hold {have} tokens, fewer than data.val_tokens+1={val_tokens + 1}: "
+                         "lower data.val_tokens or add validation shards")
+    tokens = np.concatenate(arrays).astype(np.int64)
+    out = []
+    for j, start in enumerate(range(0, val_tokens, micro_tokens)):
+        if j % world_size == rank:
+            end = min(start + micro_tokens, val_tokens)
+            buf = torch.from_numpy(tokens[start : end + 1])
+            out.append(Batch(buf[:-1].unsqueeze(0), buf[1:].unsqueeze(0)))
+    return out
+
+
+# ---- download --------------------------------------------------------------------------------
+def shard_names(train_shards: int) -> list[str]:
+    return ["fineweb_val_000000.bin"] + [f"fineweb_train_{i:06d}.bin" for i in range(1, train_shards + 1)]
+
+
+def download(directory: str | os.PathLike, train_shards: int, repo_id: str = HF_REPO,
+             endpoint: str | None = None) -> list[Path]:
+    """Fetch the validation shard and the first `train_shards` training shards (skips valid local copies)."""
+    from huggingface_hub import hf_hub_download  # only the download needs it
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    got = []
+    for name in shard_names(train_shards):
+        target = directory / name
+        try:
+            shard_token_count(target)
+            got.append(target)
+            continue
+        except (FileNotFoundError, ShardError):
+            pass
+        path = hf_hub_download(repo_id=repo_id, filename=name, repo_type="dataset", local_dir=str(directory),
+                               endpoint=endpoint)
+        shard_token_count(path)
+        got.append(Path(path))
+        print(f"downloaded {name}", file=sys.stderr)
+    return got
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m speedrun.data", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("download", help="fetch FineWeb GPT-2 token shards from the Hugging Face Hub")
+    d.add_argument("--train-shards", type=int, default=8, help="training shards of 100M tokens (default 8)")
+    d.add_argument("--dir", default="data/fineweb10B")
+    d.add_argument("--repo", default=HF_REPO)
+    c = sub.add_parser("check", help="validate every shard in a folder")
+    c.add_argument("--dir", default="data/fineweb10B")
+    c.add_argument("--pattern", default="*.bin")
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "download":
+            if args.train_shards < 0:
+                raise ShardError(f"--train-shards {args.train_shards}: must be >= 0")
+            paths = download(args.dir, args.train_shards, args.repo, os.environ.get("HF_ENDPOINT"))
+        else:
+            paths = find_shards(args.dir, args.pattern)
+        total = validate_shards(paths)
+    except ShardError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{len(paths)} shards, {total:,} tokens, all valid, in {args.dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

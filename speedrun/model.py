@@ -1,0 +1,271 @@
+"""The GPT of the speedrun record, one readable block per technique.
+
+Input rows are packed, BOS-separated documents. Techniques (each switchable in ModelConfig): bigram hash
+embedding, smear gate, value embeddings with gates, U-net skip connections with residual lambdas,
+QK-norm, half-RoPE with YaRN when the window grows, paired-head attention, partial key offset, sparse
+attention gates, ReLU^2 MLP, logit softcap, multi-token prediction, tied embedding/lm_head until a step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import segment_ids, windowed_attention
+from .config import ModelConfig
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class CastedLinear(nn.Linear):
+    """fp32 master weight, cast to the activation dtype at use."""
+
+    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
+        super().__init__(in_features, out_features, bias=False)
+        with torch.no_grad():
+            if zero_init:
+                self.weight.zero_()
+            else:
+                bound = math.sqrt(3) * 0.5 * in_features ** -0.5
+                self.weight.uniform_(-bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.type_as(x))
+
+
+class Rotary(nn.Module):
+    """Half-truncated RoPE: a quarter of the pairs rotate, the rest keep frequency 0; YaRN rescales on window growth."""
+
+    def __init__(self, head_dim: int, min_freq: float, attn_scale: float):
+        super().__init__()
+        self.head_dim, self.min_freq, self.base_scale = head_dim, min_freq, attn_scale
+        self.freq = nn.Buffer(torch.zeros(head_dim // 2), persistent=False)
+        self.attn_scale = nn.Buffer(torch.zeros(()), persistent=False)
+        self.reset()
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        quarter = self.head_dim // 4
+        freq = self.min_freq ** torch.linspace(0, 1, quarter, dtype=torch.float32)
+        self.freq.copy_(torch.cat([freq, torch.zeros(quarter)]))
+        self.attn_scale.fill_(self.base_scale)
+
+    @torch.no_grad()
+    def yarn_extend(self, old_window: int, new_window: int, alpha: float = 1.0, beta: float = 32.0) -> None:
+        """Stretch slow frequencies by old/new (those that turn < alpha times in the old window), keep fast ones."""
+        if new_window == old_window:
+            return
+        turns = old_window * self.freq / (2 * math.pi)
+        keep = ((turns - alpha) / (beta - alpha)).clamp(0, 1)
+        ratio = old_window / new_window
+        self.freq.mul_(ratio + keep * (1 - ratio))
+        self.attn_scale.mul_(0.1 * math.log(new_window / old_window) + 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, H, D)
+        t = torch.arange(x.size(1), device=x.device, dtype=torch.float32)
+        theta = torch.outer(t, self.freq)
+        cos, sin = theta.cos()[None, :, None, :].type_as(x), theta.sin()[None, :, None, :].type_as(x)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+@dataclass
+class LayerContext:
+    """Per-forward facts every block needs."""
+    segment: torch.Tensor  # (B, T) segment ids
+    window: int  # tokens
+    rotary: Rotary
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, paired: bool, key_offset: bool, has_value_embed: bool):
+        super().__init__()
+        self.cfg, self.paired, self.key_offset = cfg, paired, key_offset
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.qkv = CastedLinear(cfg.dim, 3 * cfg.dim)
+        self.qkv.weight.muon_split = 3  # orthogonalise q, k and v separately
+        self.proj = CastedLinear(cfg.dim, cfg.dim, zero_init=True)
+        self.gate = nn.Parameter(torch.zeros(cfg.n_head, cfg.gate_dims)) if cfg.use_attn_gate else None
+        self.ve_gate = nn.Parameter(torch.zeros(cfg.n_head, cfg.gate_dims)) if has_value_embed else None
+
+    def forward(self, x: torch.Tensor, ve: torch.Tensor | None, ctx: LayerContext) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, D, gd = self.n_head, self.head_dim, self.cfg.gate_dims
+        q, k, v = self.qkv(x).view(B, T, 3, H, D).unbind(dim=2)
+        if self.cfg.use_qk_norm:
+            q, k = norm(q), norm(k)
+        if self.cfg.use_rope:
+            q, k = ctx.rotary(q), ctx.rotary(k)
+        if self.key_offset:
+            k = self.offset_keys(k, ctx.segment)
+        if ve is not None:
+            ve_gate = 2 * torch.sigmoid(F.linear(x[..., :gd], self.ve_gate.type_as(x)))
+            v = v + ve_gate.unsqueeze(-1) * ve.view(B, T, H, D)
+        scale = ctx.rotary.attn_scale if self.cfg.use_yarn else self.cfg.attn_scale
+        if self.paired:
+            y = self.paired_attention(q, k, v, ctx.segment, ctx.window, scale)
+        else:
+            y = windowed_attention(q, k, v, ctx.segment, ctx.window, scale)
+        if self.gate is not None:
+            y = y * torch.sigmoid(F.linear(x[..., :gd], self.gate.type_as(x))).unsqueeze(-1)
+        return self.proj(y.reshape(B, T, H * D))
+
+    def offset_keys(self, k: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
+        """The last key_offset_dims (unrotated) dims of each key come from the previous token of the document."""
+        n = self.cfg.key_offset_dims
+        same_doc = (segment[:, 1:] == segment[:, :-1]).unsqueeze(-1).unsqueeze(-1).type_as(k)
+        shifted = torch.cat([torch.zeros_like(k[:, :1, :, -n:]), k[:, :-1, :, -n:] * same_doc], dim=1)
+        return torch.cat([k[..., :-n], shifted], dim=-1)
+
+    @staticmethod
+    def paired_attention(q, k, v, segment, window, scale):
+        """Heads 2i and 2i+1 are laid side by side along the sequence: each query sees both heads' keys."""
+        B, T, H, D = q.shape
+        pair = lambda t: t.view(B, T, H // 2, 2, D).transpose(2, 3).reshape(B, 2 * T, H // 2, D)  # noqa: E731
+        y = windowed_attention(pair(q), pair(k), pair(v), segment.repeat_interleave(2, dim=1), 2 * window, scale)
+        return y.view(B, T, 2, H // 2, D).transpose(2, 3).reshape(B, T, H, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = CastedLinear(cfg.dim, cfg.mlp_dim)
+        self.proj = CastedLinear(cfg.mlp_dim, cfg.dim, zero_init=True)
+        self.proj.weight.is_mlp_out = True  # NorMuon gives it its own lr multiplier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.relu(self.fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.long = layer in cfg.long_window_layers
+        has_attn = layer not in cfg.no_attn_layers
+        has_ve = cfg.use_value_embeds and layer in cfg.value_embed_layers
+        self.attn = CausalSelfAttention(
+            cfg,
+            paired=cfg.use_paired_heads and layer in cfg.paired_head_layers,
+            key_offset=cfg.use_key_offset and self.long and cfg.key_offset_dims > 0,
+            has_value_embed=has_ve,
+        ) if has_attn else None
+        self.mlp = MLP(cfg)
+        self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # residual: x <- l0 * x + l1 * x0
+
+    def forward(self, x, x0, ve, ctx: LayerContext):
+        x = self.lambdas[0].type_as(x) * x + self.lambdas[1].type_as(x) * x0
+        if self.attn is not None:
+            x = x + self.attn(norm(x), ve, ctx)
+        return x + self.mlp(norm(x))
+
+
+class SmearGate(nn.Module):
+    """Adds a gated copy of the previous token's embedding (within the same document)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gd = cfg.gate_dims
+        self.gate = nn.Parameter(torch.zeros(1, cfg.gate_dims))
+        self.lam = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
+        same_doc = (segment[:, 1:] == segment[:, :-1]).unsqueeze(-1).type_as(x)
+        g = torch.sigmoid(F.linear(x[:, 1:, : self.gd], self.gate.type_as(x)))
+        return torch.cat([x[:, :1], x[:, 1:] + self.lam.type_as(x) * g * same_doc * x[:, :-1]], dim=1)
+
+
+class BigramHashEmbedding(nn.Module):
+    """An embedding of the hashed (previous token, token) pair."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.buckets = cfg.bigram_buckets
+        self.embed = nn.Embedding(cfg.bigram_buckets, cfg.dim)
+        nn.init.zeros_(self.embed.weight)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        prev = F.pad(tokens[:, :-1], (1, 0), value=0)
+        return self.embed((prev * 1_000_003 + tokens) % self.buckets)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        V, dim = cfg.padded_vocab_size, cfg.dim
+        self.lm_head = CastedLinear(dim, V)
+        nn.init.normal_(self.lm_head.weight, std=0.005)
+        self.embed = nn.Embedding(V, dim)  # used once untied; until then lm_head.weight is the embedding
+        self.tied = cfg.untie_step != -1
+        if not self.tied:
+            nn.init.normal_(self.embed.weight, std=0.5)
+        self.bigram = BigramHashEmbedding(cfg) if cfg.use_bigram_embed else None
+        self.smear = SmearGate(cfg) if cfg.use_smear_gate else None
+        ve_layers = [i for i in range(cfg.n_layer)
+                     if cfg.use_value_embeds and i in cfg.value_embed_layers and i not in cfg.no_attn_layers]
+        self.ve_bank = {layer: bank for bank, layer in enumerate(ve_layers)}
+        self.value_embeds = nn.ModuleList(nn.Embedding(V, dim) for _ in ve_layers)
+        for e in self.value_embeds:
+            nn.init.normal_(e.weight, std=0.01)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.n_skip = cfg.n_layer // 2 if cfg.use_skip_connections else 0
+        self.skip_weights = nn.Parameter(torch.ones(self.n_skip))
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_min_freq, cfg.attn_scale)
+
+    @torch.no_grad()
+    def untie(self) -> None:
+        """From here on the input embedding is its own parameter, starting from the shared weights."""
+        if self.tied:
+            self.embed.weight.copy_(self.lm_head.weight)
+            self.tied = False
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        table = self.lm_head.weight if self.tied else self.embed.weight
+        return F.embedding(tokens, table)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor, mtp_weights: tuple[float, ...],
+                windows: tuple[int, int], max_seq_len: int, bos_id: int,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Weighted sum of next-k-token losses (k = 1..len(mtp_weights)). windows: (short, long) in tokens."""
+        cfg = self.cfg
+        segment = segment_ids(tokens, bos_id, max_seq_len)
+        x = self.embed_tokens(tokens)
+        if self.bigram is not None:
+            x = x + self.bigram(tokens)
+        x = x.to(dtype)
+        if self.smear is not None:
+            x = self.smear(x, segment)
+        x = x0 = norm(x)
+        skips = []
+        for i, block in enumerate(self.blocks):
+            if self.n_skip and i >= cfg.n_layer - self.n_skip:
+                x = x + self.skip_weights[cfg.n_layer - 1 - i].type_as(x) * skips.pop()
+            bank = self.ve_bank.get(i)
+            ve = self.value_embeds[bank](tokens).to(dtype) if bank is not None else None
+            ctx = LayerContext(segment, windows[1] if block.long else windows[0], self.rotary)
+            x = block(x, x0, ve, ctx)
+            if i < self.n_skip:
+                skips.append(x)
+        logits = self.lm_head(norm(x)).float()
+        if cfg.use_softcap:
+            logits = cfg.softcap_scale * torch.sigmoid((logits + cfg.softcap_shift) / cfg.softcap_div)
+        return mtp_loss(logits, targets, mtp_weights)
+
+
+def mtp_loss(logits: torch.Tensor, targets: torch.Tensor, weights: tuple[float, ...]) -> torch.Tensor:
+    """sum_k w_k * CE(predict token t+1+k from position t)."""
+    T = targets.size(1)
+    total = logits.new_zeros(())
+    for k, w in enumerate(weights):
+        if w == 0 or k >= T:
+            continue
+        lk = logits[:, : T - k].reshape(-1, logits.size(-1))
+        total = total + w * F.cross_entropy(lk, targets[:, k:].reshape(-1))
+    return total

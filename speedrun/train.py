@@ -1,0 +1,337 @@
+"""train(cfg, report) -> TrainResult: the speedrun training loop and its timing convention.
+
+Warm-up runs a few real steps at every stage's shape (compiling on GPU), then the model, optimiser and
+data loader are reset and the clock starts. The clock pauses for validation, which runs at step 0, every
+`val_every` steps and at the end. Under torch.distributed (torchrun or Ray Train set RANK/WORLD_SIZE)
+each rank takes every world_size-th micro-batch of the same global batch and gradients are summed, so
+the run is the same for any world size. `report` is called on rank 0 only.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from . import schedule as S
+from .config import TrainConfig
+from .data import TrainLoader, find_shards, val_batches
+from .model import GPT
+from .optim import SpeedrunOptimizer
+from .sample import ensure_sample_corpus, sample_floor
+
+Report = Callable[[dict], None]
+
+
+@dataclass
+class TrainResult:
+    val_loss: float
+    train_time_s: float
+    steps: int
+    tokens: int
+    time_to_target_s: float | None
+    peak_mem_bytes: int
+    history: list[dict] = field(default_factory=list)  # one dict per validation
+    status: str = "finished"  # finished | diverged
+    compile_s: float = 0.0
+    startup_s: float = 0.0
+    val_time_s: float = 0.0
+    floor: float | None = None  # the sample corpus's Bayes floor, when training on it
+    world_size: int = 1
+
+    @property
+    def diverged(self) -> bool:
+        return self.status == "diverged"
+
+
+def time_to_target(history: list[dict], target: float) -> float | None:
+    """Training time at which val loss first reaches target, linear between validations."""
+    prev = None
+    for h in history:
+        if h["val_loss"] <= target:
+            if prev is None:
+                return h["train_time_s"]
+            t0, l0, t1, l1 = prev["train_time_s"], prev["val_loss"], h["train_time_s"], h["val_loss"]
+            return t0 + (t1 - t0) * (l0 - target) / (l0 - l1) if l0 != l1 else t1
+        prev = h
+    return None
+
+
+def micro_tokens_for(tokens_per_step: int, world: int, max_micro: int) -> int:
+    """Largest per-forward size <= max_micro that splits this rank's share of the batch evenly."""
+    if tokens_per_step % world:
+        raise ValueError(f"tokens_per_step {tokens_per_step} is not divisible by world size {world}")
+    per_rank = tokens_per_step // world
+    accum = max(1, -(-per_rank // max_micro))
+    while per_rank % accum:
+        accum += 1
+    return per_rank // accum
+
+
+def resolve_data_dir(cfg: TrainConfig) -> Path:
+    if cfg.data.source == "sample":
+        return ensure_sample_corpus(cfg.data.data_dir or None)
+    return Path(cfg.data.data_dir or os.environ.get("SPEEDRUN_DATA", "data/fineweb10B")).expanduser().resolve()
+
+
+class _Dist:
+    """Rank/world and the few collectives the loop needs; a no-op group of one when not distributed."""
+
+    def __init__(self, device: torch.device):
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.owned = False
+        if world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            self.owned = True
+        self.on = dist.is_initialized() and dist.get_world_size() > 1
+        self.rank = dist.get_rank() if self.on else 0
+        self.world = dist.get_world_size() if self.on else 1
+
+    def sum_(self, tensors: list[torch.Tensor]) -> None:
+        if not self.on or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    def broadcast_params(self, model: torch.nn.Module) -> None:
+        if self.on:
+            for p in model.parameters():
+                dist.broadcast(p.data, 0)
+
+    def close(self) -> None:
+        if self.owned:
+            dist.destroy_process_group()
+
+
+def _pick_device(cfg: TrainConfig) -> torch.device:
+    want = cfg.run.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("run.device=cuda but no CUDA device is visible: use run.device=cpu")
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+class _Trainer:
+    def __init__(self, cfg: TrainConfig, report: Report | None, log: Callable[[str], None] | None):
+        self.t_enter = time.perf_counter()
+        self.cfg = cfg
+        self.device = _pick_device(cfg)
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        self.dist = _Dist(self.device)
+        self.is_main = self.dist.rank == 0
+        self.report = report if self.is_main else None
+        self.log = log if self.is_main else None
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" and cfg.run.dtype == "bfloat16" else torch.float32
+
+        data_dir = resolve_data_dir(cfg)
+        self.train_paths = find_shards(data_dir, cfg.data.train_pattern)
+        self.val_paths = find_shards(data_dir, cfg.data.val_pattern)
+        self.floor = sample_floor(data_dir, cfg.data.val_tokens) if cfg.data.source == "sample" else None
+        val_micro = min(cfg.data.val_micro_batch_tokens, cfg.data.val_tokens)
+        self.val = val_batches(self.val_paths, cfg.data.val_tokens, val_micro, self.dist.rank, self.dist.world)
+
+        torch.manual_seed(cfg.run.seed)
+        self.model = GPT(cfg.model).to(self.device)
+        self.dist.broadcast_params(self.model)
+        self.initial_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.forward = self.model
+        if self.device.type == "cuda" and cfg.run.compile:
+            self.forward = torch.compile(self.model, dynamic=False)
+        self._reset()
+
+    def _reset(self) -> None:
+        """Fresh weights (the seeded init), optimiser, rotary state and data position."""
+        self.model.load_state_dict(self.initial_state)
+        self.model.tied = self.cfg.model.untie_step != -1
+        self.model.rotary.reset()
+        self.opt = SpeedrunOptimizer(self.model, self.cfg.optim)
+        self.loader = TrainLoader(self.train_paths, self.cfg.data.bos_id, self.dist.rank, self.dist.world)
+        self.adam_accum = 0
+        self.long_window = None
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def _autocast(self):
+        if self.device.type == "cuda" and self.dtype == torch.bfloat16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _set_windows(self, long_blocks: int) -> None:
+        bs = self.cfg.model.block_size
+        if self.long_window is not None and self.cfg.model.use_yarn:
+            self.model.rotary.yarn_extend(self.long_window * bs, long_blocks * bs)
+        self.long_window = long_blocks
+
+    def _loss(self, batch, stage: S.Stage, mtp: tuple[float, ...], short: int, long: int) -> torch.Tensor:
+        bs = self.cfg.model.block_size
+        with self._autocast():
+            return self.forward(batch.inputs.to(self.device, non_blocking=True),
+                                batch.targets.to(self.device, non_blocking=True),
+                                mtp, (short * bs, long * bs), stage.max_seq_len, self.cfg.data.bos_id, self.dtype)
+
+    def train_step(self, step: int) -> torch.Tensor:
+        """One optimiser step; returns the global mean training loss (next-k weighted) as a tensor."""
+        cfg, sch = self.cfg, self.cfg.schedule
+        stage = S.stage_at(sch, step)
+        if self.long_window != stage.long_window:
+            self._set_windows(stage.long_window)
+        if step == cfg.model.untie_step and self.model.tied:
+            self.model.untie()
+            self.opt.copy_state(self.model.lm_head.weight, self.model.embed.weight)
+        micro = micro_tokens_for(stage.tokens_per_step, self.dist.world, cfg.data.max_micro_batch_tokens)
+        batches = self.loader.next_step(stage.tokens_per_step, micro)
+        n_chunks = stage.tokens_per_step // micro
+        mtp = S.mtp_weights(sch, step)
+        total = torch.zeros((), device=self.device)
+        for batch in batches:
+            loss = self._loss(batch, stage, mtp, stage.short_window, stage.long_window)
+            (loss / n_chunks).backward()
+            total += loss.detach()
+        last = sch.total_steps - 1
+        adam_due = self.opt.adam_due(step, last)
+        self.adam_accum += 1
+        grads = [p.grad for p in self.opt.muon_params() if p.grad is not None]
+        if adam_due:
+            grads += [p.grad for p in self.opt.adam_params() if p.grad is not None]
+        self.dist.sum_(grads + [total])
+        self.opt.step(S.lr_multiplier(sch, step), S.muon_momentum(cfg.optim, sch, step), adam_due,
+                      1.0 / self.adam_accum)
+        self.opt.zero_grad(adam_too=adam_due)
+        if adam_due:
+            self.adam_accum = 0
+        return total / n_chunks
+
+    @torch.no_grad()
+    def validate(self, step: int, final: bool) -> float:
+        sch = self.cfg.schedule
+        stage = S.stage_at(sch, min(step, sch.total_steps - 1))
+        long = stage.long_window
+        saved_rotary = (self.model.rotary.freq.clone(), self.model.rotary.attn_scale.clone())
+        if final and sch.final_long_window != long:
+            self._set_windows(sch.final_long_window)
+            long = sch.final_long_window
+        self.model.eval()
+        totals = torch.zeros(2, device=self.device, dtype=torch.float64)
+        for batch in self.val:
+            loss = self._loss(batch, stage, (1.0,), stage.short_window, long)
+            totals[0] += loss.double() * batch.targets.numel()
+            totals[1] += batch.targets.numel()
+        self.model.train()
+        if final:
+            self.model.rotary.freq.copy_(saved_rotary[0])
+            self.model.rotary.attn_scale.copy_(saved_rotary[1])
+            self.long_window = stage.long_window
+        self.dist.sum_([totals])
+        return (totals[0] / totals[1]).item()
+
+    def warmup(self) -> float:
+        """Untimed steps at every stage's shape (compiles on GPU), then reset everything."""
+        t0 = time.perf_counter()
+        n = self.cfg.run.warmup_steps
+        if n:
+            for stage in S.all_stages(self.cfg.schedule):
+                for i in range(n):
+                    self.train_step(stage.start + i if stage.start + i < stage.end else stage.start)
+            self.validate(0, final=False)
+            self._sync()
+            self._reset()
+        return time.perf_counter() - t0
+
+    def run(self) -> TrainResult:
+        cfg, sch = self.cfg, self.cfg.schedule
+        compile_s = self.warmup()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        startup_s = time.perf_counter() - self.t_enter
+        if self.report:
+            self.report({"step": 0, "compile_s": compile_s, "startup_s": startup_s, "train_time_s": 0.0,
+                         "tokens": 0, "world_size": self.dist.world})
+        history: list[dict] = []
+        train_time = val_time = 0.0
+        tokens = 0
+        status = "finished"
+        total_steps = sch.total_steps
+        bad = torch.zeros((), device=self.device)
+        loss_sum, loss_n = torch.zeros((), device=self.device), 0
+        self._sync()
+        t_start = time.perf_counter()
+        step = 0
+        for step in range(total_steps + 1):
+            last = step == total_steps
+            if last or step % cfg.run.val_every == 0:
+                self._sync()
+                train_time += time.perf_counter() - t_start
+                v0 = time.perf_counter()
+                val_loss = self.validate(step, final=last)
+                val_time += time.perf_counter() - v0
+                entry = {"step": step, "val_loss": val_loss, "train_time_s": train_time, "tokens": tokens}
+                history.append(entry)
+                if self.log:
+                    self.log(f"step:{step}/{total_steps} val_loss:{val_loss:.4f} train_time:{train_time * 1000:.0f}ms "
+                             f"step_avg:{train_time * 1000 / max(step, 1):.2f}ms")
+                if self.report:
+                    self.report(dict(entry))
+                if not math.isfinite(val_loss):
+                    status = "diverged"
+                    break
+                self._sync()
+                t_start = time.perf_counter()
+            if last:
+                break
+            loss = self.train_step(step)
+            tokens += S.stage_at(sch, step).tokens_per_step
+            bad = torch.maximum(bad, (~torch.isfinite(loss)).float())
+            loss_sum += torch.nan_to_num(loss.detach(), nan=0.0, posinf=0.0)
+            loss_n += 1
+            if (step + 1) % cfg.run.log_every == 0 or step + 1 == total_steps:
+                if bad.item():  # every rank sees the same summed loss, so all stop together
+                    self._sync()
+                    train_time += time.perf_counter() - t_start
+                    status = "diverged"
+                    if self.log:
+                        self.log(f"step:{step + 1}/{total_steps} diverged: non-finite training loss")
+                    break
+                if self.report:
+                    self._sync()
+                    now = train_time + time.perf_counter() - t_start
+                    self.report({"step": step + 1, "train_time_s": now, "tokens": tokens,
+                                 "train_loss": (loss_sum / loss_n).item()})
+                loss_sum.zero_()
+                loss_n = 0
+        val_loss = history[-1]["val_loss"] if status == "finished" else float("nan")
+        steps_done = history[-1]["step"] if status == "finished" else step + 1
+        peak = (torch.cuda.max_memory_allocated() if self.device.type == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        return TrainResult(
+            val_loss=val_loss, train_time_s=train_time, steps=steps_done, tokens=tokens,
+            time_to_target_s=time_to_target(history, cfg.run.target_loss), peak_mem_bytes=int(peak),
+            history=history, status=status, compile_s=compile_s, startup_s=startup_s, val_time_s=val_time,
+            floor=self.floor, world_size=self.dist.world,
+        )
+
+
+def train(cfg: TrainConfig, report: Report | None = None, log: Callable[[str], None] | None = None) -> TrainResult:
+    """Train with `cfg`; `report(metrics)` on rank 0 after each validation and every log_every steps."""
+    trainer = _Trainer(cfg, report, log)
+    try:
+        return trainer.run()
+    finally:
+        trainer.dist.close()

@@ -1,0 +1,24 @@
+"""Shared fixtures: a private sample-corpus cache and a fast tiny config for unit-level training runs."""
+
+import os
+
+import pytest
+
+from speedrun.config import TrainConfig
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sample_cache(tmp_path_factory):
+    """Tests make the sample corpus themselves, in their own cache folder."""
+    path = os.environ.get("SPEEDRUN_TEST_CACHE") or str(tmp_path_factory.mktemp("speedrun-cache"))
+    os.environ["SPEEDRUN_CACHE"] = path
+    return path
+
+
+def fast_tiny(steps: int = 16, **overrides) -> TrainConfig:
+    """The tiny preset compressed to a few small steps: every schedule phase occurs, seconds per run."""
+    cfg = TrainConfig.preset("tiny").with_total_steps(steps)
+    base = {"schedule.tokens_per_step": [512] * 4, "data.max_micro_batch_tokens": 512, "data.val_tokens": 2048,
+            "run.warmup_steps": 0, "run.val_every": 1000, "run.log_every": 2}
+    base.update(overrides)
+    return cfg.override(base)

@@ -1,0 +1,94 @@
+"""The training loop: loss falls, reports and results, the log format, divergence, silent no-op knobs."""
+
+import math
+import re
+
+import pytest
+
+from conftest import fast_tiny
+from speedrun.config import TrainConfig
+from speedrun.train import micro_tokens_for, time_to_target, train
+
+
+def test_tiny_learns_and_reports():
+    cfg = TrainConfig.preset("tiny").with_total_steps(60).override({"data.val_tokens": 8192, "run.val_every": 20})
+    reports, lines = [], []
+    result = train(cfg, report=reports.append, log=lines.append)
+    losses = [h["val_loss"] for h in result.history]
+    assert [h["step"] for h in result.history] == [0, 20, 40, 60]
+    assert abs(losses[0] - math.log(128)) < 0.1  # starts at ln(vocab)
+    assert losses[-1] < losses[0] - 1.5 and losses == sorted(losses, reverse=True)
+    assert result.status == "finished" and result.steps == 60 and result.tokens > 0
+    assert result.floor is not None and 0.5 < result.floor < losses[-1]
+    assert result.train_time_s > 0 and result.peak_mem_bytes > 0
+    # report: start-up first, then train and validation metrics with the required keys
+    assert {"compile_s", "startup_s"} <= reports[0].keys()
+    assert any("train_loss" in r for r in reports) and sum("val_loss" in r for r in reports) == 4
+    assert all({"step", "train_time_s", "tokens"} <= r.keys() for r in reports)
+    times = [r["train_time_s"] for r in reports]
+    assert times == sorted(times)
+    pat = re.compile(r"^step:\d+/60 val_loss:\d+\.\d{4} train_time:\d+ms step_avg:\d+\.\d{2}ms$")
+    assert sum(bool(pat.match(line)) for line in lines) == 4
+
+
+def test_time_to_target_interpolates():
+    hist = [{"val_loss": 5.0, "train_time_s": 0.0}, {"val_loss": 4.0, "train_time_s": 10.0},
+            {"val_loss": 3.0, "train_time_s": 20.0}]
+    assert time_to_target(hist, 3.5) == pytest.approx(15.0)
+    assert time_to_target(hist, 4.0) == pytest.approx(10.0)
+    assert time_to_target(hist, 2.0) is None
+
+
+def test_micro_batch_split():
+    assert micro_tokens_for(131072, 1, 49152) == 32768
+    assert micro_tokens_for(393216, 8, 49152) == 49152
+    assert micro_tokens_for(2048, 2, 1024) == micro_tokens_for(2048, 1, 1024) == 1024
+    with pytest.raises(ValueError, match="divisible"):
+        micro_tokens_for(1000, 3, 512)
+
+
+def test_non_finite_loss_is_a_diverged_result():
+    lines = []
+    result = train(fast_tiny(**{"optim.adam_lr": 1e8}), log=lines.append)
+    assert result.status == "diverged" and result.diverged
+    assert math.isnan(result.val_loss) and result.steps < 16
+    assert any("diverged" in line for line in lines)
+
+
+# Knobs the search spaces change, with a second value; each must change the run.
+SEARCHED_KNOBS = {
+    "optim.muon_lr": 0.04, "optim.muon_wd": 0.1, "optim.muon_beta2": 0.5, "optim.muon_momentum": 0.9,
+    "optim.muon_momentum_min": 0.7, "optim.muon_momentum_warmup_steps": 8, "optim.muon_momentum_cooldown_steps": 4,
+    "optim.muon_mlp_out_lr_mult": 1.0, "optim.adam_lr": 0.02, "optim.adam_wd": 0.05,
+    "optim.embed_lr_mult": 2.0, "optim.embed_wd_mult": 1.0, "optim.value_embed_lr_mult": 3.0,
+    "optim.value_embed_wd_mult": 50.0, "optim.scalar_lr_mult": 1.0, "optim.embed_betas": [0.8, 0.95],
+    "optim.value_embed_betas": [0.5, 0.9], "optim.scalar_betas": [0.8, 0.9],
+    "model.softcap_scale": 15.0, "model.softcap_shift": 2.0, "model.softcap_div": 4.0,
+    "model.attn_scale": 0.2, "model.untie_step": 3,
+    "schedule.short_windows.0": 2, "schedule.short_windows.1": 1, "schedule.short_windows.2": 2,
+    "schedule.short_windows.3": 2, "schedule.long_windows.0": 5, "schedule.long_windows.1": 4,
+    "schedule.long_windows.2": 6, "schedule.long_windows.3": 7, "schedule.final_long_window": 8,
+    "schedule.cooldown_frac": 0.2, "schedule.final_lr_frac": 0.5, "schedule.stage_starts.1": 3,
+    "schedule.stage_starts.2": 7, "schedule.stage_lr_mults.1": 2.0, "schedule.stage_lr_mults.3": 1.0,
+    "schedule.tokens_per_step.2": 1024, "schedule.mtp_start.0": [1.0, 0.2, 0.1],
+}
+
+
+@pytest.fixture(scope="module")
+def baseline():
+    return train(fast_tiny()).val_loss
+
+
+@pytest.mark.parametrize("key", sorted(SEARCHED_KNOBS))
+def test_searched_knob_changes_the_run(key, baseline):
+    cfg = fast_tiny(**{key: SEARCHED_KNOBS[key]})
+    assert cfg != fast_tiny(), f"{key} did not change the config"
+    assert train(cfg).val_loss != baseline, f"{key} changed nothing in the run (a silent no-op)"
+
+
+def test_architecture_switches_run_and_matter(baseline):
+    for switch in ("use_value_embeds", "use_smear_gate", "use_bigram_embed", "use_skip_connections",
+                   "use_paired_heads", "use_key_offset", "use_attn_gate", "use_qk_norm", "use_rope",
+                   "use_yarn", "use_softcap"):
+        r = train(fast_tiny(**{f"model.{switch}": False}))
+        assert r.status == "finished" and r.val_loss != baseline, switch
