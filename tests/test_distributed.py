@@ -11,7 +11,7 @@ ARGS = ["--preset", "tiny", "--steps", "40", "--set", "data.val_tokens=8192", "-
 
 
 def run(cmd, out, env):
-    proc = subprocess.run(cmd + ARGS + ["--json", str(out)], env=env, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(cmd + ARGS + ["--json", str(out)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return json.loads(out.read_text()), proc.stdout
 
@@ -20,7 +20,7 @@ def run(cmd, out, env):
 def test_two_ranks_match_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one, _ = run([sys.executable, "-m", "speedrun"], tmp_path / "one.json", env)
-    two, out = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+    two, out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                     "-m", "speedrun"], tmp_path / "two.json", env)
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert out.count("val_loss:") == len(two["history"])  # only rank 0 prints
