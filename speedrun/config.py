@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, get_args, get_origin, get_type_hints
 
 SECTIONS = ("model", "optim", "schedule", "data", "run")
+SAMPLE_BOS_ID = 127  # speedrun.sample.SampleSpec().bos_id (kept here so config imports nothing heavy)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class ModelConfig:
     softcap_div: float = 7.5
     untie_step: int = 847  # embedding and lm_head share weights until this step; -1: never tied
     use_fp8: bool = True  # GPU only: FP8 lm_head and MLP matmuls
+    loss_chunk_tokens: int = 8192  # lm_head + loss in chunks of this many tokens (memory, not maths)
 
 
 @dataclass(frozen=True)
@@ -251,10 +253,8 @@ def _tiny() -> TrainConfig:
         ),
         data=DataConfig(
             source="sample",
-            train_pattern="sample_train_*.bin",
-            val_pattern="sample_val_*.bin",
             val_tokens=32768,
-            bos_id=127,
+            bos_id=SAMPLE_BOS_ID,
             max_micro_batch_tokens=1024,
             val_micro_batch_tokens=8192,
         ),
@@ -275,7 +275,8 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"{key}={_show(cfg, key)}: {msg}")
 
     for key in ("model.n_layer", "model.n_head", "model.head_dim", "model.dim", "model.mlp_dim",
-                "model.block_size", "model.vocab_size", "model.bigram_buckets", "model.gate_dims"):
+                "model.block_size", "model.vocab_size", "model.bigram_buckets", "model.gate_dims",
+                "model.loss_chunk_tokens"):
         need(_get(cfg, key) > 0, key, "must be a positive integer")
     need(m.padded_vocab_size >= m.vocab_size, "model.padded_vocab_size", "must be >= model.vocab_size")
     need(m.dim == m.n_head * m.head_dim, "model.dim", f"must equal n_head*head_dim = {m.n_head * m.head_dim}")
@@ -330,6 +331,8 @@ def validate(cfg: TrainConfig) -> None:
 
     need(d.source in ("fineweb", "sample"), "data.source", "must be 'fineweb' or 'sample'")
     need(0 <= d.bos_id < m.vocab_size, "data.bos_id", f"must be a token id below vocab_size={m.vocab_size}")
+    need(d.source != "sample" or d.bos_id == SAMPLE_BOS_ID, "data.bos_id",
+         f"the sample corpus uses BOS {SAMPLE_BOS_ID}: add data.bos_id={SAMPLE_BOS_ID}")
     need(d.val_tokens > 0, "data.val_tokens", "must be > 0")
     need(d.max_micro_batch_tokens > 0 and d.val_micro_batch_tokens > 0, "data.max_micro_batch_tokens", "must be > 0")
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .attention import segment_ids, windowed_attention
 from .config import ModelConfig
@@ -253,10 +255,42 @@ class GPT(nn.Module):
             x = block(x, x0, ve, ctx)
             if i < self.n_skip:
                 skips.append(x)
-        logits = self.lm_head(norm(x)).float()
+        return self.head_loss(norm(x), targets, mtp_weights)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        z = self.lm_head(x).float()
         if cfg.use_softcap:
-            logits = cfg.softcap_scale * torch.sigmoid((logits + cfg.softcap_shift) / cfg.softcap_div)
-        return mtp_loss(logits, targets, mtp_weights)
+            z = cfg.softcap_scale * torch.sigmoid((z + cfg.softcap_shift) / cfg.softcap_div)
+        return z
+
+    def head_loss(self, x: torch.Tensor, targets: torch.Tensor, weights: tuple[float, ...]) -> torch.Tensor:
+        """mtp_loss(self.logits(x), ...) computed in token chunks, recomputing logits in backward:
+        full-vocabulary fp32 logits of a long row would otherwise dominate memory."""
+        T, chunk = x.size(1), self.cfg.loss_chunk_tokens
+        if T <= chunk:
+            return mtp_loss(self.logits(x), targets, weights)
+        total = x.new_zeros((), dtype=torch.float32)
+        for a in range(0, T, chunk):
+            part = partial(self._chunk_loss, targets=targets, weights=weights, start=a)
+            if torch.is_grad_enabled():
+                total = total + checkpoint(part, x[:, a : a + chunk], use_reentrant=False)
+            else:
+                total = total + part(x[:, a : a + chunk])
+        return total
+
+    def _chunk_loss(self, xs, targets, weights, start):
+        B, T = targets.shape
+        logits = self.logits(xs)
+        loss = logits.new_zeros(())
+        for k, w in enumerate(weights):
+            end = min(start + xs.size(1), T - k)
+            if w == 0 or end <= start:
+                continue
+            lk = logits[:, : end - start].reshape(-1, logits.size(-1))
+            ce = F.cross_entropy(lk, targets[:, start + k : end + k].reshape(-1), reduction="sum")
+            loss = loss + w * ce / (B * (T - k))
+        return loss
 
 
 def mtp_loss(logits: torch.Tensor, targets: torch.Tensor, weights: tuple[float, ...]) -> torch.Tensor:

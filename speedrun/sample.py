@@ -22,6 +22,10 @@ import numpy as np
 from .data import read_shard, shard_token_count, write_shard
 
 
+SAMPLE_TRAIN_PATTERN = "sample_train_*.bin"
+SAMPLE_VAL_PATTERN = "sample_val_*.bin"
+
+
 @dataclass(frozen=True)
 class SampleSpec:
     vocab_size: int = 128  # symbols 0..vocab_size-2, BOS = vocab_size-1

@@ -26,7 +26,7 @@ from .config import TrainConfig
 from .data import TrainLoader, find_shards, val_batches
 from .model import GPT
 from .optim import SpeedrunOptimizer
-from .sample import ensure_sample_corpus, sample_floor
+from .sample import SAMPLE_TRAIN_PATTERN, SAMPLE_VAL_PATTERN, ensure_sample_corpus, sample_floor
 
 Report = Callable[[dict], None]
 
@@ -82,6 +82,12 @@ def resolve_data_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.data.data_dir or os.environ.get("SPEEDRUN_DATA", "data/fineweb10B")).expanduser().resolve()
 
 
+def data_patterns(cfg: TrainConfig) -> tuple[str, str]:
+    if cfg.data.source == "sample":
+        return SAMPLE_TRAIN_PATTERN, SAMPLE_VAL_PATTERN
+    return cfg.data.train_pattern, cfg.data.val_pattern
+
+
 class _Dist:
     """Rank/world and the few collectives the loop needs; a no-op group of one when not distributed."""
 
@@ -120,6 +126,7 @@ def _pick_device(cfg: TrainConfig) -> torch.device:
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RuntimeError("run.device=cuda but no CUDA device is visible: use run.device=cpu")
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # stage shapes change
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
@@ -140,8 +147,9 @@ class _Trainer:
         self.dtype = torch.bfloat16 if self.device.type == "cuda" and cfg.run.dtype == "bfloat16" else torch.float32
 
         data_dir = resolve_data_dir(cfg)
-        self.train_paths = find_shards(data_dir, cfg.data.train_pattern)
-        self.val_paths = find_shards(data_dir, cfg.data.val_pattern)
+        train_pattern, val_pattern = data_patterns(cfg)
+        self.train_paths = find_shards(data_dir, train_pattern)
+        self.val_paths = find_shards(data_dir, val_pattern)
         self.floor = sample_floor(data_dir, cfg.data.val_tokens) if cfg.data.source == "sample" else None
         val_micro = min(cfg.data.val_micro_batch_tokens, cfg.data.val_tokens)
         self.val = val_batches(self.val_paths, cfg.data.val_tokens, val_micro, self.dist.rank, self.dist.world)

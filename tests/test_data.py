@@ -160,3 +160,9 @@ def test_download_from_a_local_hub(tmp_path, monkeypatch):
     assert sorted(p.name for p in got) == sorted(D.shard_names(2))
     for p in got:
         assert np.array_equal(D.read_shard(p), D.read_shard(remote / p.name))
+
+
+def test_sample_bos_constant_matches_the_corpus():
+    from speedrun.config import SAMPLE_BOS_ID
+    from speedrun.sample import SampleSpec
+    assert SampleSpec().bos_id == SAMPLE_BOS_ID

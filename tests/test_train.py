@@ -92,3 +92,21 @@ def test_architecture_switches_run_and_matter(baseline):
                    "use_yarn", "use_softcap"):
         r = train(fast_tiny(**{f"model.{switch}": False}))
         assert r.status == "finished" and r.val_loss != baseline, switch
+
+
+def test_chunked_head_loss_equals_the_plain_loss():
+    import torch
+
+    from speedrun.model import GPT, mtp_loss
+    cfg = TrainConfig.preset("tiny").override({"model.loss_chunk_tokens": 100})
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    x = torch.randn(1, 333, cfg.model.dim, requires_grad=True)
+    targets = torch.randint(0, 127, (1, 333))
+    w = (1.0, 0.5, 0.25)
+    chunked = model.head_loss(x, targets, w)
+    plain = mtp_loss(model.logits(x), targets, w)
+    assert torch.allclose(chunked, plain, atol=1e-5)
+    g1, = torch.autograd.grad(chunked, x)
+    g2, = torch.autograd.grad(plain, x)
+    assert torch.allclose(g1, g2, atol=1e-6)
