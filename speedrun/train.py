@@ -134,7 +134,8 @@ def _pick_device(cfg: TrainConfig) -> torch.device:
 
 
 class _Trainer:
-    def __init__(self, cfg: TrainConfig, report: Report | None, log: Callable[[str], None] | None):
+    def __init__(self, cfg: TrainConfig, report: Report | None, log: Callable[[str], None] | None,
+                 report_all_ranks: bool = False):
         self.t_enter = time.perf_counter()
         self.cfg = cfg
         self.device = _pick_device(cfg)
@@ -142,7 +143,7 @@ class _Trainer:
             torch.set_num_threads(cfg.run.threads)
         self.dist = _Dist(self.device)
         self.is_main = self.dist.rank == 0
-        self.report = report if self.is_main else None
+        self.report = report if (self.is_main or report_all_ranks) else None
         self.log = log if self.is_main else None
         self.dtype = torch.bfloat16 if self.device.type == "cuda" and cfg.run.dtype == "bfloat16" else torch.float32
 
@@ -336,9 +337,12 @@ class _Trainer:
         )
 
 
-def train(cfg: TrainConfig, report: Report | None = None, log: Callable[[str], None] | None = None) -> TrainResult:
-    """Train with `cfg`; `report(metrics)` on rank 0 after each validation and every log_every steps."""
-    trainer = _Trainer(cfg, report, log)
+def train(cfg: TrainConfig, report: Report | None = None, log: Callable[[str], None] | None = None,
+          report_all_ranks: bool = False) -> TrainResult:
+    """Train with `cfg`; `report(metrics)` after each validation and every log_every steps, on rank 0 only
+    unless report_all_ranks (Ray Train V2's report is collective: every rank must call it, with the same
+    metrics, which the loop's all-reduced losses guarantee). `log(line)` gets the speedrun's log lines."""
+    trainer = _Trainer(cfg, report, log, report_all_ranks)
     try:
         return trainer.run()
     finally:

@@ -1,0 +1,134 @@
+"""Sweep results: one row per trial (config + final metrics) from Tune's ResultGrid, to parquet and a table."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ray import tune
+
+from .trial import FINISHED
+
+METRIC_COLUMNS = ("val_loss", "final_val_loss", "train_time_s", "time_to_target_s", "tokens", "step",
+                  "startup_s", "trial_startup_s", "compile_s", "val_time_s", "peak_mem_bytes", "floor")
+
+
+def trial_index(trial) -> int:
+    """0-based creation order (trial 0 is the control); Tune's experiment_tag starts with a 1-based counter."""
+    return int(trial.experiment_tag.split("_", 1)[0]) - 1
+
+
+def trial_dirname(trial) -> str:
+    return f"trial_{trial_index(trial):04d}_{trial.trial_id}"
+
+
+def index_from_path(path: str) -> int:
+    name = Path(path).name
+    return int(name.split("_")[1]) if name.startswith("trial_") else -1
+
+
+def trial_status(metrics: dict, error) -> str:
+    if error is not None:
+        return "failed"
+    if metrics.get(FINISHED):
+        return metrics.get("status", "finished")
+    return "pruned" if metrics else "failed"
+
+
+def rows_from_grid(grid, param_keys: list[str]) -> list[dict]:
+    rows = []
+    for res in grid:
+        m = dict(res.metrics or {})
+        trial_id = m.get("trial_id") or Path(res.path).name.split("_")[-1]
+        index = index_from_path(res.path)
+        df = res.metrics_dataframe
+        if "trial_startup_s" not in m and df is not None and "trial_startup_s" in df:
+            vals = df["trial_startup_s"].dropna()
+            if len(vals):
+                m["trial_startup_s"] = float(vals.iloc[0])
+        row = {"trial_index": index, "trial_id": trial_id,
+               "status": trial_status(m, res.error), "error": str(res.error).splitlines()[0] if res.error else None}
+        for k in param_keys:
+            row[k] = res.config.get(k)
+        for k in METRIC_COLUMNS:
+            v = m.get(k)
+            row[k] = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+        rows.append(row)
+    return sorted(rows, key=lambda r: r["trial_index"])
+
+
+def write_parquet(rows: list[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def ranked(rows: list[dict], metric: str = "val_loss", mode: str = "min") -> list[dict]:
+    def key(r):
+        v = r.get(metric)
+        bad = v is None or (isinstance(v, float) and math.isnan(v)) or r["status"] != "finished"
+        return (bad, v if mode == "min" else -v if v is not None else 0)
+    return sorted(rows, key=key)
+
+
+def format_table(rows: list[dict], param_keys: list[str], top: int = 10) -> str:
+    def fmt(v, nd=4):
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.{nd}g}" if abs(v) < 1e-2 or abs(v) >= 1e4 else f"{v:.{nd}f}".rstrip("0").rstrip(".")
+        return str(v)
+
+    short = [k.split(".", 1)[1] for k in param_keys]
+    header = ["rank", "trial", "status", *short, "val_loss", "train_s", "to_target_s", "startup_s"]
+    body = []
+    for i, r in enumerate(rows[:top], 1):
+        body.append([str(i), str(r["trial_index"]) + ("*" if r["trial_index"] == 0 else ""), r["status"],
+                     *[fmt(r.get(k)) for k in param_keys], fmt(r.get("val_loss")), fmt(r.get("train_time_s"), 3),
+                     fmt(r.get("time_to_target_s"), 3), fmt(r.get("trial_startup_s"), 3)])
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)])
+
+
+class ProgressPrinter(tune.Callback):
+    """One line per validation and per finished trial, instead of Tune's full status tables."""
+
+    def __init__(self, total_steps: int, metric: str, out=print):
+        self.total, self.metric, self.out = total_steps, metric, out
+        self.t0 = time.time()
+        self.best = None
+
+    def _stamp(self) -> str:
+        return f"[{time.time() - self.t0:6.0f}s]"
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.out(f"{self._stamp()} trial {trial_index(trial)} started: "
+                 + ", ".join(f"{k}={_short(v)}" for k, v in trial.config.items()))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if self.metric in result and not result.get(FINISHED):
+            self.out(f"{self._stamp()} trial {trial_index(trial)} step {result.get('step')}/{self.total} "
+                     f"{self.metric} {result[self.metric]:.4f}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        r = trial.last_result or {}
+        if r.get(FINISHED):
+            v = r.get(self.metric)
+            self.best = v if self.best is None or (v is not None and v < self.best) else self.best
+            self.out(f"{self._stamp()} trial {trial_index(trial)} {r.get('status')}: {self.metric} {v:.4f} "
+                     f"in {r.get('train_time_s', 0):.1f}s of training (best so far {self.best:.4f}); "
+                     f"{sum(t.status == 'TERMINATED' for t in trials)}/{len(trials)} trials done")
+        else:
+            self.out(f"{self._stamp()} trial {trial_index(trial)} stopped early at step {r.get('step')} "
+                     f"({self.metric} {r.get(self.metric, float('nan')):.4f})")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.out(f"{self._stamp()} trial {trial_index(trial)} failed: see {trial.local_path}")
+
+
+def _short(v):
+    return f"{v:.4g}" if isinstance(v, float) else v

@@ -1,0 +1,190 @@
+"""`python sweeps/run.py --space muon_lr`: a Ray Tune sweep, Optuna proposing, each trial a Ray Train run.
+
+With GPUs and FineWeb shards it sweeps the `record` preset, one trial = all the node's GPUs; otherwise
+the `tiny` preset on CPU workers and the generated sample corpus. `--address` (or RAY_ADDRESS) joins an
+existing Ray cluster; `--storage` may be a path every node can reach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+
+@dataclass
+class Resources:
+    cpus: float
+    gpus: int
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python sweeps/run.py", description=__doc__.splitlines()[0])
+    p.add_argument("--space", help="a named space (see --list-spaces) or a .toml file")
+    p.add_argument("--list-spaces", action="store_true", help="print the shipped spaces and exit")
+    p.add_argument("--trials", type=int, help="number of trials (default: the space's, per preset)")
+    p.add_argument("--concurrency", type=int, help="trials at once (default: as many as the resources fit)")
+    p.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial (default: all GPUs, or 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker (default 1 with GPUs)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker (default 1)")
+    p.add_argument("--preset", choices=["record", "tiny"], help="default: record with CUDA + FineWeb, else tiny")
+    p.add_argument("--data", help="folder of FineWeb .bin shards (default $SPEEDRUN_DATA or data/fineweb10B)")
+    p.add_argument("--steps", type=int, help="compress each trial's schedule into N steps (default: the space's)")
+    p.add_argument("--scheduler", choices=["asha", "none"], default="asha", help="early stopping (default asha)")
+    p.add_argument("--name", help="sweep name (default: SPACE-YYYYmmdd-HHMMSS)")
+    p.add_argument("--storage", default=os.environ.get("SPEEDRUN_SWEEPS", "sweep_runs"),
+                   help="folder or URI holding sweep folders (default ./sweep_runs or $SPEEDRUN_SWEEPS)")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                   help="Ray cluster to join (default $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
+    p.add_argument("--max-failures", type=int, default=1, help="Ray Train retries of a failed trial (default 1)")
+    return p.parse_args(argv)
+
+
+def fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def local_resources() -> Resources:
+    import torch
+    return Resources(cpus=float(os.cpu_count() or 1), gpus=torch.cuda.device_count())
+
+
+def fineweb_dir(args) -> Path:
+    return Path(args.data or os.environ.get("SPEEDRUN_DATA", "data/fineweb10B")).expanduser().resolve()
+
+
+def choose_preset(args, res: Resources) -> str:
+    if args.preset:
+        return args.preset
+    from speedrun.data import ShardError, find_shards
+    try:
+        has_data = bool(find_shards(fineweb_dir(args), "fineweb_train_*.bin"))
+    except ShardError:
+        has_data = False
+    if res.gpus and has_data:
+        return "record"
+    why = "no CUDA device" if not res.gpus else f"no FineWeb shards in {fineweb_dir(args)}"
+    print(f"notice: {why}: sweeping the tiny preset on CPU with the generated sample corpus "
+          f"(pass --preset record to insist)", file=sys.stderr)
+    return "tiny"
+
+
+def prepare_data(preset_cfg, args) -> dict:
+    """Validate or create the data before any compute is spent; return the config overrides for workers."""
+    from speedrun.data import find_shards, validate_shards
+    from speedrun.sample import ensure_sample_corpus
+    from speedrun.train import data_patterns
+
+    if preset_cfg.data.source == "sample":
+        folder = ensure_sample_corpus(args.data or None)
+    else:
+        folder = fineweb_dir(args)
+    train_pattern, val_pattern = data_patterns(preset_cfg)
+    validate_shards(find_shards(folder, train_pattern))
+    validate_shards(find_shards(folder, val_pattern))
+    return {"data.data_dir": str(Path(folder).resolve())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from sweeps.spaces import SpaceError, available_spaces, load_space
+
+    if args.list_spaces:
+        for name, path in available_spaces().items():
+            space = load_space(name, "record")
+            print(f"{name:10s} {space.description}")
+            for p in space.params:
+                print(f"{'':10s}   {p.describe()}")
+        return 0
+    if not args.space:
+        return fail(f"--space is required: one of {', '.join(available_spaces())} (see --list-spaces)")
+
+    from speedrun.data import ShardError
+
+    res = local_resources()
+    preset = choose_preset(args, res)
+    try:
+        space = load_space(args.space, preset)
+        overrides = prepare_data(space.base_config(), args)
+    except (SpaceError, ShardError) as e:
+        return fail(str(e))
+    use_gpu = preset == "record" and res.gpus > 0 if args.gpus_per_worker is None else args.gpus_per_worker > 0
+    gpus_per_worker = (1.0 if use_gpu else 0.0) if args.gpus_per_worker is None else args.gpus_per_worker
+    workers = args.workers_per_trial or (max(1, int(res.gpus // gpus_per_worker)) if use_gpu else 1)
+    if not use_gpu:
+        overrides["run.threads"] = max(1, int(args.cpus_per_worker))
+    if use_gpu and not args.address and workers * gpus_per_worker > res.gpus:
+        return fail(f"--workers-per-trial {workers} x --gpus-per-worker {gpus_per_worker:g} needs "
+                    f"{workers * gpus_per_worker:g} GPUs; this machine has {res.gpus}")
+    steps = args.steps if args.steps is not None else space.steps
+    trials = args.trials or space.trials
+    try:
+        total_steps = space.trial_config(space.control_point(), steps).schedule.total_steps
+    except ValueError as e:
+        return fail(f"--steps {steps}: {e}")
+    if use_gpu:
+        per_trial = workers * gpus_per_worker
+        fit = int(res.gpus // per_trial) if not args.address else 1
+    else:
+        per_trial = workers * args.cpus_per_worker
+        fit = int(res.cpus // per_trial) if not args.address else 1
+    concurrency = args.concurrency or max(1, min(fit, trials))
+    name = args.name or f"{space.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    storage = Path(args.storage).expanduser().resolve() if "://" not in args.storage else args.storage
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # reports block ~2 s otherwise
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # train-loss reports carry no val_loss
+    import ray
+
+    from sweeps.results import ProgressPrinter, format_table, ranked, rows_from_grid, write_parquet
+    from sweeps.search import SweepPlan, make_tuner
+    from sweeps.trial import TrialSpec, worker_env
+
+    plan = SweepPlan(space, name, Path(storage), trials, concurrency, args.seed, args.scheduler, total_steps)
+    sweep_folder = plan.folder
+    env = worker_env({"OMP_NUM_THREADS": str(max(1, int(args.cpus_per_worker))),
+                      "TORCHINDUCTOR_CACHE_DIR": str(sweep_folder / "inductor_cache"),
+                      "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]})
+    spec = TrialSpec(space=space, overrides=overrides, steps=steps, workers=workers, use_gpu=use_gpu,
+                     cpus_per_worker=args.cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                     train_storage=str(sweep_folder / "train_runs"), max_failures=args.max_failures, env=env)
+    print(f"sweep {name}: space {space.name} ({', '.join(p.key for p in space.params)}), preset {preset}, "
+          f"{trials} trials of {total_steps} steps, {concurrency} at a time, {workers} "
+          f"{'GPU' if use_gpu else 'CPU'} worker(s) each, scheduler {args.scheduler}; folder {sweep_folder}")
+    t0 = time.time()
+    own_ray = not ray.is_initialized()  # a caller (a test, a notebook) may have started Ray already
+    runtime_env = {"env_vars": env}
+    if args.address:  # a remote cluster gets this checkout's code, not whatever its nodes have installed
+        import speedrun
+        import sweeps
+        runtime_env["py_modules"] = [speedrun, sweeps]
+    if own_ray:
+        ray.init(address=args.address, runtime_env=runtime_env, log_to_driver=False,
+                 logging_level="WARNING", configure_logging=True)
+    try:
+        tuner = make_tuner(plan, spec, [ProgressPrinter(total_steps, space.metric)])
+        grid = tuner.fit()
+    finally:
+        if own_ray:
+            ray.shutdown()
+    keys = [p.key for p in space.params]
+    rows = rows_from_grid(grid, keys)
+    path = write_parquet(rows, sweep_folder / "results.parquet")
+    print()
+    print(format_table(ranked(rows, space.metric, space.mode), keys))
+    print(f"\n{len(rows)} trials in {time.time() - t0:.0f}s; * = trial 0, the {preset} preset's values (control)")
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Ray Tune wiring: the Optuna searcher (trial 0 = the control), concurrency, ASHA, the Tuner, the results.
+
+What the searcher is told, deliberately:
+- intermediate values only at validations (reports without the metric are skipped);
+- a trial that ASHA stopped reaches Optuna as PRUNED (with its intermediate values), not COMPLETE with a
+  partial loss that TPE would read as a finished result;
+- a diverged trial completes with its step-0 loss (see trial.final_metrics): bad, but learnable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from .spaces import Param, Space
+from .results import trial_dirname, trial_index
+from .trial import FINISHED, TrialSpec, run_trial
+
+
+class SpeedrunOptunaSearch(OptunaSearch):
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self.metric in result and trial_id not in self._completed_trials:
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if result is not None and not result.get(FINISHED):
+            result = None  # stopped early: PRUNED
+        if result is not None and not math.isfinite(result.get(self.metric, math.nan)):
+            result = None
+        super().on_trial_complete(trial_id, result, error)
+
+
+def optuna_distribution(p: Param) -> optuna.distributions.BaseDistribution:
+    if p.type == "categorical":
+        return optuna.distributions.CategoricalDistribution(list(p.choices))
+    if p.type == "int":
+        return optuna.distributions.IntDistribution(int(p.low), int(p.high), log=p.log)
+    return optuna.distributions.FloatDistribution(float(p.low), float(p.high), log=p.log)
+
+
+@dataclass
+class SweepPlan:
+    space: Space
+    name: str
+    storage: Path  # the sweep folder's parent (absolute)
+    trials: int
+    concurrency: int
+    seed: int
+    scheduler: str  # asha | none
+    total_steps: int
+
+    @property
+    def folder(self) -> Path:
+        return self.storage / self.name
+
+
+def make_searcher(plan: SweepPlan) -> ConcurrencyLimiter:
+    space = plan.space
+    points = [space.control_point()] + [dict(p) for p in space.points]
+    searcher = SpeedrunOptunaSearch(
+        space={p.key: optuna_distribution(p) for p in space.params},
+        metric=space.metric, mode=space.mode, points_to_evaluate=points,
+        sampler=optuna.samplers.TPESampler(seed=plan.seed),
+    )
+    return ConcurrencyLimiter(searcher, max_concurrent=plan.concurrency)
+
+
+class ControlKeepingASHA(ASHAScheduler):
+    """ASHA on val_loss against training steps that never stops trial 0: the control's full curve is the
+    reference every other trial is read against. Its results still fill the rungs."""
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == TrialScheduler.STOP and trial_index(trial) == 0:
+            return TrialScheduler.CONTINUE
+        return action
+
+
+def make_scheduler(plan: SweepPlan):
+    if plan.scheduler == "none":
+        return FIFOScheduler()
+    grace = max(1, round(plan.space.grace_fraction * plan.total_steps))
+    # stop_last_trials=False: a trial that reaches max_t still sends its final summary report.
+    return ControlKeepingASHA(time_attr="step", max_t=plan.total_steps, grace_period=grace, reduction_factor=2,
+                              stop_last_trials=False)
+
+
+def make_tuner(plan: SweepPlan, spec: TrialSpec, callbacks: list) -> tune.Tuner:
+    trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), {"cpu": 0.01})
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            metric=plan.space.metric, mode=plan.space.mode, search_alg=make_searcher(plan),
+            scheduler=make_scheduler(plan), num_samples=plan.trials, reuse_actors=False,
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=tune.RunConfig(name=plan.name, storage_path=str(plan.storage), callbacks=callbacks, verbose=0),
+    )

@@ -1,0 +1,110 @@
+"""The trial unit: a Ray Tune function trainable whose body is a Ray Train V2 run of `speedrun.train`.
+
+The Tune trial reserves almost nothing (0.01 CPU); the TorchTrainer's workers reserve the real CPUs or
+GPUs. Ray sets RANK/WORLD_SIZE/LOCAL_RANK and the process group, so `speedrun.train` runs as under
+torchrun. Every rank reports (Ray Train V2's report is collective); `TuneReportCallback` forwards rank
+0's metrics to Tune. The last report of a trial that ran to the end carries `finished_training`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+from speedrun.config import TrainConfig
+
+from .spaces import Space
+
+FINISHED = "finished_training"
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """What every trial of one sweep shares."""
+    space: Space
+    overrides: dict = field(default_factory=dict)  # data folder, threads: set by the driver
+    steps: int = 0
+    workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    train_storage: str = ""  # absolute path or URI where Ray Train keeps each trial's run
+    max_failures: int = 1
+    env: dict = field(default_factory=dict)  # set in every trial and worker process before training
+
+    def config_for(self, params: dict) -> TrainConfig:
+        cfg = self.space.trial_config(params, self.steps)
+        return cfg.override(self.overrides)
+
+
+def final_metrics(result, cfg: TrainConfig) -> dict:
+    """The last report of a trial. A diverged run reports its step-0 loss, so the searcher learns it was bad."""
+    first = result.history[0]["val_loss"] if result.history else math.log(cfg.model.vocab_size)
+    val = result.val_loss if result.status == "finished" else first
+    out = {
+        "step": result.steps, "val_loss": val, "final_val_loss": result.val_loss, "status": result.status,
+        "train_time_s": result.train_time_s, "tokens": result.tokens, "peak_mem_bytes": result.peak_mem_bytes,
+        "compile_s": result.compile_s, "startup_s": result.startup_s, "val_time_s": result.val_time_s,
+        "time_to_target_s": result.time_to_target_s if result.time_to_target_s is not None else float("nan"),
+        "reached_target": result.time_to_target_s is not None, FINISHED: True,
+    }
+    if result.floor is not None:
+        out["floor"] = result.floor
+    return out
+
+
+def worker_loop(loop_config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+
+    from speedrun.train import train
+
+    os.environ.update(loop_config["env"])
+    cfg = TrainConfig.from_dict(loop_config["config"])
+    trial_start = loop_config["trial_start"]
+
+    def report(metrics: dict) -> None:
+        if "startup_s" in metrics:  # the first report: the clock starts now
+            metrics = {**metrics, "trial_startup_s": time.time() - trial_start}
+        ray.train.report(metrics)
+
+    result = train(cfg, report=report, report_all_ranks=True)
+    ray.train.report(final_metrics(result, cfg))
+
+
+def run_trial(config: dict, spec: TrialSpec) -> None:
+    """The Tune trainable: one TorchTrainer.fit() per trial."""
+    import ray.tune
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_start = time.time()
+    os.environ.update(spec.env)
+    params = {p.key: config[p.key] for p in spec.space.params}
+    cfg = spec.config_for(params)
+    resources = {"CPU": spec.cpus_per_worker}
+    if spec.use_gpu:
+        resources["GPU"] = spec.gpus_per_worker
+    ctx = ray.tune.get_context()
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={"config": cfg.to_dict(), "trial_start": trial_start, "env": spec.env},
+        scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=spec.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=f"{ctx.get_experiment_name()}-{ctx.get_trial_id()}",
+            storage_path=spec.train_storage or None,
+            callbacks=[TuneReportCallback()],
+            failure_config=FailureConfig(max_failures=spec.max_failures),
+        ),
+    )
+    trainer.fit()
+
+
+def worker_env(extra: dict | None = None) -> dict:
+    """Environment every Ray process of the sweep gets (through runtime_env)."""
+    env = {k: os.environ[k] for k in ("SPEEDRUN_CACHE", "SPEEDRUN_DATA") if k in os.environ}
+    env.update(extra or {})
+    return env

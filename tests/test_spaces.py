@@ -1,0 +1,75 @@
+"""Search spaces: every shipped space is valid for both presets; bad spaces are refused with a clear line."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sweeps.spaces import SpaceError, available_spaces, load_space, parse_space
+
+SHIPPED = ["muon_lr", "adam_lr", "softcap", "windows", "schedule"]
+
+
+def test_required_spaces_ship():
+    assert set(SHIPPED) <= set(available_spaces())
+
+
+@pytest.mark.parametrize("preset", ["record", "tiny"])
+@pytest.mark.parametrize("name", SHIPPED)
+def test_space_loads_and_control_is_the_preset(name, preset):
+    space = load_space(name, preset)
+    control = space.control_point()
+    base = space.base_config().to_dict()
+    for p in space.params:
+        assert p.contains(control[p.key])
+    cfg = space.trial_config(control, steps=0)
+    flat = cfg.to_dict()
+    assert flat == base  # trial 0 is exactly the preset (plus the space's fixed overrides)
+    assert space.trial_config(control).schedule.total_steps == (space.steps or cfg.schedule.total_steps)
+
+
+def raw(**params):
+    return {"description": "t", "params": params}
+
+
+@pytest.mark.parametrize("space, words", [
+    (raw(**{"optim.muon_lrr": {"type": "float", "low": 0.01, "high": 0.03}}), ["optim.muon_lrr", "unknown config key"]),
+    (raw(**{"optim.muon_lr": {"type": "float", "low": 0.05, "high": 0.01}}), ["low=0.05 > high=0.01"]),
+    (raw(**{"optim.muon_lr": {"type": "float", "low": -1.0, "high": 0.03}}), ["optim.muon_lr", "> 0"]),
+    (raw(**{"optim.muon_lr": {"type": "float", "low": 0.03, "high": 0.05}}), ["outside", "control"]),
+    (raw(**{"optim.muon_lr": {"type": "gaussian", "low": 0.01, "high": 0.05}}), ["type='gaussian'"]),
+    (raw(**{"schedule.long_windows.2": {"type": "int", "low": 8, "high": 40}}), ["long_windows", "max_seq_len"]),
+    (raw(**{"optim.muon_lr": {"type": "float", "low": 0.0, "high": 0.05, "log": True}}), ["log=true needs low > 0"]),
+    ({"description": "t"}, ["at least one parameter"]),
+])
+def test_bad_spaces_are_refused(space, words):
+    with pytest.raises(SpaceError) as e:
+        parse_space(space, "bad", "record")
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_unknown_space_lists_the_known_ones():
+    with pytest.raises(SpaceError) as e:
+        load_space("muon", "tiny")
+    assert "muon_lr" in str(e.value) and "windows" in str(e.value)
+
+
+def test_list_spaces_cli():
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(root / "sweeps" / "run.py"), "--list-spaces"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0
+    for name in SHIPPED:
+        assert name in out.stdout
+    assert "NorMuon learning rate" in out.stdout
+
+
+def test_unknown_space_cli_exits_2():
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(root / "sweeps" / "run.py"), "--space", "nope"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "known spaces are" in errors[0]
