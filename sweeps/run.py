@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"--space is required: one of {', '.join(available_spaces())} (see --list-spaces)")
 
     from speedrun.data import ShardError
+    from sweeps.trial import TRIAL_CPU
 
     res = local_resources()
     preset = choose_preset(args, res)
@@ -125,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     if use_gpu and not args.address and workers * gpus_per_worker > res.gpus:
         return fail(f"--workers-per-trial {workers} x --gpus-per-worker {gpus_per_worker:g} needs "
                     f"{workers * gpus_per_worker:g} GPUs; this machine has {res.gpus}")
+    if not use_gpu and not args.address and workers * args.cpus_per_worker + TRIAL_CPU > res.cpus:
+        return fail(f"--workers-per-trial {workers} x --cpus-per-worker {args.cpus_per_worker:g} (+{TRIAL_CPU} for "
+                    f"the trial itself) needs more than the {res.cpus:g} CPUs here: lower one of them")
     steps = args.steps if args.steps is not None else space.steps
     trials = args.trials or space.trials
     try:
@@ -136,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         fit = int(res.gpus // per_trial) if not args.address else 1
     else:
         per_trial = workers * args.cpus_per_worker
-        fit = int(res.cpus // per_trial) if not args.address else 1
+        fit = int(res.cpus // (per_trial + TRIAL_CPU)) if not args.address else 1
     concurrency = args.concurrency or max(1, min(fit, trials))
     name = args.name or f"{space.name}-{datetime.now():%Y%m%d-%H%M%S}"
     storage = Path(args.storage).expanduser().resolve() if "://" not in args.storage else args.storage

@@ -21,7 +21,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from .spaces import Param, Space
 from .results import trial_dirname, trial_index
-from .trial import FINISHED, TrialSpec, run_trial
+from .trial import FINISHED, TRIAL_CPU, TrialSpec, run_trial
 
 
 class SpeedrunOptunaSearch(OptunaSearch):
@@ -93,7 +93,7 @@ def make_scheduler(plan: SweepPlan):
 
 
 def make_tuner(plan: SweepPlan, spec: TrialSpec, callbacks: list) -> tune.Tuner:
-    trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), {"cpu": 0.01})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), {"cpu": TRIAL_CPU})
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(

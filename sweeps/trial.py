@@ -18,6 +18,7 @@ from speedrun.config import TrainConfig
 from .spaces import Space
 
 FINISHED = "finished_training"
+TRIAL_CPU = 0.01  # what a Tune trial itself holds: tune rejects 0, and its workers hold the real CPUs/GPUs
 
 
 @dataclass(frozen=True)
