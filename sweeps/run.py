@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--preset", choices=["record", "tiny"], help="default: record with CUDA + FineWeb, else tiny")
     p.add_argument("--data", help="folder of FineWeb .bin shards (default $SPEEDRUN_DATA or data/fineweb10B)")
     p.add_argument("--steps", type=int, help="compress each trial's schedule into N steps (default: the space's)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="fixed override of the base config for every trial, e.g. --set data.val_tokens=1048576")
     p.add_argument("--scheduler", choices=["asha", "none"], default="asha", help="early stopping (default asha)")
     p.add_argument("--name", help="sweep name (default: SPACE-YYYYmmdd-HHMMSS)")
     p.add_argument("--storage", default=os.environ.get("SPEEDRUN_SWEEPS", "sweep_runs"),
@@ -113,10 +115,15 @@ def main(argv: list[str] | None = None) -> int:
 
     res = local_resources()
     preset = choose_preset(args, res)
+    from speedrun.__main__ import parse_sets
+
     try:
         space = load_space(args.space, preset)
+        if args.sets:
+            space = replace(space, fixed={**space.fixed, **parse_sets(args.sets)})
+            space.base_config()
         overrides = prepare_data(space.base_config(), args)
-    except (SpaceError, ShardError) as e:
+    except (SpaceError, ShardError, ValueError) as e:
         return fail(str(e))
     use_gpu = preset == "record" and res.gpus > 0 if args.gpus_per_worker is None else args.gpus_per_worker > 0
     gpus_per_worker = (1.0 if use_gpu else 0.0) if args.gpus_per_worker is None else args.gpus_per_worker
