@@ -83,12 +83,13 @@ def format_table(rows: list[dict], param_keys: list[str], top: int = 10) -> str:
         return str(v)
 
     short = [k.split(".", 1)[1] for k in param_keys]
-    header = ["rank", "trial", "status", *short, "val_loss", "train_s", "to_target_s", "startup_s"]
+    header = ["rank", "trial", "status", *short, "val_loss", "train_s", "to_target_s", "record", "startup_s"]
     body = []
     for i, r in enumerate(rows[:top], 1):
         body.append([str(i), str(r["trial_index"]) + ("*" if r["trial_index"] == 0 else ""), r["status"],
                      *[fmt(r.get(k)) for k in param_keys], fmt(r.get("val_loss")), fmt(r.get("train_time_s"), 3),
-                     fmt(r.get("time_to_target_s"), 3), fmt(r.get("trial_startup_s"), 3)])
+                     fmt(r.get("time_to_target_s"), 3), "BEAT" if r.get("beat_record") else "",
+                     fmt(r.get("trial_startup_s"), 3)])
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)])

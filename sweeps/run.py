@@ -46,6 +46,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="Ray cluster to join (default $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
     p.add_argument("--max-failures", type=int, default=1, help="Ray Train retries of a failed trial (default 1)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else "
+                   "sqlite:///mlflow.db in the working folder)")
+    p.add_argument("--track", help="target loss and record time to judge trials by (default: track1 for the "
+                   "record preset, tiny for tiny; see sweeps/tracks.toml)")
+    p.add_argument("--record-time", type=float, help="override the track's record time (seconds)")
+    p.add_argument("--target", type=float, help="override the track's target validation loss")
     return p.parse_args(argv)
 
 
@@ -136,6 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     if not use_gpu and not args.address and workers * args.cpus_per_worker + TRIAL_CPU > res.cpus:
         return fail(f"--workers-per-trial {workers} x --cpus-per-worker {args.cpus_per_worker:g} (+{TRIAL_CPU} for "
                     f"the trial itself) needs more than the {res.cpus:g} CPUs here: lower one of them")
+    from sweeps.records import default_track, get_track
+
+    try:
+        track = get_track(args.track or default_track(preset), args.target, args.record_time)
+    except ValueError as e:
+        return fail(str(e))
+    overrides["run.target_loss"] = track.target_loss
     steps = args.steps if args.steps is not None else space.steps
     trials = args.trials or space.trials
     try:
@@ -168,6 +181,19 @@ def main(argv: list[str] | None = None) -> int:
     spec = TrialSpec(space=space, overrides=overrides, steps=steps, workers=workers, use_gpu=use_gpu,
                      cpus_per_worker=args.cpus_per_worker, gpus_per_worker=gpus_per_worker,
                      train_storage=str(sweep_folder / "train_runs"), max_failures=args.max_failures, env=env)
+    from sweeps.tracking import MlflowTracker, resolve_uri
+
+    uri = resolve_uri(args.tracking_uri)
+    try:
+        tracker = MlflowTracker(uri, space.name, name, {
+            "space": space.name, "searcher": f"optuna TPE seed {args.seed}", "scheduler": args.scheduler,
+            "trials": trials, "concurrency": concurrency, "preset": preset, "steps": total_steps,
+            "workers_per_trial": workers, "gpus_per_worker": gpus_per_worker if use_gpu else 0,
+            "params": ", ".join(p.key for p in space.params), "storage": str(sweep_folder)},
+            track, total_steps, spec.config_for, space.metric)
+    except Exception as e:  # an unreachable or unusable store: say so before any compute is spent
+        return fail(f"MLflow tracking URI {uri} is not usable ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
+                    "check --tracking-uri / MLFLOW_TRACKING_URI")
     print(f"sweep {name}: space {space.name} ({', '.join(p.key for p in space.params)}), preset {preset}, "
           f"{trials} trials of {total_steps} steps, {concurrency} at a time, {workers} "
           f"{'GPU' if use_gpu else 'CPU'} worker(s) each, scheduler {args.scheduler}; folder {sweep_folder}")
@@ -182,18 +208,22 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(address=args.address, runtime_env=runtime_env, log_to_driver=False,
                  logging_level="WARNING", configure_logging=True)
     try:
-        tuner = make_tuner(plan, spec, [ProgressPrinter(total_steps, space.metric)])
+        tuner = make_tuner(plan, spec, [ProgressPrinter(total_steps, space.metric), tracker])
         grid = tuner.fit()
     finally:
         if own_ray:
             ray.shutdown()
     keys = [p.key for p in space.params]
-    rows = rows_from_grid(grid, keys)
+    rows = tracker.annotate(rows_from_grid(grid, keys))
     path = write_parquet(rows, sweep_folder / "results.parquet")
+    tracker.finish_sweep(rows, tracker.curves())
     print()
     print(format_table(ranked(rows, space.metric, space.mode), keys))
-    print(f"\n{len(rows)} trials in {time.time() - t0:.0f}s; * = trial 0, the {preset} preset's values (control)")
+    n_beat = sum(bool(r.get("beat_record")) for r in rows)
+    print(f"\n{len(rows)} trials in {time.time() - t0:.0f}s; * = trial 0, the {preset} preset's values (control); "
+          f"{n_beat} beat the record of track {track.name} ({track.target_loss} in {track.record_time_s:g}s)")
     print(f"results: {path}")
+    print(f"MLflow:  {tracker.ui_hint()}")
     return 0
 
 

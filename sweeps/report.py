@@ -1,0 +1,72 @@
+"""`python sweeps/report.py --space muon_lr`: the leaderboard of a space's trials, read back from MLflow.
+
+Best first (by final val loss of finished trials), record-beating trials marked. `--sweep NAME` limits it
+to one sweep; `--tracking-uri` / MLFLOW_TRACKING_URI pick the store (default sqlite:///mlflow.db here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+
+def leaderboard(uri: str, space: str, sweep: str | None = None) -> list[dict]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(space)
+    if exp is None:
+        raise LookupError(f"no MLflow experiment {space!r} in {uri}: run a sweep of that space first")
+    query = "tags.kind = 'trial'" + (f" and tags.sweep_name = '{sweep}'" if sweep else "")
+    rows = []
+    for run in client.search_runs([exp.experiment_id], query, max_results=5000):
+        t, m = run.data.tags, run.data.metrics
+        rows.append({
+            "sweep": t.get("sweep_name"), "trial": int(t.get("trial_index", -1)), "status": t.get("status"),
+            "beat_record": t.get("beat_record") == "true", "val_loss": m.get("val_loss"),
+            "train_time_s": m.get("train_time_s"), "time_to_target_s": m.get("time_to_target_s"),
+            "run_id": run.info.run_id,
+            "params": {k: v for k, v in run.data.params.items()},
+        })
+    finished = lambda r: r["status"] == "finished" and r["val_loss"] is not None  # noqa: E731
+    return sorted(rows, key=lambda r: (not finished(r), r["val_loss"] if r["val_loss"] is not None else math.inf))
+
+
+def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from sweeps.spaces import SpaceError, load_space
+    from sweeps.tracking import resolve_uri
+
+    p = argparse.ArgumentParser(prog="python sweeps/report.py", description=__doc__.splitlines()[0])
+    p.add_argument("--space", required=True)
+    p.add_argument("--sweep", help="only this sweep (its --name)")
+    p.add_argument("--tracking-uri")
+    p.add_argument("--top", type=int, default=20)
+    args = p.parse_args(argv)
+    uri = resolve_uri(args.tracking_uri)
+    try:
+        keys = [q.key for q in load_space(args.space, "record").params]
+        rows = leaderboard(uri, args.space, args.sweep)
+    except (SpaceError, LookupError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    header = ["rank", "sweep", "trial", "status", *[k.split(".", 1)[1] for k in keys], "val_loss", "train_s",
+              "to_target_s", "record"]
+    body = []
+    for i, r in enumerate(rows[: args.top], 1):
+        fmt = lambda v: "-" if v is None else f"{float(v):.4g}"  # noqa: E731
+        body.append([str(i), r["sweep"] or "", str(r["trial"]), r["status"] or "",
+                     *[fmt(r["params"].get(k)) if r["params"].get(k) is not None else "-" for k in keys],
+                     fmt(r["val_loss"]), fmt(r["train_time_s"]), fmt(r["time_to_target_s"]),
+                     "BEAT" if r["beat_record"] else ""])
+    widths = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(header)]
+    for cells in [header, ["-" * w for w in widths], *body]:
+        print("  ".join(c.rjust(w) for c, w in zip(cells, widths)))
+    print(f"\n{len(rows)} trial runs of space {args.space} in {uri}; {sum(r['beat_record'] for r in rows)} beat the record")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

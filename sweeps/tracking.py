@@ -1,0 +1,251 @@
+"""MLflow: one experiment per space, a parent run per sweep, a nested child run per trial, record flags.
+
+Only the sweep driver writes MLflow (this Tune callback); workers never import it. Runs are addressed by
+id through an MlflowClient, so nothing depends on MLflow's global "active run".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from .records import Track, judge
+from .results import trial_index
+from .trial import FINISHED
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+REPORT_KEYS = ("train_loss", "val_loss", "train_time_s", "tokens", "compile_s", "startup_s", "trial_startup_s")
+FINAL_KEYS = ("val_loss", "final_val_loss", "train_time_s", "tokens", "compile_s", "startup_s", "val_time_s",
+              "peak_mem_bytes", "floor")
+
+
+def resolve_uri(flag: str | None) -> str:
+    """--tracking-uri wins, then MLFLOW_TRACKING_URI, then sqlite:///mlflow.db in the working folder."""
+    uri = flag or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())  # workers and the UI chdir elsewhere
+    return uri
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / experiment).as_uri()
+    return None  # a tracking server decides
+
+
+def code_version() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+        return (sha + ("+dirty" if dirty else "")) or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def hardware() -> str:
+    import torch
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        return f"{len(names)}x {names[0]}"
+    return f"CPU ({os.cpu_count()} cores, {platform.machine()})"
+
+
+def _chunks(items, n=100):
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+def _value(v) -> str:
+    return json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)
+
+
+class MlflowTracker(tune.Callback):
+    def __init__(self, uri: str, experiment: str, sweep_name: str, sweep_params: dict, track: Track,
+                 total_steps: int, config_for, metric: str = "val_loss"):
+        self.client = MlflowClient(tracking_uri=uri)
+        self.uri, self.track, self.total_steps, self.config_for, self.metric = uri, track, total_steps, config_for, metric
+        exp = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
+            experiment, artifact_location=artifact_location(uri, experiment),
+            tags={"mlflow.experimentKind": "custom_model_development"})  # the UI's training-runs view
+        found = self.client.search_runs([self.experiment_id], f"tags.sweep_name = '{sweep_name}' and tags.kind = 'sweep'")
+        if found:
+            self.parent_id = found[0].info.run_id
+        else:
+            run = self.client.create_run(self.experiment_id, run_name=sweep_name,
+                                         tags={"kind": "sweep", "sweep_name": sweep_name, "track": track.name})
+            self.parent_id = run.info.run_id
+            params = {**sweep_params, "track": track.name, "target_loss": track.target_loss,
+                      "record_time_s": track.record_time_s, "track_source": track.source,
+                      "code_version": code_version(), "hardware": hardware()}
+            self.client.log_batch(self.parent_id, params=[Param(k, _value(v)) for k, v in params.items()])
+        self.sweep_name = sweep_name
+        self.done: dict[int, dict] = {}  # trial index -> history, verdict, status, run id
+        self.runs: dict[str, str] = {}
+        self.history: dict[str, list[dict]] = {}
+        self.last_step: dict[str, int] = {}
+
+    # ---- Tune callback hooks ---------------------------------------------------------------------
+    def on_trial_start(self, iteration, trials, trial, **info):
+        index = trial_index(trial)
+        existing = self.client.search_runs(
+            [self.experiment_id], f"tags.sweep_name = '{self.sweep_name}' and tags.trial_id = '{trial.trial_id}'")
+        for run in existing:  # a restarted trial starts its record afresh
+            self.client.delete_run(run.info.run_id)
+        run = self.client.create_run(self.experiment_id, run_name=f"trial-{index:03d}", tags={
+            "mlflow.parentRunId": self.parent_id, "kind": "trial", "sweep_name": self.sweep_name,
+            "trial_id": trial.trial_id, "trial_index": str(index), "status": "running",
+            "control": str(index == 0).lower()})
+        self.runs[trial.trial_id] = run.info.run_id
+        self.history[trial.trial_id] = []
+        params = [p for p in trial.config if "." in p]
+        cfg = self.config_for({k: trial.config[k] for k in params})
+        flat = [Param(k, _value(v)) for k, v in sorted(cfg.to_dict().items())]
+        for chunk in _chunks(flat):
+            self.client.log_batch(run.info.run_id, params=chunk)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id = self.runs.get(trial.trial_id)
+        if run_id is None or result.get(FINISHED):
+            return
+        step = int(result.get("step", 0))
+        ts = int(result.get("timestamp", 0) * 1000)
+        metrics = [Metric(k, float(result[k]), ts, step) for k in REPORT_KEYS
+                   if isinstance(result.get(k), (int, float)) and math.isfinite(result[k])]
+        if metrics:
+            self.client.log_batch(run_id, metrics=metrics)
+        if "val_loss" in result:
+            self.history[trial.trial_id].append({"step": step, "val_loss": result["val_loss"],
+                                                 "train_time_s": result.get("train_time_s", 0.0)})
+        self.last_step[trial.trial_id] = step
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._finish(trial, error=False)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._finish(trial, error=True)
+
+    # ---- the end of a trial ------------------------------------------------------------------------
+    def _finish(self, trial, error: bool) -> None:
+        run_id = self.runs.pop(trial.trial_id, None)
+        if run_id is None:
+            return
+        last = trial.last_result or {}
+        history = self.history.pop(trial.trial_id, [])
+        verdict = judge(history, self.track)
+        if error:
+            status, reason = "failed", "failed"
+        elif last.get(FINISHED):
+            status = last.get("status", "finished")
+            reason = status  # finished | diverged
+        else:
+            status, reason = "pruned", "pruned"
+        finals = {k: float(last[k]) for k in FINAL_KEYS
+                  if isinstance(last.get(k), (int, float)) and math.isfinite(float(last[k]))}
+        if verdict.time_to_target_s is not None:
+            finals["time_to_target_s"] = verdict.time_to_target_s
+        step = self.last_step.get(trial.trial_id, 0)
+        self.client.log_batch(run_id, metrics=[Metric(k, v, 0, step) for k, v in finals.items()], tags=[
+            RunTag("status", status), RunTag("stop_reason", reason),
+            RunTag("beat_record", str(verdict.beat_record).lower()),
+            RunTag("reached_target", str(verdict.reached).lower())])
+        if error and trial.error_file and Path(trial.error_file).exists():
+            text = Path(trial.error_file).read_text().strip().splitlines()
+            self.client.set_tag(run_id, "error", (text[-1] if text else "unknown")[:500])
+        self.done[trial_index(trial)] = {"history": history, "verdict": verdict, "status": status, "run_id": run_id}
+        self._trial_artifacts(run_id, trial, history, last, verdict)
+        self.client.set_terminated(run_id, "FAILED" if error else "FINISHED")
+
+    def _trial_artifacts(self, run_id, trial, history, last, verdict) -> None:
+        params = {k: trial.config[k] for k in trial.config if "." in k}
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            (tmp / "config.json").write_text(self.config_for(params).to_json())
+            lines = [f"# trial {trial_index(trial)} of sweep {self.sweep_name} ({trial.trial_id}); "
+                     f"track {self.track.name}: target {self.track.target_loss}, record {self.track.record_time_s}s"]
+            for h in history:
+                ms = h["train_time_s"] * 1000
+                lines.append(f"step:{h['step']}/{self.total_steps} val_loss:{h['val_loss']:.4f} "
+                             f"train_time:{ms:.0f}ms step_avg:{ms / max(h['step'], 1):.2f}ms")
+            if "peak_mem_bytes" in last:
+                lines.append(f"peak memory allocated: {last['peak_mem_bytes'] / 2**20:.0f} MiB")
+            (tmp / "train.log").write_text("\n".join(lines) + "\n")
+            if history:
+                plot_curves({f"trial {trial_index(trial)}": history}, self.track, tmp / "loss_vs_time.png")
+            self.client.log_artifacts(run_id, str(tmp))
+
+    # ---- the end of the sweep ----------------------------------------------------------------------
+    def finish_sweep(self, rows: list[dict], curves: dict[str, list[dict]] | None = None) -> None:
+        import pyarrow as pa
+        import pyarrow.csv as pacsv
+
+        beat = [r for r in rows if r.get("beat_record")]
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            if rows:
+                pacsv.write_csv(pa.Table.from_pylist(rows), tmp / "leaderboard.csv")
+            if curves:
+                plot_curves(curves, self.track, tmp / "all_trials.png")
+            self.client.log_artifacts(self.parent_id, str(tmp))
+        self.client.log_batch(self.parent_id, metrics=[
+            Metric("n_trials", len(rows), 0, 0), Metric("n_beat_record", len(beat), 0, 0)] + [
+            Metric("best_val_loss", min(r["val_loss"] for r in rows if r.get("val_loss") is not None), 0, 0)]
+            if any(r.get("val_loss") is not None for r in rows) else [])
+        self.client.set_terminated(self.parent_id, "FINISHED")
+
+    def annotate(self, rows: list[dict]) -> list[dict]:
+        """Add the track's verdict and the MLflow run id to each results row."""
+        for r in rows:
+            d = self.done.get(r["trial_index"])
+            if d:
+                v = d["verdict"]
+                r.update(time_to_target_s=v.time_to_target_s, reached_target=v.reached, beat_record=v.beat_record,
+                         mlflow_run_id=d["run_id"])
+            else:
+                r.update(reached_target=False, beat_record=False, mlflow_run_id=None)
+        return rows
+
+    def curves(self) -> dict[str, list[dict]]:
+        return {f"trial {i}" + (" (control)" if i == 0 else ""): d["history"]
+                for i, d in sorted(self.done.items()) if d["history"]}
+
+    def ui_hint(self) -> str:
+        return (f"mlflow ui --backend-store-uri {self.uri}   # then open "
+                f"http://127.0.0.1:5000/#/experiments/{self.experiment_id}")
+
+
+def plot_curves(curves: dict[str, list[dict]], track: Track, path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for label, history in curves.items():
+        ax.plot([h["train_time_s"] for h in history], [h["val_loss"] for h in history], marker="o", ms=3,
+                label=label)
+    ax.axhline(track.target_loss, color="k", ls="--", lw=1, label=f"target {track.target_loss}")
+    if track.record_time_s > 0:
+        ax.axvline(track.record_time_s, color="r", ls=":", lw=1, label=f"record {track.record_time_s:g}s")
+    finite = [h["val_loss"] for hs in curves.values() for h in hs if math.isfinite(h["val_loss"])]
+    if finite:
+        ax.set_ylim(min(finite + [track.target_loss]) - 0.05, min(max(finite), track.target_loss + 3))
+    ax.set_xlabel("training time (s)")
+    ax.set_ylabel("validation loss")
+    ax.set_title(f"validation loss against training time ({track.name})")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,156 @@
+"""MLflow records of real sweeps: parent and child runs, params, per-step metrics, tags, record flags both
+ways, artifacts, the leaderboard read back, and the MLflow UI (a real server, headless Chromium)."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from speedrun.config import TrainConfig
+from sweeps import report as report_cli
+from sweeps import run as sweep_cli
+
+pytestmark = pytest.mark.slow
+OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    ray.init(num_cpus=2, log_to_driver=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, local_ray):
+    """One sweep of 2 trials whose record time every trial that reaches the target beats."""
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root}/mlflow.db"
+    rc = sweep_cli.main(["--space", "muon_lr", "--preset", "tiny", "--trials", "2", "--steps", "12",
+                         "--storage", str(root / "sweeps"), "--name", "beats", "--tracking-uri", uri,
+                         "--target", "3.8", "--record-time", "1e6"])
+    assert rc == 0
+    return root, uri
+
+
+def trial_runs(client, exp_id, sweep):
+    return client.search_runs([exp_id], f"tags.kind = 'trial' and tags.sweep_name = '{sweep}'")
+
+
+def test_parent_children_params_metrics_tags(store):
+    root, uri = store
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("muon_lr")
+    parents = client.search_runs([exp.experiment_id], "tags.kind = 'sweep' and tags.sweep_name = 'beats'")
+    assert len(parents) == 1
+    parent = parents[0]
+    for key in ("space", "searcher", "scheduler", "trials", "preset", "track", "code_version", "hardware"):
+        assert key in parent.data.params
+    assert parent.data.params["preset"] == "tiny" and parent.data.params["track"] == "tiny"
+    children = trial_runs(client, exp.experiment_id, "beats")
+    assert len(children) == 2
+    n_knobs = len(TrainConfig.preset("tiny").to_dict())
+    for run in children:
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.info.status == "FINISHED"
+        assert len(run.data.params) == n_knobs  # every config value as a flat dotted param
+        for tag in ("trial_id", "status", "beat_record", "stop_reason"):
+            assert tag in run.data.tags
+        history = client.get_metric_history(run.info.run_id, "val_loss")
+        assert len({m.step for m in history}) >= 5  # one point per validation, keyed by training step
+        for metric in ("val_loss", "train_time_s", "time_to_target_s", "tokens", "compile_s", "startup_s"):
+            assert metric in run.data.metrics
+        arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config.json", "train.log", "loss_vs_time.png"} <= arts
+    control = next(r for r in children if r.data.tags["trial_index"] == "0")
+    assert control.data.params["optim.muon_lr"] == str(TrainConfig.preset("tiny").optim.muon_lr)
+    assert control.data.tags["beat_record"] == "true"  # reached 3.8 long before 1e6 s
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"leaderboard.csv", "all_trials.png"}
+    log = Path(client.download_artifacts(control.info.run_id, "train.log", str(root))).read_text()
+    assert "step:12/12 val_loss:" in log
+
+
+def test_record_time_nobody_beats(store, tmp_path):
+    root, uri = store
+    rc = sweep_cli.main(["--space", "muon_lr", "--preset", "tiny", "--trials", "1", "--steps", "12",
+                         "--storage", str(tmp_path), "--name", "misses", "--tracking-uri", uri,
+                         "--target", "3.8", "--record-time", "0.001"])
+    assert rc == 0
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("muon_lr")
+    (run,) = trial_runs(client, exp.experiment_id, "misses")
+    assert run.data.tags["reached_target"] == "true" and run.data.tags["beat_record"] == "false"
+    assert run.data.metrics["time_to_target_s"] > 0.001
+
+
+def test_report_reads_the_leaderboard_back(store, capsys):
+    root, uri = store
+    rows = report_cli.leaderboard(uri, "muon_lr", "beats")
+    assert len(rows) == 2 and rows[0]["val_loss"] <= rows[1]["val_loss"]
+    assert all(r["beat_record"] for r in rows)
+    assert report_cli.main(["--space", "muon_lr", "--sweep", "beats", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert out.count("BEAT") == 2
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_ui_shows_the_trials(store, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: .ci/run installs Debian's chromium package")
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    root, uri = store
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("muon_lr")
+    runs = trial_runs(client, exp.experiment_id, "beats")
+    port = free_port()
+    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen([mlflow_bin, "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
+                               "--port", str(port), "--workers", "1"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, "mlflow server did not come up in 90 s"
+                assert server.poll() is None, "mlflow server exited"
+                time.sleep(1)
+        ids = ",".join(f"%22{r.info.run_id}%22" for r in runs)
+        url = f"http://127.0.0.1:{port}/#/compare-runs?runs=[{ids}]&experiments=[%22{exp.experiment_id}%22]"
+        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1400,1000", "--virtual-time-budget=20000"]
+        dom = subprocess.run([chromium, *flags, f"--user-data-dir={tmp_path / 'c1'}", "--dump-dom", url],
+                             capture_output=True, text=True, timeout=120).stdout
+        for run in runs:
+            assert run.info.run_name in dom  # trial-000, trial-001 on the comparison page
+        assert "optim.muon_lr" in dom
+        OUTPUT.mkdir(exist_ok=True)
+        shot = OUTPUT / "mlflow_ui_compare.png"
+        subprocess.run([chromium, *flags, f"--user-data-dir={tmp_path / 'c2'}", f"--screenshot={shot}", url],
+                       capture_output=True, timeout=120)
+        assert shot.exists() and shot.stat().st_size > 10_000
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
