@@ -89,7 +89,7 @@ class MarkovMixture:
 
     def bayes_loss(self, tokens: np.ndarray) -> float:
         """Mean -log p(tokens[t+1] | tokens[..t]) of the Bayes-optimal predictor (the floor), in nats."""
-        spec, bos, K = self.spec, self.spec.bos_id, self.spec.topics
+        bos, K = self.spec.bos_id, self.spec.topics
         prior = np.full(K, 1.0 / K)
         post = prior.copy()
         in_doc = tokens[0] == bos  # before the first BOS we know nothing of the topic either way

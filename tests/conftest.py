@@ -15,6 +15,17 @@ def sample_cache(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A real local Ray with the machine's 2 CPUs, shared by a module's sweeps (one cluster at a time)."""
+    import ray
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"  # Ray Train reports block ~2 s otherwise
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    ray.init(num_cpus=2, log_to_driver=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
 def fast_tiny(steps: int = 16, **overrides) -> TrainConfig:
     """The tiny preset compressed to a few small steps: every schedule phase occurs, seconds per run."""
     cfg = TrainConfig.preset("tiny").with_total_steps(steps)

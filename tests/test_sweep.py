@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -13,16 +12,6 @@ from sweeps import run as sweep_cli
 
 HERE = Path(__file__).resolve().parent
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    ray.init(num_cpus=2, log_to_driver=False, logging_level="WARNING")
-    yield ray
-    ray.shutdown()
 
 
 def sweep(tmp_path, *args):

@@ -23,16 +23,6 @@ OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    import ray
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    ray.init(num_cpus=2, log_to_driver=False, logging_level="WARNING")
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def store(tmp_path_factory, local_ray):
     """One sweep of 2 trials whose record time every trial that reaches the target beats."""
     root = tmp_path_factory.mktemp("mlflow")
