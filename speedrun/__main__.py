@@ -24,8 +24,16 @@ def parse_sets(items: list[str]) -> dict[str, str]:
     return out
 
 
-def build_config(preset: str, sets: list[str], data: str | None, steps: int | None) -> TrainConfig:
-    cfg = TrainConfig.preset(preset)
+def build_config(preset: str, sets: list[str], data: str | None, steps: int | None,
+                 config_file: str | None = None) -> TrainConfig:
+    if config_file:
+        try:
+            flat = json.loads(open(config_file).read())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"--config {config_file}: {e}") from None
+        cfg = TrainConfig.from_dict(flat)
+    else:
+        cfg = TrainConfig.preset(preset)
     if steps is not None:
         cfg = cfg.with_total_steps(steps)
     overrides = parse_sets(sets)
@@ -37,6 +45,7 @@ def build_config(preset: str, sets: list[str], data: str | None, steps: int | No
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m speedrun", description="Train the speedrun model once.")
     p.add_argument("--preset", default="tiny", help="record | tiny (default: tiny)")
+    p.add_argument("--config", help="a JSON file of flat dotted keys (replaces --preset), e.g. a trial's config.json")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config knob, e.g. --set optim.muon_lr=0.03 (repeatable)")
     p.add_argument("--data", help="folder with the .bin shards (default: the preset's)")
@@ -45,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the result as JSON to this file")
     args = p.parse_args(argv)
     try:
-        cfg = build_config(args.preset, args.sets, args.data, args.steps)
+        cfg = build_config(args.preset, args.sets, args.data, args.steps, args.config)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

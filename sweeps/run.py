@@ -8,6 +8,7 @@ existing Ray cluster; `--storage` may be a path every node can reach.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -52,6 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "record preset, tiny for tiny; see sweeps/tracks.toml)")
     p.add_argument("--record-time", type=float, help="override the track's record time (seconds)")
     p.add_argument("--target", type=float, help="override the track's target validation loss")
+    p.add_argument("--confirm-top", type=int, default=0, metavar="K",
+                   help="after the sweep, re-run the K best trials with fresh seeds and rank them by the mean")
+    p.add_argument("--confirm-runs", type=int, default=3, metavar="M", help="seeds per re-run trial (default 3)")
     return p.parse_args(argv)
 
 
@@ -101,6 +105,48 @@ def prepare_data(preset_cfg, args) -> dict:
     return {"data.data_dir": str(Path(folder).resolve())}
 
 
+def ray_env() -> None:
+    """Driver-side settings, before Ray starts."""
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # reports block ~2 s otherwise
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # train-loss reports carry no val_loss
+
+
+def execute(make_tuner_fn, address: str | None, env: dict):
+    """Start (or join) Ray, run the Tuner, shut down what we started; return Tune's ResultGrid."""
+    import ray
+
+    own_ray = not ray.is_initialized()  # a caller (a test, a notebook) may have started Ray already
+    runtime_env = {"env_vars": env}
+    if address:  # a remote cluster gets this checkout's code, not whatever its nodes have installed
+        import speedrun
+        import sweeps
+        runtime_env["py_modules"] = [speedrun, sweeps]
+    if own_ray:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False,
+                 logging_level="WARNING", configure_logging=True)
+    try:
+        return make_tuner_fn().fit()
+    finally:
+        if own_ray:
+            ray.shutdown()
+
+
+def worker_layout(args, preset: str, res: Resources) -> tuple[bool, float, int]:
+    """(use_gpu, gpus_per_worker, workers per trial) from the flags and the machine; ValueError if it cannot fit."""
+    from sweeps.trial import TRIAL_CPU
+
+    use_gpu = preset == "record" and res.gpus > 0 if args.gpus_per_worker is None else args.gpus_per_worker > 0
+    gpus_per_worker = (1.0 if use_gpu else 0.0) if args.gpus_per_worker is None else args.gpus_per_worker
+    workers = args.workers_per_trial or (max(1, int(res.gpus // gpus_per_worker)) if use_gpu else 1)
+    if use_gpu and not args.address and workers * gpus_per_worker > res.gpus:
+        raise ValueError(f"--workers-per-trial {workers} x --gpus-per-worker {gpus_per_worker:g} needs "
+                         f"{workers * gpus_per_worker:g} GPUs; this machine has {res.gpus}")
+    if not use_gpu and not args.address and workers * args.cpus_per_worker + TRIAL_CPU > res.cpus:
+        raise ValueError(f"--workers-per-trial {workers} x --cpus-per-worker {args.cpus_per_worker:g} (+{TRIAL_CPU} "
+                         f"for the trial itself) needs more than the {res.cpus:g} CPUs here: lower one of them")
+    return use_gpu, gpus_per_worker, workers
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -131,17 +177,12 @@ def main(argv: list[str] | None = None) -> int:
         overrides = prepare_data(space.base_config(), args)
     except (SpaceError, ShardError, ValueError) as e:
         return fail(str(e))
-    use_gpu = preset == "record" and res.gpus > 0 if args.gpus_per_worker is None else args.gpus_per_worker > 0
-    gpus_per_worker = (1.0 if use_gpu else 0.0) if args.gpus_per_worker is None else args.gpus_per_worker
-    workers = args.workers_per_trial or (max(1, int(res.gpus // gpus_per_worker)) if use_gpu else 1)
+    try:
+        use_gpu, gpus_per_worker, workers = worker_layout(args, preset, res)
+    except ValueError as e:
+        return fail(str(e))
     if not use_gpu:
         overrides["run.threads"] = max(1, int(args.cpus_per_worker))
-    if use_gpu and not args.address and workers * gpus_per_worker > res.gpus:
-        return fail(f"--workers-per-trial {workers} x --gpus-per-worker {gpus_per_worker:g} needs "
-                    f"{workers * gpus_per_worker:g} GPUs; this machine has {res.gpus}")
-    if not use_gpu and not args.address and workers * args.cpus_per_worker + TRIAL_CPU > res.cpus:
-        return fail(f"--workers-per-trial {workers} x --cpus-per-worker {args.cpus_per_worker:g} (+{TRIAL_CPU} for "
-                    f"the trial itself) needs more than the {res.cpus:g} CPUs here: lower one of them")
     from sweeps.records import default_track, get_track
 
     try:
@@ -165,12 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or f"{space.name}-{datetime.now():%Y%m%d-%H%M%S}"
     storage = Path(args.storage).expanduser().resolve() if "://" not in args.storage else args.storage
 
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # reports block ~2 s otherwise
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # train-loss reports carry no val_loss
-    import ray
-
+    ray_env()
     from sweeps.results import ProgressPrinter, format_table, ranked, rows_from_grid, write_parquet
     from sweeps.search import SweepPlan, make_tuner
+    from sweeps.tracking import MlflowTracker, code_version, resolve_uri
     from sweeps.trial import TrialSpec, worker_env
 
     plan = SweepPlan(space, name, Path(storage), trials, concurrency, args.seed, args.scheduler, total_steps)
@@ -180,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                       "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]})
     spec = TrialSpec(space=space, overrides=overrides, steps=steps, workers=workers, use_gpu=use_gpu,
                      cpus_per_worker=args.cpus_per_worker, gpus_per_worker=gpus_per_worker,
-                     train_storage=str(sweep_folder / "train_runs"), max_failures=args.max_failures, env=env)
-    from sweeps.tracking import MlflowTracker, resolve_uri
+                     train_storage=str(sweep_folder / "train_runs"), max_failures=args.max_failures, env=env,
+                     log_dir=str(sweep_folder / "logs"), code_version=code_version())
 
     uri = resolve_uri(args.tracking_uri)
     try:
@@ -198,21 +237,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{trials} trials of {total_steps} steps, {concurrency} at a time, {workers} "
           f"{'GPU' if use_gpu else 'CPU'} worker(s) each, scheduler {args.scheduler}; folder {sweep_folder}")
     t0 = time.time()
-    own_ray = not ray.is_initialized()  # a caller (a test, a notebook) may have started Ray already
-    runtime_env = {"env_vars": env}
-    if args.address:  # a remote cluster gets this checkout's code, not whatever its nodes have installed
-        import speedrun
-        import sweeps
-        runtime_env["py_modules"] = [speedrun, sweeps]
-    if own_ray:
-        ray.init(address=args.address, runtime_env=runtime_env, log_to_driver=False,
-                 logging_level="WARNING", configure_logging=True)
-    try:
-        tuner = make_tuner(plan, spec, [ProgressPrinter(total_steps, space.metric), tracker])
-        grid = tuner.fit()
-    finally:
-        if own_ray:
-            ray.shutdown()
+    grid = execute(lambda: make_tuner(plan, spec, [ProgressPrinter(total_steps, space.metric), tracker]),
+                   args.address, env)
     keys = [p.key for p in space.params]
     rows = tracker.annotate(rows_from_grid(grid, keys))
     path = write_parquet(rows, sweep_folder / "results.parquet")
@@ -223,8 +249,55 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(rows)} trials in {time.time() - t0:.0f}s; * = trial 0, the {preset} preset's values (control); "
           f"{n_beat} beat the record of track {track.name} ({track.target_loss} in {track.record_time_s:g}s)")
     print(f"results: {path}")
+    if args.confirm_top:
+        confirm_top(rows, keys, space, spec, plan, track, uri, args, total_steps, env)
     print(f"MLflow:  {tracker.ui_hint()}")
     return 0
+
+
+def confirm_top(rows, keys, space, spec, plan, track, uri, args, total_steps, env) -> list[dict]:
+    """Winner's-curse guard: re-run the K best finished trials with M fresh seeds each; rank by the mean."""
+    import statistics
+    from dataclasses import replace as dc_replace
+
+    from sweeps.record import attempt_space
+    from sweeps.results import ProgressPrinter, ranked, rows_from_grid
+    from sweeps.search import SweepPlan, make_tuner
+    from sweeps.tracking import MlflowTracker
+
+    best = [r for r in ranked(rows, space.metric, space.mode) if r["status"] == "finished"][: args.confirm_top]
+    confirmed = []
+    for r in best:
+        cfg = spec.config_for({k: r[k] for k in keys})
+        seeds = [10_000 + 100 * r["trial_index"] + i for i in range(args.confirm_runs)]
+        sub = attempt_space(cfg, seeds)
+        sub_plan = SweepPlan(sub, f"{plan.name}-confirm-{r['trial_index']}", plan.storage, len(seeds),
+                             plan.concurrency, 0, "none", total_steps)
+        sub_spec = dc_replace(spec, space=sub, overrides={}, steps=0, log_dir=str(sub_plan.folder / "logs"))
+        tracker = MlflowTracker(uri, space.name, plan.name, {}, track, total_steps, sub_spec.config_for,
+                                child_kind="confirm", child_tags={"of": str(r["trial_index"])})
+        print(f"confirming trial {r['trial_index']} ({r['val_loss']:.4f}) with seeds {seeds}")
+        grid = execute(lambda: make_tuner(sub_plan, sub_spec, [ProgressPrinter(total_steps, space.metric), tracker]),
+                       args.address, env)
+        losses = [x["val_loss"] for x in rows_from_grid(grid, ["run.seed"]) if x["status"] == "finished"]
+        confirmed.append({"trial_index": r["trial_index"], "sweep_val_loss": r["val_loss"], "runs": len(losses),
+                          "mean_val_loss": statistics.fmean(losses) if losses else float("nan"),
+                          "std_val_loss": statistics.stdev(losses) if len(losses) > 1 else 0.0,
+                          "losses": losses, **{k: r[k] for k in keys}})
+    confirmed.sort(key=lambda c: c["mean_val_loss"] if space.mode == "min" else -c["mean_val_loss"])
+    print("\nconfirmed ranking (mean over fresh seeds):")
+    print(f"{'rank':>4}  {'trial':>5}  {'sweep val_loss':>14}  {'mean val_loss':>13}  {'std':>7}  runs")
+    for i, c in enumerate(confirmed, 1):
+        print(f"{i:>4}  {c['trial_index']:>5}  {c['sweep_val_loss']:>14.4f}  {c['mean_val_loss']:>13.4f}  "
+              f"{c['std_val_loss']:>7.4f}  {c['runs']}")
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(uri)
+    parent = tracker.parent_id
+    client.log_text(parent, json.dumps(confirmed, indent=1), "confirm.json")
+    client.log_batch(parent, metrics=[Metric(f"confirm_mean_val_loss_trial_{c['trial_index']}", c["mean_val_loss"],
+                                             0, 0) for c in confirmed if c["mean_val_loss"] == c["mean_val_loss"]])
+    return confirmed
 
 
 if __name__ == "__main__":

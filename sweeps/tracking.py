@@ -73,7 +73,8 @@ def _value(v) -> str:
 
 class MlflowTracker(tune.Callback):
     def __init__(self, uri: str, experiment: str, sweep_name: str, sweep_params: dict, track: Track,
-                 total_steps: int, config_for, metric: str = "val_loss"):
+                 total_steps: int, config_for, metric: str = "val_loss", child_kind: str = "trial",
+                 child_tags: dict | None = None):
         self.client = MlflowClient(tracking_uri=uri)
         self.uri, self.track, self.total_steps, self.config_for, self.metric = uri, track, total_steps, config_for, metric
         exp = self.client.get_experiment_by_name(experiment)
@@ -91,7 +92,7 @@ class MlflowTracker(tune.Callback):
                       "record_time_s": track.record_time_s, "track_source": track.source,
                       "code_version": code_version(), "hardware": hardware()}
             self.client.log_batch(self.parent_id, params=[Param(k, _value(v)) for k, v in params.items()])
-        self.sweep_name = sweep_name
+        self.sweep_name, self.child_kind, self.child_tags = sweep_name, child_kind, dict(child_tags or {})
         self.done: dict[int, dict] = {}  # trial index -> history, verdict, status, run id
         self.runs: dict[str, str] = {}
         self.history: dict[str, list[dict]] = {}
@@ -101,13 +102,15 @@ class MlflowTracker(tune.Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         index = trial_index(trial)
         existing = self.client.search_runs(
-            [self.experiment_id], f"tags.sweep_name = '{self.sweep_name}' and tags.trial_id = '{trial.trial_id}'")
+            [self.experiment_id], f"tags.sweep_name = '{self.sweep_name}' and tags.trial_id = '{trial.trial_id}' "
+                                  f"and tags.kind = '{self.child_kind}'")
         for run in existing:  # a restarted trial starts its record afresh
             self.client.delete_run(run.info.run_id)
-        run = self.client.create_run(self.experiment_id, run_name=f"trial-{index:03d}", tags={
-            "mlflow.parentRunId": self.parent_id, "kind": "trial", "sweep_name": self.sweep_name,
+        prefix = "trial" if self.child_kind == "trial" else f"{self.child_kind}-{self.child_tags.get('of', '')}"
+        run = self.client.create_run(self.experiment_id, run_name=f"{prefix}-{index:03d}", tags={
+            "mlflow.parentRunId": self.parent_id, "kind": self.child_kind, "sweep_name": self.sweep_name,
             "trial_id": trial.trial_id, "trial_index": str(index), "status": "running",
-            "control": str(index == 0).lower()})
+            "control": str(index == 0 and self.child_kind == "trial").lower(), **self.child_tags})
         self.runs[trial.trial_id] = run.info.run_id
         self.history[trial.trial_id] = []
         params = [p for p in trial.config if "." in p]

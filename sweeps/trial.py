@@ -8,6 +8,7 @@ torchrun. Every rank reports (Ray Train V2's report is collective); `TuneReportC
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -34,6 +35,8 @@ class TrialSpec:
     train_storage: str = ""  # absolute path or URI where Ray Train keeps each trial's run
     max_failures: int = 1
     env: dict = field(default_factory=dict)  # set in every trial and worker process before training
+    log_dir: str = ""  # where rank 0 writes each trial's speedrun-format log (absolute path), if set
+    code_version: str = "unknown"
 
     def config_for(self, params: dict) -> TrainConfig:
         cfg = self.space.trial_config(params, self.steps)
@@ -56,6 +59,27 @@ def final_metrics(result, cfg: TrainConfig) -> dict:
     return out
 
 
+def environment_header(code_version: str) -> list[str]:
+    """The top of a speedrun log: code version, Python, torch, GPUs and driver."""
+    import platform
+    import subprocess
+
+    import torch
+
+    lines = [f"code version: {code_version}", f"python {platform.python_version()}, torch {torch.__version__}"]
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        try:
+            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                    capture_output=True, text=True, timeout=20).stdout.split("\n")[0].strip()
+        except (OSError, subprocess.SubprocessError):
+            driver = "unknown"
+        lines.append(f"GPUs: {len(names)}x {names[0]}, driver {driver}, CUDA {torch.version.cuda}")
+    else:
+        lines.append(f"CPU only: {os.cpu_count()} cores, {platform.processor() or platform.machine()}")
+    return ["# " + line for line in lines]
+
+
 def worker_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
@@ -65,13 +89,30 @@ def worker_loop(loop_config: dict) -> None:
     os.environ.update(loop_config["env"])
     cfg = TrainConfig.from_dict(loop_config["config"])
     trial_start = loop_config["trial_start"]
+    rank = ray.train.get_context().get_world_rank()
+    log_file = None
+    if loop_config.get("log_path") and rank == 0:
+        os.makedirs(os.path.dirname(loop_config["log_path"]), exist_ok=True)
+        log_file = open(loop_config["log_path"], "w")
+        log_file.write("\n".join(environment_header(loop_config.get("code_version", "unknown"))) + "\n")
+        log_file.write(f"# config: {json.dumps(cfg.to_dict(), sort_keys=True)}\n")
 
     def report(metrics: dict) -> None:
         if "startup_s" in metrics:  # the first report: the clock starts now
             metrics = {**metrics, "trial_startup_s": time.time() - trial_start}
         ray.train.report(metrics)
 
-    result = train(cfg, report=report, report_all_ranks=True)
+    def log(line: str) -> None:
+        if log_file:
+            log_file.write(line + "\n")
+            log_file.flush()
+
+    try:
+        result = train(cfg, report=report, log=log, report_all_ranks=True)
+        log(f"peak memory allocated: {result.peak_mem_bytes // 2**20} MiB")
+    finally:
+        if log_file:
+            log_file.close()
     ray.train.report(final_metrics(result, cfg))
 
 
@@ -90,9 +131,11 @@ def run_trial(config: dict, spec: TrialSpec) -> None:
     if spec.use_gpu:
         resources["GPU"] = spec.gpus_per_worker
     ctx = ray.tune.get_context()
+    log_path = (os.path.join(spec.log_dir, f"{ctx.get_trial_id()}_seed{cfg.run.seed}.txt") if spec.log_dir else "")
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"config": cfg.to_dict(), "trial_start": trial_start, "env": spec.env},
+        train_loop_config={"config": cfg.to_dict(), "trial_start": trial_start, "env": spec.env,
+                           "log_path": log_path, "code_version": spec.code_version},
         scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=spec.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=f"{ctx.get_experiment_name()}-{ctx.get_trial_id()}",
