@@ -239,8 +239,15 @@ def plot_curves(curves: dict[str, list[dict]], track: Track, path: Path) -> Path
         ax.plot([h["train_time_s"] for h in history], [h["val_loss"] for h in history], marker="o", ms=3,
                 label=label)
     ax.axhline(track.target_loss, color="k", ls="--", lw=1, label=f"target {track.target_loss}")
+    t_max = max((h["train_time_s"] for hs in curves.values() for h in hs), default=1.0) or 1.0
     if track.record_time_s > 0:
-        ax.axvline(track.record_time_s, color="r", ls=":", lw=1, label=f"record {track.record_time_s:g}s")
+        if track.record_time_s <= 3 * t_max:
+            ax.axvline(track.record_time_s, color="r", ls=":", lw=1, label=f"record {track.record_time_s:g}s")
+            ax.set_xlim(0, 1.05 * max(t_max, track.record_time_s))
+        else:  # far off to the right: say where, rather than squash the curves
+            ax.set_xlim(0, 1.05 * t_max)
+            ax.annotate(f"record {track.record_time_s:g}s →", xy=(0.98, 0.5), xycoords="axes fraction",
+                        ha="right", color="r", fontsize=8)
     finite = [h["val_loss"] for hs in curves.values() for h in hs if math.isfinite(h["val_loss"])]
     if finite:
         ax.set_ylim(min(finite + [track.target_loss]) - 0.05, min(max(finite), track.target_loss + 3))
