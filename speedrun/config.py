@@ -53,7 +53,7 @@ class ModelConfig:
     softcap_shift: float = 5.0
     softcap_div: float = 7.5
     untie_step: int = 847  # embedding and lm_head share weights until this step; -1: never tied
-    use_fp8: bool = True  # GPU only: FP8 lm_head and MLP matmuls
+    use_fp8: bool = True  # GPU fast path (issue 7): FP8 lm_head and MLP; no effect until that path exists
     loss_chunk_tokens: int = 8192  # lm_head + loss in chunks of this many tokens (memory, not maths)
 
 
