@@ -20,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sweeps.run import Resources, execute, fail, local_resources, prepare_data, ray_env, worker_layout  # noqa: E402
+from sweeps.run import (Resources, concurrency_for, execute, fail, local_resources, prepare_data,  # noqa: E402
+                        ray_env, trial_env, worker_layout)
 
 EXPERIMENT = "record-attempts"
 
@@ -147,20 +148,16 @@ def run_with_ray(cfg, overrides, seeds, name, storage, track, uri, args, res: Re
     from sweeps.results import ProgressPrinter, rows_from_grid
     from sweeps.search import SweepPlan, make_tuner
     from sweeps.tracking import MlflowTracker, code_version
-    from sweeps.trial import TrialSpec, worker_env
+    from sweeps.trial import TrialSpec
 
     use_gpu, gpus_per_worker, workers = worker_layout(args, "record" if res.gpus else "tiny", res)
     if not use_gpu:
         overrides["run.threads"] = max(1, int(args.cpus_per_worker))
     space = attempt_space(cfg, seeds)
-    per_trial = workers * (gpus_per_worker if use_gpu else args.cpus_per_worker)
-    fit = int((res.gpus if use_gpu else res.cpus) // (per_trial + (0 if use_gpu else 0.01))) if not args.address else 1
-    concurrency = args.concurrency or max(1, min(fit, len(seeds)))
+    concurrency = concurrency_for(args, use_gpu, gpus_per_worker, workers, res, len(seeds))
     plan = SweepPlan(space, name, storage, len(seeds), concurrency, 0, "none", cfg.schedule.total_steps)
     ray_env()
-    env = worker_env({"OMP_NUM_THREADS": str(max(1, int(args.cpus_per_worker))),
-                      "TORCHINDUCTOR_CACHE_DIR": str(plan.folder / "inductor_cache"),
-                      "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]})
+    env = trial_env(plan.folder, args.cpus_per_worker)
     spec = TrialSpec(space=space, overrides=overrides, steps=0, workers=workers, use_gpu=use_gpu,
                      cpus_per_worker=args.cpus_per_worker, gpus_per_worker=gpus_per_worker,
                      train_storage=str(plan.folder / "train_runs"), max_failures=1, env=env,

@@ -147,6 +147,30 @@ def worker_layout(args, preset: str, res: Resources) -> tuple[bool, float, int]:
     return use_gpu, gpus_per_worker, workers
 
 
+def concurrency_for(args, use_gpu: bool, gpus_per_worker: float, workers: int, res: Resources, trials: int) -> int:
+    """--concurrency, else as many trials as this machine's CPUs or GPUs hold (1 on a remote cluster)."""
+    from sweeps.trial import TRIAL_CPU
+
+    if args.concurrency:
+        return args.concurrency
+    if args.address:
+        fit = 1
+    elif use_gpu:
+        fit = int(res.gpus // (workers * gpus_per_worker))
+    else:
+        fit = int(res.cpus // (workers * args.cpus_per_worker + TRIAL_CPU))
+    return max(1, min(fit, trials))
+
+
+def trial_env(folder: Path, cpus_per_worker: float) -> dict:
+    """Environment of every trial and worker process of a sweep or record attempt in `folder`."""
+    from sweeps.trial import worker_env
+
+    return worker_env({"OMP_NUM_THREADS": str(max(1, int(cpus_per_worker))),
+                       "TORCHINDUCTOR_CACHE_DIR": str(folder / "inductor_cache"),
+                       "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -163,7 +187,6 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"--space is required: one of {', '.join(available_spaces())} (see --list-spaces)")
 
     from speedrun.data import ShardError
-    from sweeps.trial import TRIAL_CPU
 
     res = local_resources()
     preset = choose_preset(args, res)
@@ -196,13 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         total_steps = space.trial_config(space.control_point(), steps).schedule.total_steps
     except ValueError as e:
         return fail(f"--steps {steps}: {e}")
-    if use_gpu:
-        per_trial = workers * gpus_per_worker
-        fit = int(res.gpus // per_trial) if not args.address else 1
-    else:
-        per_trial = workers * args.cpus_per_worker
-        fit = int(res.cpus // (per_trial + TRIAL_CPU)) if not args.address else 1
-    concurrency = args.concurrency or max(1, min(fit, trials))
+    concurrency = concurrency_for(args, use_gpu, gpus_per_worker, workers, res, trials)
     name = args.name or f"{space.name}-{datetime.now():%Y%m%d-%H%M%S}"
     storage = Path(args.storage).expanduser().resolve() if "://" not in args.storage else args.storage
 
@@ -210,13 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     from sweeps.results import ProgressPrinter, format_table, ranked, rows_from_grid, write_parquet
     from sweeps.search import SweepPlan, make_tuner
     from sweeps.tracking import MlflowTracker, code_version, resolve_uri
-    from sweeps.trial import TrialSpec, worker_env
+    from sweeps.trial import TrialSpec
 
     plan = SweepPlan(space, name, Path(storage), trials, concurrency, args.seed, args.scheduler, total_steps)
     sweep_folder = plan.folder
-    env = worker_env({"OMP_NUM_THREADS": str(max(1, int(args.cpus_per_worker))),
-                      "TORCHINDUCTOR_CACHE_DIR": str(sweep_folder / "inductor_cache"),
-                      "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]})
+    env = trial_env(sweep_folder, args.cpus_per_worker)
     spec = TrialSpec(space=space, overrides=overrides, steps=steps, workers=workers, use_gpu=use_gpu,
                      cpus_per_worker=args.cpus_per_worker, gpus_per_worker=gpus_per_worker,
                      train_storage=str(sweep_folder / "train_runs"), max_failures=args.max_failures, env=env,

@@ -73,3 +73,12 @@ def test_unknown_space_cli_exits_2():
     assert out.returncode == 2
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "known spaces are" in errors[0]
+
+
+def test_trial_that_cannot_fit_is_refused_before_ray():
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(root / "sweeps" / "run.py"), "--space", "muon_lr", "--preset", "tiny",
+                          "--cpus-per-worker", str(10_000)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--cpus-per-worker" in errors[0]
