@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .config import TrainConfig
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     except ShardError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if result.history is not None and (result.world_size == 1 or _is_rank0()):
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 prints the summary
         floor = f" (corpus floor {result.floor:.4f})" if result.floor is not None else ""
         ttt = f"{result.time_to_target_s:.2f}s" if result.time_to_target_s is not None else "not reached"
         print(f"{result.status}: val_loss {result.val_loss:.4f}{floor} | train_time {result.train_time_s:.2f}s "
@@ -76,11 +77,6 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.json, "w") as f:
                 json.dump({k: v for k, v in vars(result).items()}, f, indent=1)
     return 0 if result.status == "finished" else 1
-
-
-def _is_rank0() -> bool:
-    import os
-    return os.environ.get("RANK", "0") == "0"
 
 
 if __name__ == "__main__":
