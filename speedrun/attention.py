@@ -4,6 +4,10 @@ Tokens of a row are packed documents; `segment` gives each token its document (o
 Query i may attend key j when j <= i, i - j < window and segment[j] == segment[i]. The kernel cuts the
 row into blocks of `window` queries; each block attends to itself and the block before, so the cost is
 O(T * window) instead of O(T^2), and the result equals full masked attention exactly.
+
+On the GPU the same rule runs through FlexAttention: `sliding_block_mask` turns the segments into a
+BlockMask (per 128-token block of queries, the key blocks that are fully visible, and the partly visible
+ones that need the element mask), built from per-block segment bounds in a few small tensor ops.
 """
 
 from __future__ import annotations
@@ -31,7 +35,10 @@ def allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, q_seg: torch.Tensor, k_seg
 
 def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment: torch.Tensor,
                        window: int, scale: float | torch.Tensor) -> torch.Tensor:
-    """q, k, v: (B, T, H, D); segment: (B, T). Returns (B, T, H, D)."""
+    """q, k, v: (B, T, H, D); segment: (B, T). Returns (B, T, H, D). A tensor scale multiplies q first
+    (SDPA takes only a number, and reading a tensor's value would break a compiled graph)."""
+    if isinstance(scale, torch.Tensor):
+        q, scale = q * scale.to(q.dtype), 1.0
     B, T, H, D = q.shape
     C = max(1, min(window, T))
     n = -(-T // C)
@@ -58,6 +65,53 @@ def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segmen
     )
     out = out.transpose(1, 2).reshape(B, n * C, H, D)
     return out[:, :T]
+
+
+def sliding_block_mask(segment: torch.Tensor, window: int, paired: bool = False, block: int = 128):
+    """FlexAttention BlockMask for `allowed` on one row layout. segment: (B, T), non-decreasing along T.
+
+    paired: the sequence is the paired-head layout (2T positions, token = position // 2, window doubled),
+    as in CausalSelfAttention.paired_attention."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if paired:
+        segment, window = segment.repeat_interleave(2, dim=1), 2 * window
+    B, T = segment.shape
+    if T % block:
+        raise ValueError(f"flex attention needs the sequence length ({T}) to be a multiple of {block}")
+    n = T // block
+    first, last = segment[:, ::block], segment[:, block - 1 :: block]  # segment bounds per block (monotone ids)
+    idx = torch.arange(n, device=segment.device)
+    d = (idx.view(n, 1) - idx.view(1, n)).unsqueeze(0)  # query block - key block
+    # some (q, k) pair of the two blocks is allowed / every pair is allowed
+    some = (d >= 0) & (d * block - (block - 1) < window) & (last.unsqueeze(1) >= first.unsqueeze(2))
+    every = (d > 0) & (d * block + (block - 1) < window) & (first.unsqueeze(1) == last.unsqueeze(2))
+    partial = some & ~every
+
+    def to_indices(m: torch.Tensor):
+        counts = m.sum(-1, dtype=torch.int32)
+        order = torch.argsort(m.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+        return counts[:, None].contiguous(), order[:, None].contiguous()  # a head dim of 1: same for all heads
+
+    def mask_mod(b, h, q, k):
+        return (k <= q) & (q - k < window) & (segment[b, q] == segment[b, k])
+
+    kv_num, kv_idx = to_indices(partial)
+    full_num, full_idx = to_indices(every)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod)
+
+
+def flex_windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask,
+                            scale: float | torch.Tensor) -> torch.Tensor:
+    """q, k, v: (B, T, H, D) with `block_mask` from sliding_block_mask; the same result as windowed_attention.
+    The scale multiplies q (it may be a tensor: YaRN changes it without recompiling)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if isinstance(scale, torch.Tensor):
+        scale = scale.to(q.dtype)
+    out = flex_attention((q * scale).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                         block_mask=block_mask, scale=1.0)
+    return out.transpose(1, 2)
 
 
 def reference_attention(q, k, v, segment, window, scale):

@@ -53,7 +53,8 @@ class ModelConfig:
     softcap_shift: float = 5.0
     softcap_div: float = 7.5
     untie_step: int = 847  # embedding and lm_head share weights until this step; -1: never tied
-    use_fp8: bool = True  # GPU fast path (issue 7): FP8 lm_head and MLP; no effect until that path exists
+    use_fp8: bool = True  # FP8 lm_head and MLP matmuls on CUDA (torch._scaled_mm); CPU always runs them unquantised
+    attn_kernel: str = "auto"  # auto: FlexAttention on CUDA when compiled, else SDPA | flex | sdpa
     loss_chunk_tokens: int = 8192  # lm_head + loss in chunks of this many tokens (memory, not maths)
 
 
@@ -132,7 +133,7 @@ class RunConfig:
     log_every: int = 25
     warmup_steps: int = 3  # untimed steps per stage shape before the model and optimiser are reset
     target_loss: float = 3.28
-    compile: bool = True  # GPU only
+    compile: bool = True  # GPU only: torch.compile of the model (full graph with flex) and the optimiser steps
     threads: int = 0  # CPU threads per process; 0 keeps torch's default
 
 
@@ -292,6 +293,7 @@ def validate(cfg: TrainConfig) -> None:
     need(math.isfinite(m.softcap_shift), "model.softcap_shift", "must be finite")
     need(0 < m.rope_min_freq < 1, "model.rope_min_freq", "must be in (0, 1)")
     need(m.attn_scale > 0, "model.attn_scale", "must be > 0")
+    need(m.attn_kernel in ("auto", "flex", "sdpa"), "model.attn_kernel", "must be auto, flex or sdpa")
 
     for key in ("optim.muon_lr", "optim.adam_lr", "optim.adam_eps", "optim.muon_mlp_out_lr_mult",
                 "optim.embed_lr_mult", "optim.value_embed_lr_mult", "optim.scalar_lr_mult"):

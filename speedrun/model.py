@@ -4,6 +4,11 @@ Input rows are packed, BOS-separated documents. Techniques (each switchable in M
 embedding, smear gate, value embeddings with gates, U-net skip connections with residual lambdas,
 QK-norm, half-RoPE with YaRN when the window grows, paired-head attention, partial key offset, sparse
 attention gates, ReLU^2 MLP, logit softcap, multi-token prediction, tied embedding/lm_head until a step.
+
+Two kernels run the same maths: the portable path (blocked SDPA attention, bf16/fp32 matmuls, lm_head loss in
+checkpointed chunks) and the GPU fast path chosen by `set_fast_path` (FlexAttention block masks, FP8 MLP and
+lm_head, the whole loss in one compiled graph). Values a sweep may change without changing a shape (softcap
+constants, MTP weights, the attention scale) are tensors, so a compiled graph never bakes them in.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import segment_ids, windowed_attention
+from .attention import flex_windowed_attention, segment_ids, sliding_block_mask, windowed_attention
 from .config import ModelConfig
+from .fp8 import fp8_linear
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -26,7 +32,7 @@ def norm(x: torch.Tensor) -> torch.Tensor:
 
 
 class CastedLinear(nn.Linear):
-    """fp32 master weight, cast to the activation dtype at use."""
+    """fp32 master weight, cast to the activation dtype at use (or both operands to FP8 when `fp8` is set)."""
 
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
@@ -36,8 +42,11 @@ class CastedLinear(nn.Linear):
             else:
                 bound = math.sqrt(3) * 0.5 * in_features ** -0.5
                 self.weight.uniform_(-bound, bound)
+        self.fp8 = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8:
+            return fp8_linear(x, self.weight)
         return F.linear(x, self.weight.type_as(x))
 
 
@@ -83,6 +92,7 @@ class LayerContext:
     segment: torch.Tensor  # (B, T) segment ids
     window: int  # tokens
     rotary: Rotary
+    block_masks: dict | None = None  # (window, paired) -> FlexAttention BlockMask; None: the SDPA kernel
 
 
 class CausalSelfAttention(nn.Module):
@@ -110,7 +120,9 @@ class CausalSelfAttention(nn.Module):
             ve_gate = 2 * torch.sigmoid(F.linear(x[..., :gd], self.ve_gate.type_as(x)))
             v = v + ve_gate.unsqueeze(-1) * ve.view(B, T, H, D)
         scale = ctx.rotary.attn_scale if self.cfg.use_yarn else self.cfg.attn_scale
-        if self.paired:
+        if ctx.block_masks is not None:
+            y = self.flex_attention(q, k, v, ctx.block_masks[ctx.window, self.paired], scale)
+        elif self.paired:
             y = self.paired_attention(q, k, v, ctx.segment, ctx.window, scale)
         else:
             y = windowed_attention(q, k, v, ctx.segment, ctx.window, scale)
@@ -126,12 +138,27 @@ class CausalSelfAttention(nn.Module):
         return torch.cat([k[..., :-n], shifted], dim=-1)
 
     @staticmethod
-    def paired_attention(q, k, v, segment, window, scale):
+    def pair(t: torch.Tensor) -> torch.Tensor:
+        """(B, T, H, D) -> (B, 2T, H/2, D): heads 2i and 2i+1 of a token side by side along the sequence."""
+        B, T, H, D = t.shape
+        return t.view(B, T, H // 2, 2, D).transpose(2, 3).reshape(B, 2 * T, H // 2, D)
+
+    @staticmethod
+    def unpair(y: torch.Tensor) -> torch.Tensor:
+        B, T2, H2, D = y.shape
+        return y.view(B, T2 // 2, 2, H2, D).transpose(2, 3).reshape(B, T2 // 2, 2 * H2, D)
+
+    @classmethod
+    def paired_attention(cls, q, k, v, segment, window, scale):
         """Heads 2i and 2i+1 are laid side by side along the sequence: each query sees both heads' keys."""
-        B, T, H, D = q.shape
-        pair = lambda t: t.view(B, T, H // 2, 2, D).transpose(2, 3).reshape(B, 2 * T, H // 2, D)  # noqa: E731
-        y = windowed_attention(pair(q), pair(k), pair(v), segment.repeat_interleave(2, dim=1), 2 * window, scale)
-        return y.view(B, T, 2, H // 2, D).transpose(2, 3).reshape(B, T, H, D)
+        y = windowed_attention(cls.pair(q), cls.pair(k), cls.pair(v), segment.repeat_interleave(2, dim=1),
+                               2 * window, scale)
+        return cls.unpair(y)
+
+    def flex_attention(self, q, k, v, block_mask, scale):
+        if self.paired:
+            return self.unpair(flex_windowed_attention(self.pair(q), self.pair(k), self.pair(v), block_mask, scale))
+        return flex_windowed_attention(q, k, v, block_mask, scale)
 
 
 class MLP(nn.Module):
@@ -220,6 +247,15 @@ class GPT(nn.Module):
         self.n_skip = cfg.n_layer // 2 if cfg.use_skip_connections else 0
         self.skip_weights = nn.Parameter(torch.ones(self.n_skip))
         self.rotary = Rotary(cfg.head_dim, cfg.rope_min_freq, cfg.attn_scale)
+        softcap = (cfg.softcap_scale, cfg.softcap_shift, cfg.softcap_div)
+        self.softcap = nn.Buffer(torch.tensor(softcap, dtype=torch.float32), persistent=False)
+        self.flex = False
+
+    def set_fast_path(self, flex: bool, fp8: bool) -> None:
+        """flex: FlexAttention (only worth it under torch.compile on a GPU); fp8: FP8 MLP and lm_head."""
+        self.flex = flex
+        for lin in [self.lm_head] + [b.mlp.fc for b in self.blocks] + [b.mlp.proj for b in self.blocks]:
+            lin.fp8 = fp8
 
     @torch.no_grad()
     def untie(self) -> None:
@@ -232,12 +268,23 @@ class GPT(nn.Module):
         table = self.lm_head.weight if self.tied else self.embed.weight
         return F.embedding(tokens, table)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor, mtp_weights: tuple[float, ...],
+    def block_masks(self, segment: torch.Tensor, windows: tuple[int, int]) -> dict:
+        """One BlockMask per (window, paired) combination that some layer uses."""
+        cfg, masks = self.cfg, {}
+        for block in self.blocks:
+            if block.attn is not None:
+                w = windows[1] if block.long else windows[0]
+                if (w, block.attn.paired) not in masks:
+                    masks[w, block.attn.paired] = sliding_block_mask(segment, w, block.attn.paired, cfg.block_size)
+        return masks
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor, mtp_weights: torch.Tensor | tuple[float, ...],
                 windows: tuple[int, int], max_seq_len: int, bos_id: int,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Weighted sum of next-k-token losses (k = 1..len(mtp_weights)). windows: (short, long) in tokens."""
         cfg = self.cfg
         segment = segment_ids(tokens, bos_id, max_seq_len)
+        masks = self.block_masks(segment, windows) if self.flex else None
         x = self.embed_tokens(tokens)
         if self.bigram is not None:
             x = x + self.bigram(tokens)
@@ -251,7 +298,7 @@ class GPT(nn.Module):
                 x = x + self.skip_weights[cfg.n_layer - 1 - i].type_as(x) * skips.pop()
             bank = self.ve_bank.get(i)
             ve = self.value_embeds[bank](tokens).to(dtype) if bank is not None else None
-            ctx = LayerContext(segment, windows[1] if block.long else windows[0], self.rotary)
+            ctx = LayerContext(segment, windows[1] if block.long else windows[0], self.rotary, masks)
             x = block(x, x0, ve, ctx)
             if i < self.n_skip:
                 skips.append(x)
@@ -261,14 +308,18 @@ class GPT(nn.Module):
         cfg = self.cfg
         z = self.lm_head(x).float()
         if cfg.use_softcap:
-            z = cfg.softcap_scale * torch.sigmoid((z + cfg.softcap_shift) / cfg.softcap_div)
+            scale, shift, div = self.softcap.unbind()
+            z = scale * torch.sigmoid((z + shift) / div)
         return z
 
-    def head_loss(self, x: torch.Tensor, targets: torch.Tensor, weights: tuple[float, ...]) -> torch.Tensor:
+    def head_loss(self, x: torch.Tensor, targets: torch.Tensor,
+                  weights: torch.Tensor | tuple[float, ...]) -> torch.Tensor:
         """mtp_loss(self.logits(x), ...) computed in token chunks, recomputing logits in backward:
-        full-vocabulary fp32 logits of a long row would otherwise dominate memory."""
+        full-vocabulary fp32 logits of a long row would otherwise dominate memory. Under torch.compile the
+        loss is one graph instead: the compiler keeps only the bf16 logits, and no recomputation is paid."""
+        weights = torch.as_tensor(weights, dtype=torch.float32, device=x.device)
         T, chunk = x.size(1), self.cfg.loss_chunk_tokens
-        if T <= chunk:
+        if T <= chunk or torch.compiler.is_compiling():
             return mtp_loss(self.logits(x), targets, weights)
         total = x.new_zeros((), dtype=torch.float32)
         for a in range(0, T, chunk):
@@ -282,24 +333,25 @@ class GPT(nn.Module):
     def _chunk_loss(self, xs, targets, weights, start):
         B, T = targets.shape
         logits = self.logits(xs)
+        lse = logits.logsumexp(dim=-1)
         loss = logits.new_zeros(())
-        for k, w in enumerate(weights):
+        for k in range(weights.numel()):
             end = min(start + xs.size(1), T - k)
-            if w == 0 or end <= start:
+            if end <= start:
                 continue
-            lk = logits[:, : end - start].reshape(-1, logits.size(-1))
-            ce = F.cross_entropy(lk, targets[:, start + k : end + k].reshape(-1), reduction="sum")
-            loss = loss + w * ce / (B * (T - k))
+            n = end - start
+            picked = logits[:, :n].gather(-1, targets[:, start + k : end + k, None]).squeeze(-1)
+            loss = loss + weights[k] * (lse[:, :n] - picked).sum() / (B * (T - k))
         return loss
 
 
-def mtp_loss(logits: torch.Tensor, targets: torch.Tensor, weights: tuple[float, ...]) -> torch.Tensor:
-    """sum_k w_k * CE(predict token t+1+k from position t)."""
+def mtp_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | tuple[float, ...]) -> torch.Tensor:
+    """sum_k w_k * CE(predict token t+1+k from position t); the log-sum-exp is shared by every k."""
     T = targets.size(1)
+    weights = torch.as_tensor(weights, dtype=torch.float32, device=logits.device)
+    lse = logits.logsumexp(dim=-1)
     total = logits.new_zeros(())
-    for k, w in enumerate(weights):
-        if w == 0 or k >= T:
-            continue
-        lk = logits[:, : T - k].reshape(-1, logits.size(-1))
-        total = total + w * F.cross_entropy(lk, targets[:, k:].reshape(-1))
+    for k in range(min(weights.numel(), T)):
+        picked = logits[:, : T - k].gather(-1, targets[:, k:, None]).squeeze(-1)
+        total = total + weights[k] * (lse[:, : T - k] - picked).mean()
     return total

@@ -3,10 +3,17 @@
 Both use cautious weight decay (only entries where the update and the parameter agree in sign decay), with
 the decay scaled by the scheduled learning rate. Adam steps once every `adam_every` steps on the gradient
 accumulated since its last step. Gradients must already be averaged across ranks when `step` is called.
+
+The updates are pure functions over lists of tensors: NorMuon runs once per bucket of same-shaped matrices
+(stacked, one batched Polar Express), Adam once per group. Every hyperparameter (learning rates, decay,
+momentum, betas, eps, multipliers) reaches them as a tensor that is refilled each step, so with
+`compile=True` (the GPU fast path) each function compiles once per bucket and no knob or schedule value
+ever causes a recompilation.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -39,12 +46,59 @@ def polar_express(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
 
 
 @torch.no_grad()
-def cautious_decay_(param: torch.Tensor, update: torch.Tensor, decay: float) -> None:
+def cautious_decay_(param: torch.Tensor, update: torch.Tensor, decay: float | torch.Tensor) -> None:
     """param -= decay * param where sign(update) == sign(param) (the step already moves it towards 0)."""
-    if decay == 0:
+    if isinstance(decay, (int, float)) and decay == 0:
         return
     mask = (update * param) > 0
     param.sub_(decay * param * mask)
+
+
+def _decay_and_step_(p: torch.Tensor, update: torch.Tensor, step_size: torch.Tensor, decay: torch.Tensor,
+                     cautious: bool) -> None:
+    if cautious:
+        cautious_decay_(p, update, decay)
+    else:
+        p.mul_(1 - decay)
+    p.sub_(update * step_size)
+
+
+@torch.no_grad()
+def normuon_update(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor],
+                   second_moments: list[torch.Tensor], hp: torch.Tensor, split: int, steps: int,
+                   cautious: bool) -> None:
+    """One NorMuon step for same-shaped matrices. hp: (step size, decay, momentum, beta2) as a tensor."""
+    step_size, decay, momentum, beta2 = hp.unbind()
+    n, (out, cols) = len(params), params[0].shape
+    rows = out // split
+    g = torch.stack(grads)
+    buf = torch.stack(bufs).lerp(g, 1 - momentum)
+    nesterov = g.lerp(buf, momentum)
+    ortho = polar_express(nesterov.view(n * split, rows, cols), steps).float().view(n, split, rows, cols)
+    # NorMuon: normalise each output neuron by a running RMS, then restore each matrix's overall norm.
+    v = torch.stack(second_moments).lerp(ortho.square().mean(dim=-1, keepdim=True), 1 - beta2)
+    normed = ortho * v.clamp_min(1e-10).rsqrt()
+    l2 = lambda t: t.square().sum(dim=(1, 2, 3), keepdim=True).sqrt()  # noqa: E731  (each matrix's norm)
+    normed = normed * (l2(ortho) / l2(normed).clamp_min(1e-10))
+    update = normed.view(n, out, cols)
+    for i, p in enumerate(params):
+        bufs[i].copy_(buf[i])
+        second_moments[i].copy_(v[i])
+        _decay_and_step_(p, update[i].to(p.dtype), step_size, decay, cautious)
+
+
+@torch.no_grad()
+def adam_update(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                exp_avg_sqs: list[torch.Tensor], counts: list[torch.Tensor], hp: torch.Tensor, cautious: bool) -> None:
+    """One Adam step. hp: (lr, decay, beta1, beta2, eps, gradient scale) as a tensor."""
+    lr, decay, b1, b2, eps, grad_scale = hp.unbind()
+    for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, counts):
+        t.add_(1)
+        g = g * grad_scale
+        m.lerp_(g, 1 - b1)
+        v.lerp_(g.square(), 1 - b2)
+        update = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
+        _decay_and_step_(p, update, lr, decay, cautious)
 
 
 @dataclass
@@ -84,11 +138,27 @@ def build_groups(model: nn.Module, cfg: OptimConfig) -> list[ParamGroup]:
 class SpeedrunOptimizer:
     """NorMuon + Adam groups; `step(step, lr_mult, momentum)` applies one training step's update."""
 
-    def __init__(self, model: nn.Module, cfg: OptimConfig):
+    def __init__(self, model: nn.Module, cfg: OptimConfig, compile: bool | object = False):
+        """compile: True (inductor) or a torch.compile backend (tests count compilations with one)."""
         self.cfg = cfg
         self.groups = build_groups(model, cfg)
         self.state: dict[nn.Parameter, dict[str, torch.Tensor]] = {}
         self.adam_steps = 0
+        self.muon_buckets = self._bucket_muon()
+        backend = "inductor" if compile is True else compile
+        wrap = (lambda f: torch.compile(f, fullgraph=True, dynamic=False, backend=backend)) if compile else (lambda f: f)
+        self._normuon, self._adam = wrap(normuon_update), wrap(adam_update)
+
+    def _bucket_muon(self) -> list[tuple[list[nn.Parameter], float]]:
+        """Muon matrices grouped by (shape, split, lr multiplier); each bucket's step-size factor."""
+        buckets = defaultdict(list)
+        for g in self.groups:
+            if g.kind == "muon":
+                for p, mult in zip(g.params, g.per_param_lr_mult):
+                    split = getattr(p, "muon_split", 1)
+                    rows, cols = p.size(0) // split, p.size(1)
+                    buckets[tuple(p.shape), split, mult * max(1.0, rows / cols) ** 0.5].append(p)
+        return [(params, factor) for (_, _, factor), params in buckets.items()]
 
     # ---- what the training loop needs --------------------------------------------------------
     def muon_params(self) -> list[nn.Parameter]:
@@ -108,11 +178,19 @@ class SpeedrunOptimizer:
 
     @torch.no_grad()
     def step(self, lr_mult: float, momentum: float, adam: bool, adam_grad_scale: float = 1.0) -> None:
-        for g in self.groups:
-            if g.kind == "muon":
-                self._muon_step(g, lr_mult, momentum)
-            elif adam:
-                self._adam_step(g, lr_mult, adam_grad_scale)
+        c = self.cfg
+        adam_groups = [g for g in self.groups if g.kind == "adam"] if adam else []
+        # every scalar of this step in one host-to-device copy
+        rows = [[c.muon_lr * lr_mult * factor, c.muon_lr * lr_mult * c.muon_wd, momentum, c.muon_beta2, 0, 0]
+                for _, factor in self.muon_buckets]
+        rows += [[c.adam_lr * g.lr_mult * lr_mult, c.adam_lr * g.lr_mult * lr_mult * c.adam_wd * g.wd_mult,
+                  g.betas[0], g.betas[1], c.adam_eps, adam_grad_scale] for g in adam_groups]
+        device = self.groups[0].params[0].device
+        hp = torch.tensor(rows, dtype=torch.float32).to(device, non_blocking=True)
+        for i, (params, _) in enumerate(self.muon_buckets):
+            self._muon_step(params, hp[i, :4])
+        for i, g in enumerate(adam_groups):
+            self._adam_step(g.params, hp[len(self.muon_buckets) + i])
         if adam:
             self.adam_steps += 1
 
@@ -133,57 +211,30 @@ class SpeedrunOptimizer:
         self.state = {order[i]: {k: v.clone() for k, v in s.items()} for i, s in sd["state"].items()}
 
     # ---- the two update rules ----------------------------------------------------------------
-    def _muon_step(self, g: ParamGroup, lr_mult: float, momentum: float) -> None:
-        c = self.cfg
-        lr = c.muon_lr * lr_mult
-        for p, mult in zip(g.params, g.per_param_lr_mult):
-            if p.grad is None:
-                continue
+    def _muon_step(self, params: list[nn.Parameter], hp: torch.Tensor) -> None:
+        params = [p for p in params if p.grad is not None]
+        if not params:
+            return
+        for p in params:
             st = self.state.setdefault(p, {})
-            split = getattr(p, "muon_split", 1)
-            rows, cols = p.size(0) // split, p.size(1)
             if "momentum" not in st:
+                split = getattr(p, "muon_split", 1)
                 st["momentum"] = torch.zeros_like(p)
-                st["second_moment"] = torch.zeros(split, rows, 1, device=p.device, dtype=torch.float32)
-            buf = st["momentum"]
-            buf.lerp_(p.grad, 1 - momentum)
-            nesterov = p.grad.lerp(buf, momentum)
-            ortho = polar_express(nesterov.view(split, rows, cols), c.polar_express_steps).float()
-            # NorMuon: normalise each output neuron by a running RMS, then restore the overall norm.
-            v = st["second_moment"]
-            v.lerp_(ortho.square().mean(dim=-1, keepdim=True), 1 - c.muon_beta2)
-            normed = ortho * v.clamp_min(1e-10).rsqrt()
-            normed = normed * (ortho.norm() / normed.norm().clamp_min(1e-10))
-            update = normed.view_as(p).to(p.dtype)
-            if c.cautious_wd:
-                cautious_decay_(p, update, lr * c.muon_wd)
-            else:
-                p.mul_(1 - lr * c.muon_wd)
-            p.add_(update, alpha=-lr * mult * max(1.0, rows / cols) ** 0.5)
+                st["second_moment"] = torch.zeros(split, p.size(0) // split, 1, device=p.device, dtype=torch.float32)
+        self._normuon(params, [p.grad for p in params], [self.state[p]["momentum"] for p in params],
+                      [self.state[p]["second_moment"] for p in params], hp,
+                      getattr(params[0], "muon_split", 1), self.cfg.polar_express_steps, self.cfg.cautious_wd)
 
-    def _adam_step(self, g: ParamGroup, lr_mult: float, grad_scale: float) -> None:
-        c = self.cfg
-        lr = c.adam_lr * g.lr_mult * lr_mult
-        wd = c.adam_wd * g.wd_mult
-        b1, b2 = g.betas
-        for p in g.params:
-            if p.grad is None:
-                continue
+    def _adam_step(self, params: list[nn.Parameter], hp: torch.Tensor) -> None:
+        params = [p for p in params if p.grad is not None]
+        if not params:
+            return
+        for p in params:
             st = self.state.setdefault(p, {})
             if "exp_avg" not in st:
                 st["exp_avg"] = torch.zeros_like(p)
                 st["exp_avg_sq"] = torch.zeros_like(p)
-                st["t"] = torch.zeros((), dtype=torch.float32)
-            st["t"] += 1
-            t = st["t"].item()
-            grad = p.grad * grad_scale
-            st["exp_avg"].lerp_(grad, 1 - b1)
-            st["exp_avg_sq"].lerp_(grad.square(), 1 - b2)
-            m_hat = st["exp_avg"] / (1 - b1 ** t)
-            v_hat = st["exp_avg_sq"] / (1 - b2 ** t)
-            update = m_hat / (v_hat.sqrt() + c.adam_eps)
-            if c.cautious_wd:
-                cautious_decay_(p, update, lr * wd)
-            else:
-                p.mul_(1 - lr * wd)
-            p.add_(update, alpha=-lr)
+                st["t"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        st = [self.state[p] for p in params]
+        self._adam(params, [p.grad for p in params], [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st],
+                   [s["t"] for s in st], hp, self.cfg.cautious_wd)

@@ -121,6 +121,27 @@ class _Dist:
             dist.destroy_process_group()
 
 
+def fast_path_kernels(cfg: TrainConfig, device: torch.device) -> tuple[bool, bool]:
+    """(FlexAttention, FP8 matmuls) for this config on this device: the GPU fast path, or the portable one."""
+    cuda, compiled = device.type == "cuda", device.type == "cuda" and cfg.run.compile
+    kernel = cfg.model.attn_kernel
+    flex = kernel == "flex" or (kernel == "auto" and compiled)
+    if flex and not compiled:
+        raise ValueError("model.attn_kernel=flex needs run.compile=true on a CUDA device (eager flex attention "
+                         "materialises every score)")
+    return flex, cuda and cfg.model.use_fp8
+
+
+def allow_stage_recompiles() -> None:
+    """Each stage's shape (and train/validation, tied/untied) is its own graph: more than dynamo's default 8."""
+    import torch._dynamo.config as dc
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dc, name):
+            setattr(dc, name, max(getattr(dc, name), 64))
+    if hasattr(dc, "accumulated_recompile_limit"):
+        dc.accumulated_recompile_limit = max(dc.accumulated_recompile_limit, 1024)
+
+
 def _pick_device(cfg: TrainConfig) -> torch.device:
     want = cfg.run.device
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
@@ -159,9 +180,14 @@ class _Trainer:
         self.model = GPT(cfg.model).to(self.device)
         self.dist.broadcast_params(self.model)
         self.initial_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.compiled = self.device.type == "cuda" and cfg.run.compile
+        self.flex = fast_path_kernels(cfg, self.device)[0]
+        self.model.set_fast_path(*fast_path_kernels(cfg, self.device))
         self.forward = self.model
-        if self.device.type == "cuda" and cfg.run.compile:
-            self.forward = torch.compile(self.model, dynamic=False)
+        self.val_mtp = torch.ones(1, device=self.device)  # validation: the next-token loss alone
+        if self.compiled:
+            allow_stage_recompiles()
+            self.forward = torch.compile(self.model, dynamic=False, fullgraph=True)
         self._reset()
 
     def _reset(self) -> None:
@@ -169,7 +195,7 @@ class _Trainer:
         self.model.load_state_dict(self.initial_state)
         self.model.tied = self.cfg.model.untie_step != -1
         self.model.rotary.reset()
-        self.opt = SpeedrunOptimizer(self.model, self.cfg.optim)
+        self.opt = SpeedrunOptimizer(self.model, self.cfg.optim, compile=self.compiled)
         self.loader = TrainLoader(self.train_paths, self.cfg.data.bos_id, self.dist.rank, self.dist.world)
         self.adam_accum = 0
         self.long_window = None
@@ -189,7 +215,7 @@ class _Trainer:
             self.model.rotary.yarn_extend(self.long_window * bs, long_blocks * bs)
         self.long_window = long_blocks
 
-    def _loss(self, batch, stage: S.Stage, mtp: tuple[float, ...], short: int, long: int) -> torch.Tensor:
+    def _loss(self, batch, stage: S.Stage, mtp: torch.Tensor, short: int, long: int) -> torch.Tensor:
         bs = self.cfg.model.block_size
         with self._autocast():
             return self.forward(batch.inputs.to(self.device, non_blocking=True),
@@ -208,7 +234,7 @@ class _Trainer:
         micro = micro_tokens_for(stage.tokens_per_step, self.dist.world, cfg.data.max_micro_batch_tokens)
         batches = self.loader.next_step(stage.tokens_per_step, micro)
         n_chunks = stage.tokens_per_step // micro
-        mtp = S.mtp_weights(sch, step)
+        mtp = torch.tensor(S.mtp_weights(sch, step), dtype=torch.float32).to(self.device, non_blocking=True)
         total = torch.zeros((), device=self.device)
         for batch in batches:
             loss = self._loss(batch, stage, mtp, stage.short_window, stage.long_window)
@@ -240,7 +266,7 @@ class _Trainer:
         self.model.eval()
         totals = torch.zeros(2, device=self.device, dtype=torch.float64)
         for batch in self.val:
-            loss = self._loss(batch, stage, (1.0,), stage.short_window, long)
+            loss = self._loss(batch, stage, self.val_mtp, stage.short_window, long)
             totals[0] += loss.double() * batch.targets.numel()
             totals[1] += batch.targets.numel()
         self.model.train()

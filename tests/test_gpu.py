@@ -30,3 +30,109 @@ def test_record_preset_trains_on_one_gpu():
     losses = [h["val_loss"] for h in result.history]
     assert losses[0] > 10 and losses[-1] < losses[0] - 4, losses
     assert result.peak_mem_bytes < 80 * 2**30
+
+
+# ---- the fast path (issue 7) against the portable one -------------------------------------------------
+import gc  # noqa: E402
+
+from speedrun.attention import flex_windowed_attention, sliding_block_mask  # noqa: E402
+from speedrun.fp8 import fp8_linear  # noqa: E402
+from speedrun.model import CausalSelfAttention  # noqa: E402
+from speedrun.train import _Trainer  # noqa: E402
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_flex_attention_matches_the_sdpa_kernel(paired):
+    torch.manual_seed(1)
+    B, T, H, D, W = 1, 8192, 6, 128, 640
+    q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    tokens = torch.randint(0, 50256, (B, T), device="cuda")
+    tokens[tokens % 997 == 0] = 50256
+    seg = segment_ids(tokens, 50256, 2048)
+    scale = torch.tensor(0.12, device="cuda")
+    attn = CausalSelfAttention.paired_attention if paired else (
+        lambda q, k, v, s, w, sc: windowed_attention(q, k, v, s, w, sc))
+    ref = attn(q, k, v, seg, W, scale)
+
+    @torch.compile(fullgraph=True)
+    def fast(q, k, v, seg):
+        mask = sliding_block_mask(seg, W, paired)
+        if paired:
+            P = CausalSelfAttention
+            return P.unpair(flex_windowed_attention(P.pair(q), P.pair(k), P.pair(v), mask, scale))
+        return flex_windowed_attention(q, k, v, mask, scale)
+
+    out = fast(q, k, v, seg)
+    assert _rel(out, ref) < 1e-2
+    g = torch.randn_like(out)
+    g_ref = torch.autograd.grad(ref, (q, k, v), g)
+    g_fast = torch.autograd.grad(out, (q, k, v), g)
+    for a, b in zip(g_fast, g_ref):
+        assert _rel(a, b) < 2e-2
+
+
+def test_fp8_linear_matches_its_emulation_and_bf16():
+    torch.manual_seed(2)
+    x = torch.randn(4096, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(3072, 768, device="cuda") * 0.03).requires_grad_()
+    g = torch.randn(4096, 3072, device="cuda", dtype=torch.bfloat16)
+    outs = {}
+    for name, f in [("mm", lambda: fp8_linear(x, w, emulate=False)), ("emu", lambda: fp8_linear(x, w, emulate=True)),
+                    ("bf16", lambda: x @ w.bfloat16().t())]:
+        y = f()
+        outs[name] = (y, *torch.autograd.grad(y, (x, w), g))
+    for a, b in zip(outs["mm"], outs["emu"]):
+        assert _rel(a, b) < 1e-2  # the same quantised operands, fp32 accumulation either way
+    for a, b in zip(outs["mm"], outs["bf16"]):
+        assert _rel(a, b) < 1e-1  # e4m3 / e5m2 rounding
+
+
+def _first_losses(overrides: dict, steps: int = 20) -> list[float]:
+    cfg = TrainConfig.preset("record").override({
+        "data.source": "sample", "data.bos_id": 127, "data.val_tokens": 65536, "run.warmup_steps": 0, **overrides})
+    trainer = _Trainer(cfg, None, None)
+    losses = [trainer.train_step(s).item() for s in range(steps)]
+    del trainer
+    gc.collect()
+    torch.cuda.empty_cache()
+    return losses
+
+
+def test_fast_path_losses_match_the_plain_path():
+    """First 20 record steps on the same batches: eager + SDPA + bf16 against compile + flex (+ FP8)."""
+    plain = _first_losses({"run.compile": False, "model.attn_kernel": "sdpa", "model.use_fp8": False})
+    flex = _first_losses({"run.compile": True, "model.use_fp8": False})
+    fp8 = _first_losses({"run.compile": True, "model.use_fp8": True})
+    print("\nstep plain flex_bf16 flex_fp8")
+    for i, row in enumerate(zip(plain, flex, fp8)):
+        print(i, *(f"{x:.4f}" for x in row))
+    rel = lambda a: max(abs(x - y) / y for x, y in zip(a, plain))  # noqa: E731
+    print(f"max relative difference: flex bf16 {rel(flex):.4f}, flex fp8 {rel(fp8):.4f}")
+    assert plain[-1] < plain[0] - 2
+    assert rel(flex) < 1e-2
+    assert rel(fp8) < 3e-2
+
+
+def test_knob_changes_between_trials_do_not_recompile():
+    """Two trials of the compiled record preset in one process: the second compiles no new graph."""
+    from torch._dynamo.utils import counters
+    base = {"data.source": "sample", "data.bos_id": 127, "data.val_tokens": 65536, "run.warmup_steps": 0,
+            "schedule.tokens_per_step": [65536] * 4}
+    graphs = []
+    for knobs in ({}, {"optim.muon_lr": 0.03, "optim.adam_lr": 0.01, "optim.muon_wd": 0.5, "optim.adam_wd": 0.01,
+                       "optim.muon_momentum": 0.9, "model.softcap_scale": 20.0, "model.softcap_div": 7.0,
+                       "schedule.stage_lr_mults": [1.2, 1.5, 1.7, 0.2], "schedule.mtp_start.0": [1.0, 0.4, 0.2],
+                       "optim.embed_betas": [0.6, 0.9], "optim.muon_mlp_out_lr_mult": 3.0}):
+        trainer = _Trainer(TrainConfig.preset("record").override({**base, **knobs}), None, None)
+        for s in range(4):  # lr, momentum and MTP weights change every step
+            trainer.train_step(s)
+        torch.cuda.synchronize()
+        graphs.append(counters["stats"]["unique_graphs"])
+        del trainer
+        gc.collect()
+    print("unique graphs after trial 1, 2:", graphs)
+    assert graphs[1] == graphs[0]

@@ -1,0 +1,139 @@
+"""Training throughput of the `record` preset on one GPU: ms/step, tokens/s, MFU, peak memory, compile time.
+
+    python benchmarks/throughput.py                 # every stage, 10 timed steps each, the fast path
+    python benchmarks/throughput.py --stage 3 --steps 20
+    python benchmarks/throughput.py --plain         # eager, SDPA attention, no FP8: the portable path
+
+Steps are real trainer steps (`_Trainer.train_step`: forward, backward, NorMuon and Adam) at each stage's
+shape: batch, sequence length, windows and MTP weights, from the stage's first scheduled step on. Tokens are
+random GPT-2 ids in documents of random length (mean 700 tokens, BOS-separated), written as FineWeb-format
+shards to a temporary folder; speed does not depend on the values. Each stage first runs --warmup untimed
+steps (the first of them compiles); "compile s" is that warm-up's time minus the same number of timed steps.
+
+MFU counts model FLOPs analytically per optimiser step over tokens T:
+    6 * N * T                       N = weights of the matrix products (attention qkv/out, MLP, lm_head)
+  + 12 * T * H * D * w  per layer   attention QK^T and PV, forward + backward, w = keys per query: the window
+                                    (twice the window on paired-head layers, whose sequence is doubled)
+divided by the step time and by the H100 SXM's dense bf16 peak, 989 TFLOP/s (the GPU machine's H100 reaches
+about 800 TFLOP/s on a large bf16 matmul). Windows count in full, so documents shorter than the window make
+the attention term an upper bound; MTP heads share the logits and add no matrix products; FP8 matmuls are
+counted like bf16 ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from speedrun import schedule as S  # noqa: E402
+from speedrun.config import TrainConfig  # noqa: E402
+from speedrun.data import write_shard  # noqa: E402
+from speedrun.train import _Trainer  # noqa: E402
+
+PEAK_BF16 = 989e12
+
+
+def random_shards(folder: Path, tokens: int, vocab: int, bos: int, mean_doc: int = 700, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, bos, size=tokens, dtype=np.int64)
+    ids[rng.random(tokens) < 1 / mean_doc] = bos
+    ids[0] = bos
+    write_shard(folder / "fineweb_train_000001.bin", ids)
+    write_shard(folder / "fineweb_val_000000.bin", ids[: 1 << 20])
+
+
+def model_flops(cfg: TrainConfig, stage: S.Stage) -> float:
+    m = cfg.model
+    T = stage.tokens_per_step
+    n = m.padded_vocab_size * m.dim  # lm_head
+    attn_flops = 0.0
+    for layer in range(m.n_layer):
+        n += 2 * m.dim * m.mlp_dim
+        if layer in m.no_attn_layers:
+            continue
+        n += 4 * m.dim * m.dim
+        window = (stage.long_window if layer in m.long_window_layers else stage.short_window) * m.block_size
+        if m.use_paired_heads and layer in m.paired_head_layers:
+            window *= 2
+        attn_flops += 12 * T * m.n_head * m.head_dim * window
+    return 6 * n * T + attn_flops
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per stage")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per stage (the first compiles)")
+    ap.add_argument("--stage", type=int, nargs="*", help="stage numbers, 1-based (default: all)")
+    ap.add_argument("--plain", action="store_true", help="the portable path: eager, SDPA, no FP8")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    ap.add_argument("--preset", default="record", help="(tiny: a CPU smoke test of this script)")
+    args = ap.parse_args()
+    cuda = torch.cuda.is_available()
+    if not cuda and args.preset == "record":
+        sys.exit("throughput.py needs a CUDA device for the record preset")
+
+    work = Path(tempfile.mkdtemp(prefix="speedrun-bench-"))
+    over = {"data.data_dir": str(work), "data.val_tokens": 65536, "run.warmup_steps": 0}
+    if args.plain:
+        over.update({"run.compile": False, "model.use_fp8": False, "model.attn_kernel": "sdpa"})
+    over.update(dict(kv.split("=", 1) for kv in args.set))
+    if args.preset != "record":
+        over.update({"data.source": "fineweb", "data.bos_id": 127, "data.val_tokens": 4096})
+    cfg = TrainConfig.preset(args.preset).override(over)
+    stages = S.all_stages(cfg.schedule)
+    chosen = [stages[i - 1] for i in (args.stage or range(1, len(stages) + 1))]
+    need = sum(st.tokens_per_step for st in chosen) * (args.steps + args.warmup) + (1 << 22)
+    random_shards(work, need, cfg.model.vocab_size, cfg.data.bos_id)
+
+    t0 = time.perf_counter()
+    trainer = _Trainer(cfg, report=None, log=None)
+    setup_s = time.perf_counter() - t0
+    path = "plain (eager, SDPA, bf16)" if args.plain else (
+        f"fast (compile={cfg.run.compile}, flex={trainer.flex}, fp8={cfg.model.use_fp8})")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    print(f"# {torch.cuda.get_device_name() if cuda else 'cpu'} | torch {torch.__version__} | {path} | set-up {setup_s:.1f}s", flush=True)
+
+    rows = []
+    for st in chosen:
+        if st.start > cfg.model.untie_step >= 0 and trainer.model.tied:  # as the real run would be by now
+            trainer.model.untie()
+        sync()
+        t_w = time.perf_counter()
+        for i in range(args.warmup):
+            trainer.train_step(st.start + i)
+        sync()
+        warm_s = time.perf_counter() - t_w
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t_s = time.perf_counter()
+        for i in range(args.steps):
+            trainer.train_step(min(st.start + args.warmup + i, st.end - 1))
+        sync()
+        ms = (time.perf_counter() - t_s) * 1e3 / args.steps
+        tps = st.tokens_per_step / (ms / 1e3)
+        mfu = model_flops(cfg, st) / (ms / 1e3) / PEAK_BF16
+        compile_s = max(0.0, warm_s - args.warmup * ms / 1e3)
+        rows.append((st.index + 1, st.tokens_per_step, st.max_seq_len, f"{st.short_window}/{st.long_window}",
+                     ms, tps, mfu, (torch.cuda.max_memory_allocated() if cuda else 0) / 2**30, compile_s))
+        print(f"stage {st.index + 1}: {ms:.1f} ms/step, {tps / 1e3:.0f}k tokens/s", flush=True)
+
+    print("\n| stage | tokens/step | seq len | windows | ms/step | tokens/s | MFU | peak mem GiB | compile s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]:,} | {r[2]} | {r[3]} | {r[4]:.1f} | {r[5] / 1e3:,.0f}k | {100 * r[6]:.1f}% "
+              f"| {r[7]:.1f} | {r[8]:.0f} |")
+    print(f"\n{args.steps} timed steps after {args.warmup} warm-up steps per stage; MFU against 989 TFLOP/s bf16.")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    main()

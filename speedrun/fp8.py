@@ -1,0 +1,62 @@
+"""FP8 matrix products for the GPU fast path (`model.use_fp8`), and the same maths without FP8 hardware.
+
+y = x @ w.T with x and w cast to float8 e4m3 under per-tensor scales (scale = amax / 448, so the largest
+entry lands on e4m3's largest value); in backward the output gradient is cast to e5m2 (amax / 57344), whose
+wider range suits gradients. Products accumulate in fp32. On a CUDA device of compute capability >= 8.9 the
+products run on the FP8 tensor cores through torch._scaled_mm; elsewhere the quantised operands are
+multiplied in fp32 (`emulate=True`), which is what the GPU tests compare against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+E4M3_MAX, E5M2_MAX = 448.0, 57344.0
+
+
+def quantize(t: torch.Tensor, dtype: torch.dtype, fmax: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t / scale in `dtype`, scale) with one fp32 scale for the whole tensor."""
+    scale = t.abs().amax().float().clamp_min(1e-12) / fmax
+    return (t.float() / scale).to(dtype), scale
+
+
+def scaled_mm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor, out_dtype: torch.dtype,
+              emulate: bool) -> torch.Tensor:
+    """(a * sa) @ (b * sb) for FP8 a (M, K) and b (K, N)."""
+    if emulate:
+        return ((a.float() * sa) @ (b.float() * sb)).to(out_dtype)
+    # _scaled_mm wants a row-major and b column-major
+    return torch._scaled_mm(a.contiguous(), b.t().contiguous().t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
+
+
+class _FP8Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, emulate: bool) -> torch.Tensor:
+        x2 = x.reshape(-1, x.size(-1))
+        xq, sx = quantize(x2, E4M3, E4M3_MAX)
+        wq, sw = quantize(w, E4M3, E4M3_MAX)
+        y = scaled_mm(xq, sx, wq.t(), sw, torch.bfloat16, emulate)
+        ctx.save_for_backward(xq, sx, wq, sw)
+        ctx.emulate, ctx.w_dtype = emulate, w.dtype
+        return y.view(*x.shape[:-1], w.size(0))
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):
+        xq, sx, wq, sw = ctx.saved_tensors
+        g = gy.reshape(-1, gy.size(-1))
+        gq, sg = quantize(g, E5M2, E5M2_MAX)
+        gx = scaled_mm(gq, sg, wq, sw, torch.bfloat16, ctx.emulate)
+        gw = scaled_mm(gq.t(), sg, xq, sx, torch.float32, ctx.emulate).to(ctx.w_dtype)
+        return gx.view(*gy.shape[:-1], wq.size(1)), gw, None
+
+
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, emulate: bool | None = None) -> torch.Tensor:
+    """x @ w.T in FP8 (bf16 out); w keeps its own dtype (the fp32 master weight) and gets its gradient in it."""
+    if emulate is None:
+        emulate = not fp8_hardware(x.device)
+    return _FP8Linear.apply(x, w, emulate)
+
+
+def fp8_hardware(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)

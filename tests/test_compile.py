@@ -1,0 +1,97 @@
+"""Knobs that need not change a shape reach compiled code as tensors: changing them compiles nothing new.
+
+A counting torch.compile backend (it runs the captured graphs eagerly) counts the frames dynamo compiles
+while MTP weights, softcap constants, the attention scale (YaRN), learning rates, weight decay, momentum,
+betas and lr multipliers change between steps and between trials (a new model and optimiser). Runs on the
+CPU (forward only through FlexAttention, which has no CPU backward) and, with CUDA, on the GPU.
+"""
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounter
+
+from speedrun.config import TrainConfig
+from speedrun.model import GPT
+from speedrun.optim import SpeedrunOptimizer
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test counts its own compilations (dynamo caches per code object across tests otherwise)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+TRIAL_KNOBS = [
+    {},
+    {"model.softcap_scale": 20.0, "model.softcap_shift": 4.0, "model.softcap_div": 7.0, "model.attn_scale": 0.1,
+     "optim.muon_lr": 0.05, "optim.adam_lr": 0.01, "optim.muon_wd": 0.3, "optim.adam_wd": 0.01,
+     "optim.muon_momentum": 0.9, "optim.muon_beta2": 0.8, "optim.embed_betas": [0.6, 0.9],
+     "optim.value_embed_betas": [0.7, 0.9], "optim.scalar_betas": [0.8, 0.98], "optim.adam_eps": 1e-8,
+     "optim.muon_mlp_out_lr_mult": 3.0, "optim.scalar_lr_mult": 2.0, "optim.embed_wd_mult": 50.0,
+     "optim.value_embed_lr_mult": 20.0},
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("flex", [False, True])
+def test_model_knobs_do_not_recompile(device, flex):
+    counter = CompileCounter()
+    grad = device == "cuda"
+    tokens = torch.randint(0, 127, (1, 512), device=device)
+    tokens[0, ::50] = 127
+    targets = torch.randint(0, 127, (1, 512), device=device)
+    for trial, knobs in enumerate(TRIAL_KNOBS):
+        cfg = TrainConfig.preset("tiny").override(knobs)
+        torch.manual_seed(trial)
+        model = GPT(cfg.model).to(device)
+        model.set_fast_path(flex=flex, fp8=False)
+        forward = torch.compile(model, backend=counter, fullgraph=True, dynamic=False)
+        for step in range(3):
+            mtp = torch.tensor([1.0, 0.5 - 0.2 * step, 0.25 - 0.1 * step], device=device)
+            if step:
+                model.rotary.yarn_extend(176 * step, 176 * (step + 1))
+            with torch.set_grad_enabled(grad):
+                loss = forward(tokens, targets, mtp, (80, 176), 256, 127)
+            if grad:
+                loss.backward()
+            assert torch.isfinite(loss)
+    assert counter.frame_count == 1, counter.frame_count
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_optimizer_knobs_do_not_recompile(device):
+    counter = CompileCounter()
+    for trial, knobs in enumerate(TRIAL_KNOBS):
+        cfg = TrainConfig.preset("tiny").override(knobs)
+        model = GPT(cfg.model).to(device)
+        opt = SpeedrunOptimizer(model, cfg.optim, compile=counter)
+        before = [p.detach().clone() for p in model.parameters()]
+        for step in range(4):
+            for p in model.parameters():
+                p.grad = torch.randn_like(p)
+            model.embed.weight.grad = None  # tied: the embedding has no gradient of its own yet
+            opt.step(1.0 - 0.1 * step, 0.85 + 0.02 * step, adam=step % 2 == 1, adam_grad_scale=0.5)
+        moved = [not torch.equal(a, p) for a, p in zip(before, model.parameters()) if p is not model.embed.weight]
+        assert all(moved)
+        # one graph per Muon bucket (shape, split, multiplier) and per Adam group, compiled in the first trial only
+        assert counter.frame_count == len(opt.muon_buckets) + 3, (trial, counter.frame_count)
+
+
+def test_compiled_optimizer_equals_eager():
+    """The optimiser's update functions give the same parameters compiled (counting backend) and eager."""
+    cfg = TrainConfig.preset("tiny")
+    torch.manual_seed(0)
+    a, b = GPT(cfg.model), GPT(cfg.model)
+    b.load_state_dict(a.state_dict())
+    opts = [SpeedrunOptimizer(a, cfg.optim), SpeedrunOptimizer(b, cfg.optim, compile=CompileCounter())]
+    for step in range(3):
+        grads = [torch.randn_like(p) for p in a.parameters()]
+        for model, opt in zip((a, b), opts):
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g.clone()
+            opt.step(0.9, 0.9, adam=step % 2 == 1)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
