@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 from pathlib import Path
 
@@ -30,6 +31,15 @@ def index_from_path(path: str) -> int:
     return int(name.split("_")[1]) if name.startswith("trial_") else -1
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def error_summary(text: str, limit: int = 300) -> str:
+    """The line of a Ray error that says what happened (its last), without colour codes."""
+    lines = [line.strip() for line in ANSI.sub("", text).splitlines() if line.strip()]
+    return (lines[-1] if lines else "unknown error")[:limit]
+
+
 def trial_status(metrics: dict, error) -> str:
     if error is not None:
         return "failed"
@@ -50,7 +60,7 @@ def rows_from_grid(grid, param_keys: list[str]) -> list[dict]:
             if len(vals):
                 m["trial_startup_s"] = float(vals.iloc[0])
         row = {"trial_index": index, "trial_id": trial_id,
-               "status": trial_status(m, res.error), "error": str(res.error).splitlines()[0] if res.error else None}
+               "status": trial_status(m, res.error), "error": error_summary(str(res.error)) if res.error else None}
         for k in param_keys:
             row[k] = res.config.get(k)
         for k in METRIC_COLUMNS:
@@ -70,7 +80,7 @@ def ranked(rows: list[dict], metric: str = "val_loss", mode: str = "min") -> lis
     def key(r):
         v = r.get(metric)
         bad = v is None or (isinstance(v, float) and math.isnan(v)) or r["status"] != "finished"
-        return (bad, v if mode == "min" else -v if v is not None else 0)
+        return (bad, 0.0 if v is None or math.isnan(v) else v if mode == "min" else -v)
     return sorted(rows, key=key)
 
 
@@ -98,10 +108,14 @@ def format_table(rows: list[dict], param_keys: list[str], top: int = 10) -> str:
 class ProgressPrinter(tune.Callback):
     """One line per validation and per finished trial, instead of Tune's full status tables."""
 
-    def __init__(self, total_steps: int, metric: str, out=print):
-        self.total, self.metric, self.out = total_steps, metric, out
+    def __init__(self, total_steps: int, metric: str, out=None):
+        # not print itself: this callback is pickled with the experiment, and Ray may swap builtins.print
+        self.total, self.metric, self._out = total_steps, metric, out
         self.t0 = time.time()
         self.best = None
+
+    def out(self, line: str) -> None:
+        (self._out or print)(line)
 
     def _stamp(self) -> str:
         return f"[{time.time() - self.t0:6.0f}s]"

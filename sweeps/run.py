@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="fixed override of the base config for every trial, e.g. --set data.val_tokens=1048576")
     p.add_argument("--scheduler", choices=["asha", "none"], default="asha", help="early stopping (default asha)")
     p.add_argument("--name", help="sweep name (default: SPACE-YYYYmmdd-HHMMSS)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted sweep --name with its own settings: finished trials are kept, "
+                        "unfinished ones restart, the searcher keeps its history")
     p.add_argument("--storage", default=os.environ.get("SPEEDRUN_SWEEPS", "sweep_runs"),
                    help="folder or URI holding sweep folders (default ./sweep_runs or $SPEEDRUN_SWEEPS)")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
@@ -56,6 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--confirm-top", type=int, default=0, metavar="K",
                    help="after the sweep, re-run the K best trials with fresh seeds and rank them by the mean")
     p.add_argument("--confirm-runs", type=int, default=3, metavar="M", help="seeds per re-run trial (default 3)")
+    p.add_argument("--inject-faults", help=argparse.SUPPRESS)  # test-only, see sweeps.trial.FaultPlan
     return p.parse_args(argv)
 
 
@@ -109,10 +113,15 @@ def ray_env() -> None:
     """Driver-side settings, before Ray starts."""
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # reports block ~2 s otherwise
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # train-loss reports carry no val_loss
+    # Save the experiment state (trials + searcher) at most a second apart (default: every 10 s or more), so
+    # a driver killed outright loses at most the last second: a trial finished before that is not re-run.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
 
 
-def execute(make_tuner_fn, address: str | None, env: dict):
-    """Start (or join) Ray, run the Tuner, shut down what we started; return Tune's ResultGrid."""
+def execute(make_tuner_fn, address: str | None, env: dict, need: tuple | None = None):
+    """Start (or join) Ray, run the Tuner, shut down what we started; return Tune's ResultGrid.
+    `need` = (workers, use_gpu, gpus_per_worker, cpus_per_worker) of one trial: refused (BadInput) before
+    any trial starts when the cluster, all nodes together, cannot hold it."""
     import ray
 
     own_ray = not ray.is_initialized()  # a caller (a test, a notebook) may have started Ray already
@@ -125,10 +134,22 @@ def execute(make_tuner_fn, address: str | None, env: dict):
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False,
                  logging_level="WARNING", configure_logging=True)
     try:
+        if need:
+            check_capacity(ray.cluster_resources(), *need)
         return make_tuner_fn().fit()
     finally:
         if own_ray:
             ray.shutdown()
+
+
+def check_capacity(cluster: dict, workers: int, use_gpu: bool, gpus_per_worker: float, cpus_per_worker: float):
+    have_gpu, have_cpu = cluster.get("GPU", 0), cluster.get("CPU", 0)
+    if use_gpu and workers * gpus_per_worker > have_gpu:
+        raise BadInput(f"a trial needs {workers * gpus_per_worker:g} GPUs ({workers} workers x {gpus_per_worker:g}); "
+                       f"the Ray cluster has {have_gpu:g}: lower --workers-per-trial or add GPU nodes")
+    if workers * cpus_per_worker > have_cpu:
+        raise BadInput(f"a trial needs {workers * cpus_per_worker:g} CPUs; the Ray cluster has {have_cpu:g}: "
+                       f"lower --workers-per-trial or --cpus-per-worker")
 
 
 def worker_layout(args, preset: str, res: Resources) -> tuple[bool, float, int]:
@@ -171,101 +192,227 @@ def trial_env(folder: Path, cpus_per_worker: float) -> dict:
                        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]})
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from sweeps.spaces import SpaceError, available_spaces, load_space
+class BadInput(ValueError):
+    """Input that must be refused before any compute is spent: exit 2 with this one-line message."""
 
-    if args.list_spaces:
-        for name, path in available_spaces().items():
-            space = load_space(name, "record")
-            print(f"{name:10s} {space.description}")
-            for p in space.params:
-                print(f"{'':10s}   {p.describe()}")
-        return 0
-    if not args.space:
-        return fail(f"--space is required: one of {', '.join(available_spaces())} (see --list-spaces)")
 
+SETTINGS_FILE = "sweep.json"  # the sweep's own settings, so that --resume needs only --name
+RESUMABLE_KEEP = ("name", "storage", "address", "resume")  # what --resume may still set
+
+
+def sweep_folder_of(args) -> Path | str:
+    if "://" in args.storage:
+        return args.storage.rstrip("/") + "/" + args.name
+    return Path(args.storage).expanduser().resolve() / args.name
+
+
+def resume_args(args) -> argparse.Namespace:
+    """--resume --name N: the stored settings of sweep N, refusing flags that would change it."""
+    if not args.name:
+        raise BadInput("--resume needs --name NAME of the sweep to continue")
+    folder = sweep_folder_of(args)
+    settings = Path(str(folder)) / SETTINGS_FILE
+    if not settings.exists():
+        parent = settings.parent.parent
+        known = sorted(p.parent.name for p in parent.glob(f"*/{SETTINGS_FILE}")) if parent.is_dir() else []
+        raise BadInput(f"--resume: no sweep named {args.name!r} in {parent} "
+                       f"({'sweeps there: ' + ', '.join(known) if known else 'no sweeps there'}): "
+                       f"check --name and --storage, or start it without --resume")
+    stored = json.loads(settings.read_text())
+    defaults = vars(parse_args([]))
+    for key, value in vars(args).items():
+        if key in RESUMABLE_KEEP or value == defaults.get(key) or value == stored.get(key):
+            continue
+        raise BadInput(f"--resume continues sweep {args.name!r} with its own settings: drop "
+                       f"--{key.replace('_', '-')} (start a new sweep to change it)")
+    merged = {**defaults, **stored, **{k: getattr(args, k) for k in RESUMABLE_KEEP}}
+    return argparse.Namespace(**merged)
+
+
+@dataclass
+class Sweep:
+    """Everything a sweep needs, resolved and checked before Ray starts."""
+    args: argparse.Namespace
+    space: object
+    spec: object
+    plan: object
+    track: object
+    uri: str
+    preset: str
+    trials: int
+    total_steps: int
+    workers: int
+    use_gpu: bool
+    gpus_per_worker: float
+    concurrency: int
+    env: dict
+    restore: bool
+
+
+def plan_sweep(args) -> Sweep:
+    """Check every input and resolve the sweep; BadInput on anything that cannot run."""
+    from speedrun.__main__ import parse_sets
     from speedrun.data import ShardError
+    from sweeps.records import default_track, get_track
+    from sweeps.search import SweepPlan
+    from sweeps.spaces import SpaceError, available_spaces, load_space
+    from sweeps.tracking import code_version, resolve_uri
+    from sweeps.trial import FaultPlan, TrialSpec
 
+    if args.resume:
+        args = resume_args(args)
+    if not args.space:
+        raise BadInput(f"--space is required: one of {', '.join(available_spaces())} (see --list-spaces)")
     res = local_resources()
     preset = choose_preset(args, res)
-    from speedrun.__main__ import parse_sets
-
     try:
         space = load_space(args.space, preset)
         if args.sets:
             space = replace(space, fixed={**space.fixed, **parse_sets(args.sets)})
             space.base_config()
         overrides = prepare_data(space.base_config(), args)
-    except (SpaceError, ShardError, ValueError) as e:
-        return fail(str(e))
-    try:
         use_gpu, gpus_per_worker, workers = worker_layout(args, preset, res)
-    except ValueError as e:
-        return fail(str(e))
+        track = get_track(args.track or default_track(preset), args.target, args.record_time)
+        faults = FaultPlan.parse(args.inject_faults) if args.inject_faults else None
+    except (SpaceError, ShardError, ValueError) as e:
+        raise BadInput(str(e)) from None
     if not use_gpu:
         overrides["run.threads"] = max(1, int(args.cpus_per_worker))
-    from sweeps.records import default_track, get_track
-
-    try:
-        track = get_track(args.track or default_track(preset), args.target, args.record_time)
-    except ValueError as e:
-        return fail(str(e))
     overrides["run.target_loss"] = track.target_loss
     steps = args.steps if args.steps is not None else space.steps
     trials = args.trials or space.trials
+    if trials < 1 or args.max_failures < 0:
+        raise BadInput("--trials must be >= 1 and --max-failures >= 0")
     try:
         total_steps = space.trial_config(space.control_point(), steps).schedule.total_steps
     except ValueError as e:
-        return fail(f"--steps {steps}: {e}")
+        raise BadInput(f"--steps {steps}: {e}") from None
     concurrency = concurrency_for(args, use_gpu, gpus_per_worker, workers, res, trials)
-    name = args.name or f"{space.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    args.name = args.name or f"{space.name}-{datetime.now():%Y%m%d-%H%M%S}"
     storage = Path(args.storage).expanduser().resolve() if "://" not in args.storage else args.storage
-
+    plan = SweepPlan(space, args.name, Path(storage), trials, concurrency, args.seed, args.scheduler, total_steps)
+    folder = plan.folder
+    restore = bool(args.resume) and (Path(str(folder)) / "tuner.pkl").exists()
+    if not args.resume and (Path(str(folder)) / SETTINGS_FILE).exists():
+        raise BadInput(f"sweep {args.name!r} already exists in {storage}: pass --resume to continue it, "
+                       f"or choose another --name")
     ray_env()
-    from sweeps.results import ProgressPrinter, format_table, ranked, rows_from_grid, write_parquet
-    from sweeps.search import SweepPlan, make_tuner
-    from sweeps.tracking import MlflowTracker, code_version, resolve_uri
-    from sweeps.trial import TrialSpec
-
-    plan = SweepPlan(space, name, Path(storage), trials, concurrency, args.seed, args.scheduler, total_steps)
-    sweep_folder = plan.folder
-    env = trial_env(sweep_folder, args.cpus_per_worker)
+    env = trial_env(folder, args.cpus_per_worker)
     spec = TrialSpec(space=space, overrides=overrides, steps=steps, workers=workers, use_gpu=use_gpu,
                      cpus_per_worker=args.cpus_per_worker, gpus_per_worker=gpus_per_worker,
-                     train_storage=str(sweep_folder / "train_runs"), max_failures=args.max_failures, env=env,
-                     log_dir=str(sweep_folder / "logs"), code_version=code_version())
-
+                     train_storage=str(folder / "train_runs"), max_failures=args.max_failures, env=env,
+                     log_dir=str(folder / "logs"), code_version=code_version(), faults=faults)
     uri = resolve_uri(args.tracking_uri)
+    check_tracking_uri(uri)
+    return Sweep(args, space, spec, plan, track, uri, preset, trials, total_steps, workers, use_gpu,
+                 gpus_per_worker, concurrency, env, restore)
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Refuse an MLflow store that cannot be reached, quickly (MLflow itself retries for minutes)."""
+    import urllib.error
+    import urllib.request
+
+    if uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise BadInput(f"MLflow tracking URI {uri} is not reachable ({getattr(e, 'reason', e)}): start the "
+                           "server or fix --tracking-uri / MLFLOW_TRACKING_URI") from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise BadInput(f"MLflow tracking URI {uri}: folder {folder} does not exist or is not writable: "
+                           "fix --tracking-uri / MLFLOW_TRACKING_URI")
+
+
+def save_settings(sweep: Sweep) -> None:
+    folder = Path(str(sweep.plan.folder))
+    folder.mkdir(parents=True, exist_ok=True)
+    stored = {k: v for k, v in vars(sweep.args).items() if k not in RESUMABLE_KEEP}
+    stored["tracking_uri"] = sweep.uri
+    (folder / SETTINGS_FILE).write_text(json.dumps(stored, indent=1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    if args.list_spaces:
+        from sweeps.spaces import available_spaces, load_space
+        for name in available_spaces():
+            space = load_space(name, "record")
+            print(f"{name:10s} {space.description}")
+            for p in space.params:
+                print(f"{'':10s}   {p.describe()}")
+        return 0
     try:
-        tracker = MlflowTracker(uri, space.name, name, {
-            "space": space.name, "searcher": f"optuna TPE seed {args.seed}", "scheduler": args.scheduler,
-            "trials": trials, "concurrency": concurrency, "preset": preset, "steps": total_steps,
-            "workers_per_trial": workers, "gpus_per_worker": gpus_per_worker if use_gpu else 0,
-            "params": ", ".join(p.key for p in space.params), "storage": str(sweep_folder)},
-            track, total_steps, spec.config_for, space.metric)
-    except Exception as e:  # an unreachable or unusable store: say so before any compute is spent
-        return fail(f"MLflow tracking URI {uri} is not usable ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
-                    "check --tracking-uri / MLFLOW_TRACKING_URI")
-    print(f"sweep {name}: space {space.name} ({', '.join(p.key for p in space.params)}), preset {preset}, "
-          f"{trials} trials of {total_steps} steps, {concurrency} at a time, {workers} "
-          f"{'GPU' if use_gpu else 'CPU'} worker(s) each, scheduler {args.scheduler}; folder {sweep_folder}")
+        sweep = plan_sweep(args)
+        tracker = open_tracker(sweep)
+    except BadInput as e:
+        return fail(str(e))
+    return run_sweep(sweep, tracker)
+
+
+def open_tracker(sweep: Sweep):
+    from sweeps.tracking import MlflowTracker
+
+    s = sweep
+    try:
+        tracker = MlflowTracker(s.uri, s.space.name, s.plan.name, {
+            "space": s.space.name, "searcher": f"optuna TPE seed {s.args.seed}", "scheduler": s.args.scheduler,
+            "trials": s.trials, "concurrency": s.concurrency, "preset": s.preset, "steps": s.total_steps,
+            "workers_per_trial": s.workers, "gpus_per_worker": s.gpus_per_worker if s.use_gpu else 0,
+            "params": ", ".join(p.key for p in s.space.params), "storage": str(s.plan.folder)},
+            s.track, s.total_steps, s.spec.config_for, s.space.metric)
+    except Exception as e:  # an unusable store: say so before any compute is spent
+        raise BadInput(f"MLflow tracking URI {s.uri} is not usable ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:200]}): check --tracking-uri / MLFLOW_TRACKING_URI") from None
+    return tracker
+
+
+def run_sweep(sweep: Sweep, tracker) -> int:
+    from sweeps.results import ProgressPrinter, format_table, ranked, rows_from_grid, write_parquet
+    from sweeps.search import make_tuner
+
+    s, args, space = sweep, sweep.args, sweep.space
+    folder = Path(str(s.plan.folder))
+    save_settings(s)
+    if s.restore:
+        tracker.reopen()
+    verb = "resuming" if s.restore else "sweep"
+    print(f"{verb} {s.plan.name}: space {space.name} ({', '.join(p.key for p in space.params)}), preset {s.preset}, "
+          f"{s.trials} trials of {s.total_steps} steps, {s.concurrency} at a time, {s.workers} "
+          f"{'GPU' if s.use_gpu else 'CPU'} worker(s) each, scheduler {args.scheduler}; folder {folder}")
     t0 = time.time()
-    grid = execute(lambda: make_tuner(plan, spec, [ProgressPrinter(total_steps, space.metric), tracker]),
-                   args.address, env)
+    try:
+        grid = execute(lambda: make_tuner(s.plan, s.spec, [ProgressPrinter(s.total_steps, space.metric), tracker],
+                                          restore=s.restore),
+                       args.address, s.env, need=(s.workers, s.use_gpu, s.gpus_per_worker, args.cpus_per_worker))
+    except BadInput as e:
+        return fail(str(e))
     keys = [p.key for p in space.params]
+    tracker.load_done()
     rows = tracker.annotate(rows_from_grid(grid, keys))
-    path = write_parquet(rows, sweep_folder / "results.parquet")
+    path = write_parquet(rows, folder / "results.parquet")
+    settled = grid.num_terminated + grid.num_errors
+    if len(grid) < s.trials or settled < len(grid):
+        tracker.mark_interrupted()
+        print(f"\ninterrupted: {settled} of {s.trials} trials done and recorded ({path}); continue with:\n"
+              f"  python sweeps/run.py --resume --name {s.plan.name} --storage {s.plan.storage}", file=sys.stderr)
+        return 130
     tracker.finish_sweep(rows, tracker.curves())
     print()
     print(format_table(ranked(rows, space.metric, space.mode), keys))
     n_beat = sum(bool(r.get("beat_record")) for r in rows)
-    print(f"\n{len(rows)} trials in {time.time() - t0:.0f}s; * = trial 0, the {preset} preset's values (control); "
-          f"{n_beat} beat the record of track {track.name} ({track.target_loss} in {track.record_time_s:g}s)")
+    n_failed = sum(r["status"] == "failed" for r in rows)
+    print(f"\n{len(rows)} trials in {time.time() - t0:.0f}s ({n_failed} failed); * = trial 0, the {s.preset} preset's "
+          f"values (control); {n_beat} beat the record of track {s.track.name} ({s.track.target_loss} in "
+          f"{s.track.record_time_s:g}s)")
     print(f"results: {path}")
+    if n_failed:
+        print(f"logs of failed trials: {folder}/trial_*/error.txt and {folder / 'logs'}")
     if args.confirm_top:
-        confirm_top(rows, keys, space, spec, plan, track, uri, args, total_steps, env)
+        confirm_top(rows, keys, space, s.spec, s.plan, s.track, s.uri, args, s.total_steps, s.env)
     print(f"MLflow:  {tracker.ui_hint()}")
     return 0
 

@@ -92,8 +92,15 @@ def make_scheduler(plan: SweepPlan):
                               stop_last_trials=False)
 
 
-def make_tuner(plan: SweepPlan, spec: TrialSpec, callbacks: list) -> tune.Tuner:
+def make_tuner(plan: SweepPlan, spec: TrialSpec, callbacks: list, restore: bool = False) -> tune.Tuner:
+    """A new Tuner, or (restore) Tune's saved experiment in the sweep folder: finished and failed trials are
+    kept as they are, unfinished ones restart, and the searcher (the Optuna study, its sampler's RNG, the
+    pending points) comes back from Tune's searcher checkpoint. The callbacks then are the ones pickled
+    with the experiment (the same classes and settings)."""
     trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), {"cpu": TRIAL_CPU})
+    if restore:
+        return tune.Tuner.restore(str(plan.folder), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=False, restart_errored=False)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(

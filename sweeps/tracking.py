@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from .records import Track, judge
-from .results import trial_index
+from .results import error_summary, trial_index
 from .trial import FINISHED
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -97,6 +97,7 @@ class MlflowTracker(tune.Callback):
         self.runs: dict[str, str] = {}
         self.history: dict[str, list[dict]] = {}
         self.last_step: dict[str, int] = {}
+        self.attempts: dict[str, int] = {}
 
     # ---- Tune callback hooks ---------------------------------------------------------------------
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -129,6 +130,10 @@ class MlflowTracker(tune.Callback):
                    if isinstance(result.get(k), (int, float)) and math.isfinite(result[k])]
         if metrics:
             self.client.log_batch(run_id, metrics=metrics)
+        if "startup_s" in result and trial.trial_id in self.last_step:  # a second start: Ray Train's retry
+            self.history[trial.trial_id] = []
+            attempts = self.attempts[trial.trial_id] = self.attempts.get(trial.trial_id, 1) + 1
+            self.client.set_tag(run_id, "attempts", str(attempts))
         if "val_loss" in result:
             self.history[trial.trial_id].append({"step": step, "val_loss": result["val_loss"],
                                                  "train_time_s": result.get("train_time_s", 0.0)})
@@ -165,8 +170,7 @@ class MlflowTracker(tune.Callback):
             RunTag("beat_record", str(verdict.beat_record).lower()),
             RunTag("reached_target", str(verdict.reached).lower())])
         if error and trial.error_file and Path(trial.error_file).exists():
-            text = Path(trial.error_file).read_text().strip().splitlines()
-            self.client.set_tag(run_id, "error", (text[-1] if text else "unknown")[:500])
+            self.client.set_tag(run_id, "error", error_summary(Path(trial.error_file).read_text(), 500))
         self.done[trial_index(trial)] = {"history": history, "verdict": verdict, "status": status, "run_id": run_id}
         self._trial_artifacts(run_id, trial, history, last, verdict)
         self.client.set_terminated(run_id, "FAILED" if error else "FINISHED")
@@ -185,9 +189,51 @@ class MlflowTracker(tune.Callback):
             if "peak_mem_bytes" in last:
                 lines.append(f"peak memory allocated: {last['peak_mem_bytes'] / 2**20:.0f} MiB")
             (tmp / "train.log").write_text("\n".join(lines) + "\n")
+            (tmp / "history.json").write_text(json.dumps(history))
             if history:
                 plot_curves({f"trial {trial_index(trial)}": history}, self.track, tmp / "loss_vs_time.png")
             self.client.log_artifacts(run_id, str(tmp))
+
+    # ---- interruption and resume: MLflow is the durable record ------------------------------------
+    def _children(self) -> list:
+        return self.client.search_runs(
+            [self.experiment_id], f"tags.sweep_name = '{self.sweep_name}' and tags.kind = '{self.child_kind}'",
+            max_results=50_000)
+
+    def load_done(self) -> None:
+        """Rebuild the per-trial record (status, history, verdict) from MLflow: after a resume, trials that
+        ended in an earlier driver are known only there."""
+        for run in self._children():
+            tags = run.data.tags
+            if tags.get("status") in (None, "running", "interrupted") or "trial_index" not in tags:
+                continue
+            index = int(tags["trial_index"])
+            if index in self.done:
+                continue
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    local = self.client.download_artifacts(run.info.run_id, "history.json", tmp)
+                    history = json.loads(Path(local).read_text())
+            except Exception:  # no curve recorded (a run that failed before its first validation)
+                history = []
+            self.done[index] = {"history": history, "verdict": judge(history, self.track),
+                                "status": tags["status"], "run_id": run.info.run_id}
+
+    def mark_interrupted(self) -> None:
+        """The driver stopped before the sweep ended: trials it left running are KILLED, the parent too."""
+        for run in self._children():
+            if run.data.tags.get("status") == "running":
+                self.client.set_tag(run.info.run_id, "status", "interrupted")
+                self.client.set_tag(run.info.run_id, "stop_reason", "interrupted")
+                self.client.set_terminated(run.info.run_id, "KILLED")
+        self.client.set_tag(self.parent_id, "status", "interrupted")
+        self.client.set_terminated(self.parent_id, "KILLED")
+
+    def reopen(self) -> None:
+        """--resume: the parent run is running again."""
+        self.client.update_run(self.parent_id, status="RUNNING")
+        self.client.set_tag(self.parent_id, "status", "running")
+        self.client.set_tag(self.parent_id, "resumed", "true")
 
     # ---- the end of the sweep ----------------------------------------------------------------------
     def finish_sweep(self, rows: list[dict], curves: dict[str, list[dict]] | None = None) -> None:
@@ -206,6 +252,7 @@ class MlflowTracker(tune.Callback):
             Metric("n_trials", len(rows), 0, 0), Metric("n_beat_record", len(beat), 0, 0)] + [
             Metric("best_val_loss", min(r["val_loss"] for r in rows if r.get("val_loss") is not None), 0, 0)]
             if any(r.get("val_loss") is not None for r in rows) else [])
+        self.client.set_tag(self.parent_id, "status", "finished")
         self.client.set_terminated(self.parent_id, "FINISHED")
 
     def annotate(self, rows: list[dict]) -> list[dict]:
@@ -213,11 +260,12 @@ class MlflowTracker(tune.Callback):
         for r in rows:
             d = self.done.get(r["trial_index"])
             if d:
+                r["status"] = d["status"]  # the driver saw how it ended; the grid cannot tell pruned from cut off
                 v = d["verdict"]
                 r.update(time_to_target_s=v.time_to_target_s, reached_target=v.reached, beat_record=v.beat_record,
                          mlflow_run_id=d["run_id"])
-            else:
-                r.update(reached_target=False, beat_record=False, mlflow_run_id=None)
+            else:  # it never ended while a driver watched: cut off by an interruption, or never started
+                r.update(status="interrupted", reached_target=False, beat_record=False, mlflow_run_id=None)
         return rows
 
     def curves(self) -> dict[str, list[dict]]:

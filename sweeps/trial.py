@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
+import signal
 import time
 from dataclasses import dataclass, field
 
@@ -37,6 +39,7 @@ class TrialSpec:
     env: dict = field(default_factory=dict)  # set in every trial and worker process before training
     log_dir: str = ""  # where rank 0 writes each trial's speedrun-format log (absolute path), if set
     code_version: str = "unknown"
+    faults: "FaultPlan | None" = None  # test-only: workers to SIGKILL mid-trial
 
     def config_for(self, params: dict) -> TrainConfig:
         cfg = self.space.trial_config(params, self.steps)
@@ -107,8 +110,17 @@ def worker_loop(loop_config: dict) -> None:
             log_file.write(line + "\n")
             log_file.flush()
 
+    fault = loop_config.get("fault")  # test-only: {"step": k, "marker": path, "every": bool}
+
+    def report_or_die(metrics: dict) -> None:
+        if fault and rank == 0 and metrics.get("step", 0) >= fault["step"] and "train_loss" in metrics:
+            if fault["every"] or not os.path.exists(fault["marker"]):
+                open(fault["marker"], "a").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+        report(metrics)
+
     try:
-        result = train(cfg, report=report, log=log, report_all_ranks=True)
+        result = train(cfg, report=report_or_die, log=log, report_all_ranks=True)
         log(f"peak memory allocated: {result.peak_mem_bytes // 2**20} MiB")
     finally:
         if log_file:
@@ -132,10 +144,15 @@ def run_trial(config: dict, spec: TrialSpec) -> None:
         resources["GPU"] = spec.gpus_per_worker
     ctx = ray.tune.get_context()
     log_path = (os.path.join(spec.log_dir, f"{ctx.get_trial_id()}_seed{cfg.run.seed}.txt") if spec.log_dir else "")
+    index = index_from_dirname(ctx.get_trial_dir())
+    fault = None
+    if spec.faults and spec.faults.hits(index):
+        fault = {"step": spec.faults.step, "every": spec.faults.every(index),
+                 "marker": os.path.join(spec.log_dir or ctx.get_trial_dir(), f".fault-{ctx.get_trial_id()}")}
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"config": cfg.to_dict(), "trial_start": trial_start, "env": spec.env,
-                           "log_path": log_path, "code_version": spec.code_version},
+                           "log_path": log_path, "code_version": spec.code_version, "fault": fault},
         scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=spec.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=f"{ctx.get_experiment_name()}-{ctx.get_trial_id()}",
@@ -145,6 +162,49 @@ def run_trial(config: dict, spec: TrialSpec) -> None:
         ),
     )
     trainer.fit()
+
+
+def index_from_dirname(path: str) -> int:
+    """Trial index from a trial folder named trial_NNNN_<id> (see results.trial_dirname); -1 otherwise."""
+    name = os.path.basename(os.path.normpath(path))
+    parts = name.split("_")
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "trial" and parts[1].isdigit() else -1
+
+
+@dataclass(frozen=True)
+class FaultPlan:
+    """Test-only fault injection: rank 0 of the chosen trials SIGKILLs itself at its first training report at
+    or after `step`. `"2,5:every"` kills trial 2 on its first attempt only (Ray Train's retry recovers it)
+    and trial 5 on every attempt (it fails); `"rate=0.1,seed=3"` picks each trial with probability 0.1
+    (seeded, by trial index) and kills it on every attempt."""
+    trials: dict = field(default_factory=dict)  # index -> "first" | "every"
+    rate: float = 0.0
+    seed: int = 0
+    step: int = 2
+
+    @classmethod
+    def parse(cls, text: str) -> "FaultPlan":
+        trials, kw = {}, {}
+        for item in filter(None, (t.strip() for t in text.split(","))):
+            if "=" in item:
+                key, value = item.split("=", 1)
+                if key not in ("rate", "seed", "step"):
+                    raise ValueError(f"--inject-faults: unknown key {key!r} (rate, seed, step)")
+                kw[key] = float(value) if key == "rate" else int(value)
+            else:
+                index, _, when = item.partition(":")
+                if when not in ("", "first", "every") or not index.isdigit():
+                    raise ValueError(f"--inject-faults: {item!r} is not TRIAL[:first|every]")
+                trials[int(index)] = when or "first"
+        return cls(trials=trials, **kw)
+
+    def hits(self, index: int) -> bool:
+        if index in self.trials:
+            return True
+        return self.rate > 0 and random.Random(f"{self.seed}:{index}").random() < self.rate
+
+    def every(self, index: int) -> bool:
+        return self.trials.get(index, "every") == "every"
 
 
 def worker_env(extra: dict | None = None) -> dict:

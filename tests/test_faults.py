@@ -1,0 +1,90 @@
+"""Faults caused for real inside a sweep on a local Ray: a worker SIGKILLed mid-trial (retried, or failed
+after --max-failures), a diverging trial, and a 20-trial soak with failures injected at random."""
+
+import glob
+import math
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from mlflow.tracking import MlflowClient
+
+from sweeps import run as sweep_cli
+from sweeps.search import SpeedrunOptunaSearch
+from sweeps.trial import FaultPlan
+
+HERE = Path(__file__).resolve().parent
+pytestmark = pytest.mark.slow
+# small steps and no warm-up: the soak measures the sweep's bookkeeping, not training
+QUICK = ["--set", "run.warmup_steps=0", "--set", "data.val_tokens=4096", "--set", "data.max_micro_batch_tokens=512",
+         "--set", "schedule.tokens_per_step.0=512", "--set", "schedule.tokens_per_step.1=512",
+         "--set", "schedule.tokens_per_step.2=1024", "--set", "schedule.tokens_per_step.3=1024"]
+
+
+def run_sweep(tmp_path, *args):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    rc = sweep_cli.main(["--preset", "tiny", "--storage", str(tmp_path), "--name", "s", "--tracking-uri", uri,
+                         "--scheduler", "none", *args])
+    rows = pq.read_table(tmp_path / "s" / "results.parquet").to_pylist()
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              "tags.kind = 'trial'", max_results=1000)
+    return rc, rows, runs
+
+
+def saved_study(folder: Path):
+    """The Optuna study as Tune saved it with the searcher's state."""
+    searcher = SpeedrunOptunaSearch()
+    searcher.restore_from_dir(str(folder))
+    return searcher._ot_study
+
+
+def test_killed_worker_is_retried_then_failed_and_divergence_is_learned(local_ray, tmp_path):
+    # trial 1 diverges (Adam lr 1e8); trial 2's worker is SIGKILLed once (the retry recovers it);
+    # trial 3's worker is SIGKILLed on every attempt (it fails after 1 retry); the sweep carries on.
+    rc, rows, runs = run_sweep(tmp_path, "--space", str(HERE / "spaces" / "faults.toml"), "--concurrency", "2",
+                               "--cpus-per-worker", "0.5", "--max-failures", "1", "--inject-faults", "2:first,3:every", *QUICK)
+    assert rc == 0
+    by_index = {r["trial_index"]: r for r in rows}
+    assert [by_index[i]["status"] for i in range(4)] == ["finished", "diverged", "finished", "failed"]
+    markers = glob.glob(str(tmp_path / "s" / "logs" / ".fault-*"))
+    assert len(markers) == 2  # the kills really happened, in trials 2 and 3
+    mlflow = {int(r.data.tags["trial_index"]): r for r in runs}
+    assert len(runs) == 4 and sorted(mlflow) == [0, 1, 2, 3]
+    recovered, failed, diverged = mlflow[2], mlflow[3], mlflow[1]
+    assert recovered.info.status == "FINISHED" and recovered.data.tags["attempts"] == "2"
+    assert recovered.data.metrics["val_loss"] == pytest.approx(by_index[2]["val_loss"])
+    assert failed.info.status == "FAILED" and failed.data.tags["stop_reason"] == "failed"
+    assert failed.data.tags["attempts"] == "2"  # --max-failures 1: one retry, then failed
+    assert "died" in failed.data.tags["error"] or "dead" in failed.data.tags["error"]
+    assert by_index[3]["error"] and "\x1b" not in by_index[3]["error"]
+    assert diverged.data.tags["status"] == "diverged" and diverged.data.tags["stop_reason"] == "diverged"
+    # the searcher learned the diverged arm's (bad) value and was told the failed one failed
+    study = {t.params["optim.adam_lr"]: t for t in saved_study(tmp_path / "s").trials}
+    assert study[1e8].state.name == "COMPLETE" and study[1e8].value == pytest.approx(by_index[1]["val_loss"])
+    assert study[1e8].value > by_index[0]["val_loss"] + 1.0 and math.isfinite(study[1e8].value)
+    assert study[0.02].state.name == "FAIL"
+
+
+def test_soak_twenty_trials_with_random_failures(local_ray, tmp_path):
+    faults = "rate=0.1,seed=8"
+    plan = FaultPlan.parse(faults)
+    doomed = {i for i in range(20) if plan.hits(i)}
+    assert 1 <= len(doomed) <= 4  # about 10% (seed chosen so that the draw is not empty)
+    rc, rows, runs = run_sweep(tmp_path, "--space", "muon_lr", "--trials", "20", "--steps", "6",
+                               "--concurrency", "3", "--cpus-per-worker", "0.5", "--max-failures", "0",
+                               "--inject-faults", faults, *QUICK,
+                               "--set", "run.val_every=100000", "--set", "run.log_every=100000")  # 3 reports a trial
+    assert rc == 0
+    assert sorted(r["trial_index"] for r in rows) == list(range(20))
+    failed = {r["trial_index"] for r in rows if r["status"] == "failed"}
+    assert failed == doomed
+    survivors = [r for r in rows if r["status"] != "failed"]
+    assert all(r["status"] == "finished" and r["step"] == 6 for r in survivors)
+    indices = [int(r.data.tags["trial_index"]) for r in runs]
+    assert sorted(indices) == list(range(20))  # every trial in MLflow exactly once
+    for r in runs:
+        index = int(r.data.tags["trial_index"])
+        assert r.info.status == ("FAILED" if index in doomed else "FINISHED")
+        if index not in doomed:
+            assert r.data.metrics["val_loss"] == pytest.approx(next(x for x in rows if x["trial_index"] == index)["val_loss"])
