@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--stage", type=int, nargs="*", help="stage numbers, 1-based (default: all)")
     ap.add_argument("--plain", action="store_true", help="the portable path: eager, SDPA, no FP8")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    ap.add_argument("--profile", type=str, default="", help="after timing, profile 2 steps; write a table here")
     ap.add_argument("--preset", default="record", help="(tiny: a CPU smoke test of this script)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
@@ -125,6 +126,20 @@ def main() -> None:
         rows.append((st.index + 1, st.tokens_per_step, st.max_seq_len, f"{st.short_window}/{st.long_window}",
                      ms, tps, mfu, (torch.cuda.max_memory_allocated() if cuda else 0) / 2**30, compile_s))
         print(f"stage {st.index + 1}: {ms:.1f} ms/step, {tps / 1e3:.0f}k tokens/s", flush=True)
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for i in range(2):
+                    trainer.train_step(min(st.start + args.warmup + args.steps + i, st.end - 1))
+                sync()
+            try:
+                table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=60,
+                                                  max_name_column_width=90)
+            except Exception:  # older torch names it after CUDA
+                table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=60,
+                                                  max_name_column_width=90)
+            Path(args.profile).write_text(table)
+            print(table[:6000])
 
     print("\n| stage | tokens/step | seq len | windows | ms/step | tokens/s | MFU | peak mem GiB | compile s |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -60,3 +60,74 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, emulate: bool | None = None) ->
 
 def fp8_hardware(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def softcap_logits(z: torch.Tensor, softcap: torch.Tensor) -> torch.Tensor:
+    """scale * sigmoid((z + shift) / div) in fp32; softcap = (scale, shift, div)."""
+    scale, shift, div = softcap.unbind()
+    return scale * torch.sigmoid((z.float() + shift) / div)
+
+
+def capped_logsumexp(s: torch.Tensor) -> torch.Tensor:
+    """log-sum-exp of softcapped logits in one pass: 0 <= s <= scale (23 in the record), so exp(s) summed
+    over the vocabulary stays far inside fp32 and the usual max-subtraction pass is not needed."""
+    return s.exp().sum(dim=-1).log()
+
+
+def shifted_targets(targets: torch.Tensor, k: int) -> torch.Tensor:
+    """targets[:, t + k] at position t; -1 (matches no token) where t + k runs off the row."""
+    return torch.nn.functional.pad(targets[:, k:], (0, k), value=-1)
+
+
+class _FP8HeadLoss(torch.autograd.Function):
+    """FP8 lm_head, softcap and multi-token cross-entropy as one function, for the compiled fast path.
+
+    Forward: z = x @ w.T in FP8 (bf16 out), s = softcap(z), loss = sum_k w_k * mean_t(lse_t - s[t, y_{t+k}]).
+    Backward knows the logit gradient's bound without reading it: |dL/ds| <= sum_k w_k / N_k and
+    ds/dz <= scale / (4 div), so its e5m2 scale needs no amax pass and the gradient is written once, in FP8."""
+
+    @staticmethod
+    def forward(ctx, x, w, targets, weights, softcap, emulate):
+        B, T, D = x.shape
+        xq, sx = quantize(x.reshape(-1, D), E4M3, E4M3_MAX)
+        wq, sw = quantize(w, E4M3, E4M3_MAX)
+        z = scaled_mm(xq, sx, wq.t(), sw, torch.bfloat16, emulate).view(B, T, -1)
+        s = softcap_logits(z, softcap)
+        lse = capped_logsumexp(s)
+        vocab = torch.arange(s.size(-1), device=s.device)
+        loss = s.new_zeros(())
+        for k in range(weights.numel()):
+            picked = torch.where(vocab == targets[:, k:].unsqueeze(-1), s[:, : T - k], 0.0).sum(-1)
+            loss = loss + weights[k] * (lse[:, : T - k] - picked).mean()
+        ctx.save_for_backward(xq, sx, wq, sw, z, lse, targets, weights, softcap)
+        ctx.emulate, ctx.w_dtype = emulate, w.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, g_out):
+        xq, sx, wq, sw, z, lse, targets, weights, softcap = ctx.saved_tensors
+        B, T, V = z.shape
+        K = weights.numel()
+        scale, _, div = softcap.unbind()
+        s = softcap_logits(z, softcap)
+        pos = torch.arange(T, device=z.device)
+        coef = [weights[k] / (B * (T - k)) * (pos < T - k) for k in range(K)]  # (T,) each
+        vocab = torch.arange(V, device=z.device)
+        g = (s - lse.unsqueeze(-1)).exp() * sum(coef).unsqueeze(-1)
+        for k in range(K):
+            g = g - torch.where(vocab == shifted_targets(targets, k).unsqueeze(-1), coef[k].unsqueeze(-1), 0.0)
+        g = g * (s * (1 - s / scale) / div) * g_out
+        bound = g_out.abs() * sum((weights[k] / (B * (T - k))).abs() for k in range(K)) * scale / (4 * div)
+        sg = (bound / E5M2_MAX).clamp_min(1e-30)
+        gq = (g / sg).to(E5M2).view(B * T, V)
+        gx = scaled_mm(gq, sg, wq, sw, torch.bfloat16, ctx.emulate)
+        gw = scaled_mm(gq.t(), sg, xq, sx, torch.float32, ctx.emulate).to(ctx.w_dtype)
+        return gx.view(B, T, -1), gw, None, None, None, None
+
+
+def fp8_head_loss(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                  softcap: torch.Tensor, emulate: bool | None = None) -> torch.Tensor:
+    """The multi-token loss of softcap(x @ w.T) with the product in FP8 (see _FP8HeadLoss)."""
+    if emulate is None:
+        emulate = not fp8_hardware(x.device)
+    return _FP8HeadLoss.apply(x, w, targets, weights, softcap, emulate)

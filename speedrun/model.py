@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import flex_windowed_attention, segment_ids, sliding_block_mask, windowed_attention
 from .config import ModelConfig
-from .fp8 import fp8_linear
+from .fp8 import capped_logsumexp, fp8_head_loss, fp8_linear
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -319,8 +319,10 @@ class GPT(nn.Module):
         loss is one graph instead: the compiler keeps only the bf16 logits, and no recomputation is paid."""
         weights = torch.as_tensor(weights, dtype=torch.float32, device=x.device)
         T, chunk = x.size(1), self.cfg.loss_chunk_tokens
+        if torch.compiler.is_compiling() and self.lm_head.fp8 and self.cfg.use_softcap:
+            return fp8_head_loss(x, self.lm_head.weight, targets, weights, self.softcap)
         if T <= chunk or torch.compiler.is_compiling():
-            return mtp_loss(self.logits(x), targets, weights)
+            return mtp_loss(self.logits(x), targets, weights, capped=self.cfg.use_softcap)
         total = x.new_zeros((), dtype=torch.float32)
         for a in range(0, T, chunk):
             part = partial(self._chunk_loss, targets=targets, weights=weights, start=a)
@@ -340,18 +342,29 @@ class GPT(nn.Module):
             if end <= start:
                 continue
             n = end - start
-            picked = logits[:, :n].gather(-1, targets[:, start + k : end + k, None]).squeeze(-1)
+            picked = pick(logits[:, :n], targets[:, start + k : end + k])
             loss = loss + weights[k] * (lse[:, :n] - picked).sum() / (B * (T - k))
         return loss
 
 
-def mtp_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | tuple[float, ...]) -> torch.Tensor:
-    """sum_k w_k * CE(predict token t+1+k from position t); the log-sum-exp is shared by every k."""
+def pick(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """logits[b, t, targets[b, t]]. Compiled, as a masked sum over the vocabulary: it fuses into the
+    log-sum-exp pass, and its backward is elementwise (a gather's backward scatters into a full-size zero tensor)."""
+    if torch.compiler.is_compiling():
+        vocab = torch.arange(logits.size(-1), device=logits.device)
+        return torch.where(vocab == targets.unsqueeze(-1), logits, 0.0).sum(-1)
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def mtp_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | tuple[float, ...],
+             capped: bool = False) -> torch.Tensor:
+    """sum_k w_k * CE(predict token t+1+k from position t); the log-sum-exp is shared by every k.
+    capped: the logits are softcapped (bounded), which allows a one-pass log-sum-exp when compiled."""
     T = targets.size(1)
     weights = torch.as_tensor(weights, dtype=torch.float32, device=logits.device)
-    lse = logits.logsumexp(dim=-1)
+    lse = capped_logsumexp(logits) if capped and torch.compiler.is_compiling() else logits.logsumexp(dim=-1)
     total = logits.new_zeros(())
     for k in range(min(weights.numel(), T)):
-        picked = logits[:, : T - k].gather(-1, targets[:, k:, None]).squeeze(-1)
+        picked = pick(logits[:, : T - k], targets[:, k:])
         total = total + weights[k] * (lse[:, : T - k] - picked).mean()
     return total

@@ -34,6 +34,7 @@ def test_record_preset_trains_on_one_gpu():
 
 # ---- the fast path (issue 7) against the portable one -------------------------------------------------
 import gc  # noqa: E402
+import time  # noqa: E402
 
 from speedrun.attention import flex_windowed_attention, sliding_block_mask  # noqa: E402
 from speedrun.fp8 import fp8_linear  # noqa: E402
@@ -94,8 +95,12 @@ def test_fp8_linear_matches_its_emulation_and_bf16():
 def _first_losses(overrides: dict, steps: int = 20) -> list[float]:
     cfg = TrainConfig.preset("record").override({
         "data.source": "sample", "data.bos_id": 127, "data.val_tokens": 65536, "run.warmup_steps": 0, **overrides})
+    torch.cuda.reset_peak_memory_stats()
     trainer = _Trainer(cfg, None, None)
+    t0 = time.perf_counter()
     losses = [trainer.train_step(s).item() for s in range(steps)]
+    print(f"{overrides}: {steps} steps in {time.perf_counter() - t0:.1f}s (compile included), "
+          f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     del trainer
     gc.collect()
     torch.cuda.empty_cache()
@@ -136,3 +141,21 @@ def test_knob_changes_between_trials_do_not_recompile():
         gc.collect()
     print("unique graphs after trial 1, 2:", graphs)
     assert graphs[1] == graphs[0]
+
+
+def test_fused_fp8_head_on_gpu_matches_its_emulation():
+    from speedrun.fp8 import fp8_head_loss
+    torch.manual_seed(3)
+    B, T, D, V = 1, 4096, 768, 50304
+    x = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(V, D, device="cuda") * 0.005).requires_grad_()
+    targets = torch.randint(0, 50257, (B, T), device="cuda")
+    weights = torch.tensor([1.0, 0.5, 0.25], device="cuda")
+    softcap = torch.tensor([23.0, 5.0, 7.5], device="cuda")
+    res = {}
+    for emulate in (False, True):
+        loss = fp8_head_loss(x, w, targets, weights, softcap, emulate=emulate)
+        res[emulate] = (loss, *torch.autograd.grad(loss, (x, w)))
+    assert abs(res[False][0] - res[True][0]) / res[True][0] < 1e-3
+    for a, b in zip(res[False][1:], res[True][1:]):
+        assert _rel(a, b) < 2e-2
