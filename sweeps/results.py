@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray import tune
 
-from .trial import FINISHED
+from .trial import FINISHED, REPLAYED
 
 METRIC_COLUMNS = ("val_loss", "final_val_loss", "train_time_s", "time_to_target_s", "tokens", "step",
                   "startup_s", "trial_startup_s", "compile_s", "val_time_s", "peak_mem_bytes", "floor")
@@ -114,6 +114,9 @@ class ProgressPrinter(tune.Callback):
         self.t0 = time.time()
         self.best = None
 
+    def setup(self, **info):  # also after a restore, which brings back the pickled t0
+        self.t0 = time.time()
+
     def out(self, line: str) -> None:
         (self._out or print)(line)
 
@@ -131,7 +134,9 @@ class ProgressPrinter(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         r = trial.last_result or {}
-        if r.get(FINISHED):
+        if r.get(REPLAYED):
+            self.out(f"{self._stamp()} trial {trial_index(trial)} had ended before the interruption: kept as it was")
+        elif r.get(FINISHED):
             v = r.get(self.metric)
             self.best = v if self.best is None or (v is not None and v < self.best) else self.best
             self.out(f"{self._stamp()} trial {trial_index(trial)} {r.get('status')}: {self.metric} {v:.4f} "

@@ -301,7 +301,8 @@ def plan_sweep(args) -> Sweep:
     spec = TrialSpec(space=space, overrides=overrides, steps=steps, workers=workers, use_gpu=use_gpu,
                      cpus_per_worker=args.cpus_per_worker, gpus_per_worker=gpus_per_worker,
                      train_storage=str(folder / "train_runs"), max_failures=args.max_failures, env=env,
-                     log_dir=str(folder / "logs"), code_version=code_version(), faults=faults)
+                     log_dir=str(folder / "logs"), code_version=code_version(), faults=faults,
+                     done_dir=str(folder / "done"))
     uri = resolve_uri(args.tracking_uri)
     check_tracking_uri(uri)
     return Sweep(args, space, spec, plan, track, uri, preset, trials, total_steps, workers, use_gpu,

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -23,7 +24,10 @@ from .results import error_summary, trial_index
 from .trial import FINISHED
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+# test-only: SIGKILL the driver right after trial N is recorded, before Tune saves the experiment state
+KILL_DRIVER_ENV = "SPEEDRUN_SWEEPS_TEST_KILL_DRIVER_AFTER_TRIAL"
 REPORT_KEYS = ("train_loss", "val_loss", "train_time_s", "tokens", "compile_s", "startup_s", "trial_startup_s")
+ENDED = ("finished", "diverged", "pruned")  # status tags of a trial whose record is complete
 FINAL_KEYS = ("val_loss", "final_val_loss", "train_time_s", "tokens", "compile_s", "startup_s", "val_time_s",
               "peak_mem_bytes", "floor")
 
@@ -98,6 +102,7 @@ class MlflowTracker(tune.Callback):
         self.history: dict[str, list[dict]] = {}
         self.last_step: dict[str, int] = {}
         self.attempts: dict[str, int] = {}
+        self.replayed: set[str] = set()
 
     # ---- Tune callback hooks ---------------------------------------------------------------------
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -105,7 +110,11 @@ class MlflowTracker(tune.Callback):
         existing = self.client.search_runs(
             [self.experiment_id], f"tags.sweep_name = '{self.sweep_name}' and tags.trial_id = '{trial.trial_id}' "
                                   f"and tags.kind = '{self.child_kind}'")
-        for run in existing:  # a restarted trial starts its record afresh
+        ended = [r for r in existing if r.info.status == "FINISHED" and r.data.tags.get("status") in ENDED]
+        if ended:  # it ended before a driver crash; Tune only replays its end (trial.REPLAYED): keep the record
+            self.replayed.add(trial.trial_id)
+            return
+        for run in existing:  # a trial cut off by an interruption starts its record afresh
             self.client.delete_run(run.info.run_id)
         prefix = "trial" if self.child_kind == "trial" else f"{self.child_kind}-{self.child_tags.get('of', '')}"
         run = self.client.create_run(self.experiment_id, run_name=f"{prefix}-{index:03d}", tags={
@@ -147,6 +156,7 @@ class MlflowTracker(tune.Callback):
 
     # ---- the end of a trial ------------------------------------------------------------------------
     def _finish(self, trial, error: bool) -> None:
+        self.replayed.discard(trial.trial_id)
         run_id = self.runs.pop(trial.trial_id, None)
         if run_id is None:
             return
@@ -174,6 +184,8 @@ class MlflowTracker(tune.Callback):
         self.done[trial_index(trial)] = {"history": history, "verdict": verdict, "status": status, "run_id": run_id}
         self._trial_artifacts(run_id, trial, history, last, verdict)
         self.client.set_terminated(run_id, "FAILED" if error else "FINISHED")
+        if os.environ.get(KILL_DRIVER_ENV) == str(trial_index(trial)):  # test-only: the worst moment to die
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def _trial_artifacts(self, run_id, trial, history, last, verdict) -> None:
         params = {k: trial.config[k] for k in trial.config if "." in k}

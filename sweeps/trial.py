@@ -21,6 +21,7 @@ from speedrun.config import TrainConfig
 from .spaces import Space
 
 FINISHED = "finished_training"
+REPLAYED = "replayed"  # the final report of a trial that had already ended before a driver crash
 TRIAL_CPU = 0.01  # what a Tune trial itself holds: tune rejects 0, and its workers hold the real CPUs/GPUs
 
 
@@ -40,6 +41,7 @@ class TrialSpec:
     log_dir: str = ""  # where rank 0 writes each trial's speedrun-format log (absolute path), if set
     code_version: str = "unknown"
     faults: "FaultPlan | None" = None  # test-only: workers to SIGKILL mid-trial
+    done_dir: str = ""  # where each trial leaves its final metrics when it ends (absolute path), if set
 
     def config_for(self, params: dict) -> TrainConfig:
         cfg = self.space.trial_config(params, self.steps)
@@ -125,7 +127,17 @@ def worker_loop(loop_config: dict) -> None:
     finally:
         if log_file:
             log_file.close()
-    ray.train.report(final_metrics(result, cfg))
+    final = final_metrics(result, cfg)
+    if rank == 0 and loop_config.get("done_path"):  # the trial's end, durable before Tune hears of it
+        write_json_atomic(loop_config["done_path"], final)
+    ray.train.report(final)
+
+
+def write_json_atomic(path: str, data: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f)
+    os.replace(path + ".tmp", path)
 
 
 def run_trial(config: dict, spec: TrialSpec) -> None:
@@ -137,12 +149,18 @@ def run_trial(config: dict, spec: TrialSpec) -> None:
 
     trial_start = time.time()
     os.environ.update(spec.env)
+    ctx = ray.tune.get_context()
+    done_path = os.path.join(spec.done_dir, f"{ctx.get_trial_id()}.json") if spec.done_dir else ""
+    if done_path and os.path.exists(done_path):
+        # This trial ended, but the driver died before Tune saved that: report its end again, don't re-train.
+        with open(done_path) as f:
+            ray.tune.report({**json.load(f), REPLAYED: True})
+        return
     params = {p.key: config[p.key] for p in spec.space.params}
     cfg = spec.config_for(params)
     resources = {"CPU": spec.cpus_per_worker}
     if spec.use_gpu:
         resources["GPU"] = spec.gpus_per_worker
-    ctx = ray.tune.get_context()
     log_path = (os.path.join(spec.log_dir, f"{ctx.get_trial_id()}_seed{cfg.run.seed}.txt") if spec.log_dir else "")
     index = index_from_dirname(ctx.get_trial_dir())
     fault = None
@@ -152,7 +170,8 @@ def run_trial(config: dict, spec: TrialSpec) -> None:
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"config": cfg.to_dict(), "trial_start": trial_start, "env": spec.env,
-                           "log_path": log_path, "code_version": spec.code_version, "fault": fault},
+                           "log_path": log_path, "code_version": spec.code_version, "fault": fault,
+                           "done_path": done_path},
         scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=spec.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=f"{ctx.get_experiment_name()}-{ctx.get_trial_id()}",

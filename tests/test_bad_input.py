@@ -1,0 +1,139 @@
+"""Bad input to `sweeps/run.py`: one clear `error:` line naming the problem and the fix, exit code 2, and
+no Ray started (no compute spent)."""
+
+import http.server
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+
+from speedrun.data import write_shard
+from sweeps import run as sweep_cli
+
+
+def refused(capsys, *argv) -> str:
+    rc = sweep_cli.main(list(argv))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == 2, err
+    assert len(lines) == 1, err
+    assert not ray.is_initialized()
+    return lines[0]
+
+
+def write_space(tmp_path: Path, param: str) -> str:
+    path = tmp_path / "my.toml"
+    path.write_text('description = "t"\n[defaults]\ntrials = 2\nsteps = 10\n' + param)
+    return str(path)
+
+
+def test_unknown_space_lists_the_known_ones(capsys):
+    line = refused(capsys, "--space", "nope", "--preset", "tiny")
+    assert "unknown space 'nope'" in line and "muon_lr" in line and "windows" in line
+
+
+def test_space_key_that_is_not_a_config_field(capsys, tmp_path):
+    space = write_space(tmp_path, '[params."optim.muon_lrr"]\ntype = "float"\nlow = 0.01\nhigh = 0.05\n')
+    line = refused(capsys, "--space", space, "--preset", "tiny")
+    assert "optim.muon_lrr" in line
+
+
+def test_low_above_high(capsys, tmp_path):
+    space = write_space(tmp_path, '[params."optim.muon_lr"]\ntype = "float"\nlow = 0.05\nhigh = 0.01\n')
+    line = refused(capsys, "--space", space, "--preset", "tiny")
+    assert "low=0.05 > high=0.01" in line and "swap" in line
+
+
+def test_value_out_of_the_knobs_valid_range(capsys, tmp_path):
+    space = write_space(tmp_path, '[params."optim.muon_momentum"]\ntype = "float"\nlow = 0.8\nhigh = 1.5\n')
+    line = refused(capsys, "--space", space, "--preset", "tiny")
+    assert "optim.muon_momentum" in line and "1.5" in line and "[0, 1)" in line
+
+
+def test_missing_data_folder(capsys, tmp_path):
+    line = refused(capsys, "--space", "muon_lr", "--preset", "record", "--data", str(tmp_path / "absent"))
+    assert "does not exist" in line and "download" in line
+
+
+def test_empty_shard_glob(capsys, tmp_path):
+    line = refused(capsys, "--space", "muon_lr", "--preset", "record", "--data", str(tmp_path))
+    assert "no shards match" in line and "fineweb_train_" in line
+
+
+@pytest.mark.parametrize("damage", ["magic", "truncated"])
+def test_corrupt_shard(capsys, tmp_path, damage):
+    tokens = np.arange(1000) % 50257
+    write_shard(tmp_path / "fineweb_val_000000.bin", tokens)
+    bad = write_shard(tmp_path / "fineweb_train_000001.bin", tokens)
+    raw = bytearray(bad.read_bytes())
+    if damage == "magic":
+        raw[:4] = np.int32(12345).tobytes()
+    else:
+        raw = raw[:-100]
+    bad.write_bytes(bytes(raw))
+    line = refused(capsys, "--space", "muon_lr", "--preset", "record", "--data", str(tmp_path))
+    assert "fineweb_train_000001.bin" in line
+    assert ("wrong magic" in line) if damage == "magic" else ("truncated" in line)
+
+
+def test_unreachable_tracking_uri(capsys):
+    line = refused(capsys, "--space", "muon_lr", "--preset", "tiny", "--tracking-uri", "http://127.0.0.1:9")
+    assert "http://127.0.0.1:9" in line and "not reachable" in line
+
+
+def test_tracking_server_that_answers_is_accepted_by_the_check():
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        sweep_cli.check_tracking_uri(f"http://127.0.0.1:{server.server_port}")  # no BadInput
+    finally:
+        server.shutdown()
+
+
+def test_more_gpus_per_trial_than_the_machine_has(capsys):
+    line = refused(capsys, "--space", "muon_lr", "--preset", "tiny", "--gpus-per-worker", "1",
+                   "--workers-per-trial", "2")
+    assert "needs 2 GPUs" in line
+
+
+def test_more_gpus_per_trial_than_the_cluster_has():
+    with pytest.raises(sweep_cli.BadInput, match="the Ray cluster has 8 GPUs|the Ray cluster has 8"):
+        sweep_cli.check_capacity({"CPU": 128, "GPU": 8}, 16, True, 1.0, 1.0)
+    sweep_cli.check_capacity({"CPU": 128, "GPU": 8}, 8, True, 1.0, 1.0)
+
+
+def test_resume_of_a_sweep_that_does_not_exist(capsys, tmp_path):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "sweep.json").write_text("{}")
+    line = refused(capsys, "--resume", "--name", "nope", "--storage", str(tmp_path))
+    assert "no sweep named 'nope'" in line and "other" in line
+
+
+def test_resume_refuses_a_changed_setting(capsys, tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "sweep.json").write_text('{"space": "muon_lr", "trials": 4}')
+    line = refused(capsys, "--resume", "--name", "s", "--storage", str(tmp_path), "--trials", "9")
+    assert "drop --trials" in line
+
+
+def test_an_existing_sweep_name_needs_resume(capsys, tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "sweep.json").write_text("{}")
+    line = refused(capsys, "--space", "muon_lr", "--preset", "tiny", "--name", "s", "--storage", str(tmp_path))
+    assert "already exists" in line and "--resume" in line
+
+
+def test_bad_fault_spec(capsys):
+    line = refused(capsys, "--space", "muon_lr", "--preset", "tiny", "--inject-faults", "x:sometimes")
+    assert "--inject-faults" in line
