@@ -19,13 +19,20 @@ class Track:
     record_time_s: float
     record_steps: int
     source: str
-    exchange_rate: float | None = None
+    exchange_rate: float | None = None  # loss gained per 100 more steps near the end of the schedule
+    noise: float | None = None  # seed-to-seed standard deviation of the final val loss
+    curve: tuple = ()  # (schedule fraction, val loss) of the control, for the record-curve pruner
 
 
 def load_tracks(path: Path = TRACKS_FILE) -> dict[str, Track]:
     raw = tomllib.loads(path.read_text())
     fields = set(Track.__dataclass_fields__) - {"name"}
-    return {name: Track(name=name, **{k: v for k, v in t.items() if k in fields}) for name, t in raw.items()}
+    tracks = {}
+    for name, t in raw.items():
+        kw = {k: v for k, v in t.items() if k in fields}
+        kw["curve"] = tuple((float(f), float(v)) for f, v in kw.get("curve", ()))
+        tracks[name] = Track(name=name, **kw)
+    return tracks
 
 
 def get_track(name: str, target: float | None = None, record_time: float | None = None) -> Track:
@@ -56,3 +63,18 @@ def judge(history: list[dict], track: Track) -> Verdict:
     """history: validation points (val_loss, train_time_s) in order."""
     t = time_to_target(history, track.target_loss)
     return Verdict(t, t is not None, t is not None and t < track.record_time_s)
+
+
+def projected_time_to_target(history: list[dict], track: Track) -> float:
+    """Time to target for the time objective: measured when the run reached the target; otherwise the time
+    it would have needed, at its own time per step, for the steps that the track's exchange rate (loss per
+    100 steps) says the remaining loss gap costs. Finite for any finite loss, so the searcher can rank misses."""
+    t = time_to_target(history, track.target_loss)
+    if t is not None:
+        return t
+    if not track.exchange_rate:
+        raise ValueError(f"track {track.name} has no exchange_rate: the time objective cannot project a miss")
+    last = history[-1]
+    steps, seconds = max(1, last["step"]), last["train_time_s"]
+    missing_steps = 100.0 * (last["val_loss"] - track.target_loss) / track.exchange_rate
+    return seconds + missing_steps * seconds / steps

@@ -13,8 +13,8 @@ from ray import tune
 
 from .trial import FINISHED, REPLAYED
 
-METRIC_COLUMNS = ("val_loss", "final_val_loss", "train_time_s", "time_to_target_s", "tokens", "step",
-                  "startup_s", "trial_startup_s", "compile_s", "val_time_s", "peak_mem_bytes", "floor")
+METRIC_COLUMNS = ("val_loss", "final_val_loss", "train_time_s", "time_to_target_s", "objective_time_s", "tokens", "step",
+                  "startup_s", "trial_startup_s", "compile_s", "val_time_s", "peak_mem_bytes", "floor", "time_total_s")
 
 
 def trial_index(trial) -> int:
@@ -84,6 +84,16 @@ def ranked(rows: list[dict], metric: str = "val_loss", mode: str = "min") -> lis
     return sorted(rows, key=key)
 
 
+RANKING = {"loss": ("val_loss", "min"), "time": ("objective_time_s", "min"), "pareto": ("val_loss", "min")}
+
+
+def pareto_front(rows: list[dict], x: str = "val_loss", y: str = "train_time_s") -> list[dict]:
+    """Finished trials that no other finished trial beats in both x and y (both minimised), by x."""
+    ok = [r for r in rows if r["status"] == "finished" and r.get(x) is not None and r.get(y) is not None]
+    front = [r for r in ok if not any(o[x] <= r[x] and o[y] <= r[y] and (o[x] < r[x] or o[y] < r[y]) for o in ok)]
+    return sorted(front, key=lambda r: r[x])
+
+
 def format_table(rows: list[dict], param_keys: list[str], top: int = 10) -> str:
     def fmt(v, nd=4):
         if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -93,12 +103,14 @@ def format_table(rows: list[dict], param_keys: list[str], top: int = 10) -> str:
         return str(v)
 
     short = [k.split(".", 1)[1] for k in param_keys]
-    header = ["rank", "trial", "status", *short, "val_loss", "train_s", "to_target_s", "record", "startup_s"]
+    header = ["rank", "trial", "status", *short, "val_loss", "train_s", "to_target_s", "objective_s", "record",
+              "startup_s"]
     body = []
     for i, r in enumerate(rows[:top], 1):
         body.append([str(i), str(r["trial_index"]) + ("*" if r["trial_index"] == 0 else ""), r["status"],
                      *[fmt(r.get(k)) for k in param_keys], fmt(r.get("val_loss")), fmt(r.get("train_time_s"), 3),
-                     fmt(r.get("time_to_target_s"), 3), "BEAT" if r.get("beat_record") else "",
+                     fmt(r.get("time_to_target_s"), 3), fmt(r.get("objective_time_s"), 3),
+                     "BEAT" if r.get("beat_record") else "",
                      fmt(r.get("trial_startup_s"), 3)])
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
@@ -147,7 +159,8 @@ class ProgressPrinter(tune.Callback):
                      f"({self.metric} {r.get(self.metric, float('nan')):.4f})")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.out(f"{self._stamp()} trial {trial_index(trial)} failed: see {trial.local_path}")
+        where = getattr(trial, "path", None) or trial.local_path
+        self.out(f"{self._stamp()} trial {trial_index(trial)} failed: see {where}/error.txt")
 
 
 def _short(v):

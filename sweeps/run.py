@@ -39,7 +39,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="compress each trial's schedule into N steps (default: the space's)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="fixed override of the base config for every trial, e.g. --set data.val_tokens=1048576")
-    p.add_argument("--scheduler", choices=["asha", "none"], default="asha", help="early stopping (default asha)")
+    p.add_argument("--scheduler", choices=["asha", "curve", "none"], default="asha",
+                   help="early stopping: asha (default), curve (the record-curve pruner: stop trials that fall "
+                        "behind the control's loss curve at equal schedule fractions), none")
+    p.add_argument("--objective", choices=["loss", "time", "pareto"],
+                   help="what the searcher minimises: loss (final val loss at the step budget), time (time to the "
+                        "track's target, misses projected by its exchange rate) or pareto (both; multi-objective). "
+                        "Default: the space's `objective`, else loss")
     p.add_argument("--name", help="sweep name (default: SPACE-YYYYmmdd-HHMMSS)")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted sweep --name with its own settings: finished trials are kept, "
@@ -290,7 +296,15 @@ def plan_sweep(args) -> Sweep:
     concurrency = concurrency_for(args, use_gpu, gpus_per_worker, workers, res, trials)
     args.name = args.name or f"{space.name}-{datetime.now():%Y%m%d-%H%M%S}"
     storage = Path(args.storage).expanduser().resolve() if "://" not in args.storage else args.storage
-    plan = SweepPlan(space, args.name, Path(storage), trials, concurrency, args.seed, args.scheduler, total_steps)
+    objective = args.objective or space.objective
+    if objective == "time" and not track.exchange_rate:
+        raise BadInput(f"--objective time needs the track's exchange_rate; track {track.name} has none "
+                       f"(add it in sweeps/tracks.toml)")
+    if args.scheduler == "curve" and not track.noise:
+        raise BadInput(f"--scheduler curve needs the track's seed-to-seed noise; track {track.name} has none "
+                       f"(add `noise` in sweeps/tracks.toml)")
+    plan = SweepPlan(space, args.name, Path(storage), trials, concurrency, args.seed, args.scheduler, total_steps,
+                     objective, track)
     folder = plan.folder
     restore = bool(args.resume) and (Path(str(folder)) / "tuner.pkl").exists()
     if not args.resume and (Path(str(folder)) / SETTINGS_FILE).exists():
@@ -302,7 +316,7 @@ def plan_sweep(args) -> Sweep:
                      cpus_per_worker=args.cpus_per_worker, gpus_per_worker=gpus_per_worker,
                      train_storage=str(folder / "train_runs"), max_failures=args.max_failures, env=env,
                      log_dir=str(folder / "logs"), code_version=code_version(), faults=faults,
-                     done_dir=str(folder / "done"))
+                     done_dir=str(folder / "done"), track=track)
     uri = resolve_uri(args.tracking_uri)
     check_tracking_uri(uri)
     return Sweep(args, space, spec, plan, track, uri, preset, trials, total_steps, workers, use_gpu,
@@ -362,6 +376,7 @@ def open_tracker(sweep: Sweep):
         tracker = MlflowTracker(s.uri, s.space.name, s.plan.name, {
             "space": s.space.name, "searcher": f"optuna TPE seed {s.args.seed}", "scheduler": s.args.scheduler,
             "trials": s.trials, "concurrency": s.concurrency, "preset": s.preset, "steps": s.total_steps,
+            "objective": s.plan.objective,
             "workers_per_trial": s.workers, "gpus_per_worker": s.gpus_per_worker if s.use_gpu else 0,
             "params": ", ".join(p.key for p in s.space.params), "storage": str(s.plan.folder)},
             s.track, s.total_steps, s.spec.config_for, s.space.metric)
@@ -372,7 +387,7 @@ def open_tracker(sweep: Sweep):
 
 
 def run_sweep(sweep: Sweep, tracker) -> int:
-    from sweeps.results import ProgressPrinter, format_table, ranked, rows_from_grid, write_parquet
+    from sweeps.results import RANKING, ProgressPrinter, format_table, pareto_front, ranked, rows_from_grid, write_parquet
     from sweeps.search import make_tuner
 
     s, args, space = sweep, sweep.args, sweep.space
@@ -401,9 +416,14 @@ def run_sweep(sweep: Sweep, tracker) -> int:
         print(f"\ninterrupted: {settled} of {s.trials} trials done and recorded ({path}); continue with:\n"
               f"  python sweeps/run.py --resume --name {s.plan.name} --storage {s.plan.storage}", file=sys.stderr)
         return 130
-    tracker.finish_sweep(rows, tracker.curves())
+    objective = s.plan.objective
+    front = pareto_front(rows) if objective == "pareto" else []
+    tracker.finish_sweep(rows, tracker.curves(), pareto=front)
     print()
-    print(format_table(ranked(rows, space.metric, space.mode), keys))
+    print(format_table(ranked(rows, *RANKING[objective]), keys))
+    if objective == "pareto":
+        print(f"\nPareto front (val_loss vs training time; {len(front)} of {len(rows)} trials):")
+        print(format_table(front, keys, top=len(front)))
     n_beat = sum(bool(r.get("beat_record")) for r in rows)
     n_failed = sum(r["status"] == "failed" for r in rows)
     print(f"\n{len(rows)} trials in {time.time() - t0:.0f}s ({n_failed} failed); * = trial 0, the {s.preset} preset's "

@@ -19,20 +19,32 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from .pruner import RecordCurvePruner
+from .records import Track
 from .spaces import Param, Space
 from .results import trial_dirname, trial_index
 from .trial import FINISHED, TRIAL_CPU, TrialSpec, run_trial
 
 
+OBJECTIVES = {  # name -> (searcher metric(s), mode(s))
+    "loss": ("val_loss", "min"),  # final validation loss at the fixed step budget
+    "time": ("objective_time_s", "min"),  # time to the track's target; misses projected (records.py)
+    "pareto": (["val_loss", "train_time_s"], ["min", "min"]),  # both: Optuna's multi-objective TPE
+}
+
+
 class SpeedrunOptunaSearch(OptunaSearch):
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if isinstance(self.metric, list):
+            return  # Optuna takes no intermediate values in multi-objective studies
         if self.metric in result and trial_id not in self._completed_trials:
             super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if result is not None and not result.get(FINISHED):
             result = None  # stopped early: PRUNED
-        if result is not None and not math.isfinite(result.get(self.metric, math.nan)):
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        if result is not None and not all(math.isfinite(result.get(m, math.nan)) for m in metrics):
             result = None
         super().on_trial_complete(trial_id, result, error)
 
@@ -53,8 +65,10 @@ class SweepPlan:
     trials: int
     concurrency: int
     seed: int
-    scheduler: str  # asha | none
+    scheduler: str  # asha | curve | none
     total_steps: int
+    objective: str = "loss"  # see OBJECTIVES
+    track: Track | None = None  # noise and stored curve for the record-curve pruner
 
     @property
     def folder(self) -> Path:
@@ -64,9 +78,10 @@ class SweepPlan:
 def make_searcher(plan: SweepPlan) -> ConcurrencyLimiter:
     space = plan.space
     points = [space.control_point()] + [dict(p) for p in space.points]
+    metric, mode = OBJECTIVES[plan.objective]
     searcher = SpeedrunOptunaSearch(
         space={p.key: optuna_distribution(p) for p in space.params},
-        metric=space.metric, mode=space.mode, points_to_evaluate=points,
+        metric=metric, mode=mode, points_to_evaluate=points,
         sampler=optuna.samplers.TPESampler(seed=plan.seed),
     )
     return ConcurrencyLimiter(searcher, max_concurrent=plan.concurrency)
@@ -84,12 +99,19 @@ class ControlKeepingASHA(ASHAScheduler):
 
 
 def make_scheduler(plan: SweepPlan):
+    """Early stopping always reads the validation loss curve, whatever the searcher's objective."""
     if plan.scheduler == "none":
         return FIFOScheduler()
+    if plan.scheduler == "curve":
+        track = plan.track
+        if track is None or not track.noise:
+            raise ValueError(f"--scheduler curve needs the track's seed-to-seed noise; track "
+                             f"{track.name if track else None} has none (add `noise` in sweeps/tracks.toml)")
+        return RecordCurvePruner(noise=track.noise, stored_curve=track.curve)
     grace = max(1, round(plan.space.grace_fraction * plan.total_steps))
     # stop_last_trials=False: a trial that reaches max_t still sends its final summary report.
-    return ControlKeepingASHA(time_attr="step", max_t=plan.total_steps, grace_period=grace, reduction_factor=2,
-                              stop_last_trials=False)
+    return ControlKeepingASHA(time_attr="step", metric="val_loss", mode="min", max_t=plan.total_steps,
+                              grace_period=grace, reduction_factor=2, stop_last_trials=False)
 
 
 def make_tuner(plan: SweepPlan, spec: TrialSpec, callbacks: list, restore: bool = False) -> tune.Tuner:
@@ -103,8 +125,8 @@ def make_tuner(plan: SweepPlan, spec: TrialSpec, callbacks: list, restore: bool 
                                   resume_errored=False, restart_errored=False)
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(
-            metric=plan.space.metric, mode=plan.space.mode, search_alg=make_searcher(plan),
+        tune_config=tune.TuneConfig(  # no metric here: the searcher and the scheduler each carry their own
+            search_alg=make_searcher(plan),
             scheduler=make_scheduler(plan), num_samples=plan.trials, reuse_actors=False,
             trial_dirname_creator=trial_dirname,
         ),

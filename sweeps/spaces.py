@@ -57,6 +57,7 @@ class Space:
     steps: int = 0  # 0: the preset's own schedule length
     grace_fraction: float = 0.25
     compile_cost: str = "none"
+    objective: str = "loss"  # loss | time | pareto (sweeps.search.OBJECTIVES)
     path: Path | None = None
 
     def base_config(self) -> TrainConfig:
@@ -101,7 +102,8 @@ def parse_space(raw: dict, name: str, preset: str, path: Path | None = None) -> 
     def fail(msg: str) -> SpaceError:
         return SpaceError(f"{where}: {msg}")
 
-    unknown = set(raw) - {"description", "metric", "mode", "defaults", "fixed", "params", "points", "compile_cost"}
+    unknown = set(raw) - {"description", "metric", "mode", "defaults", "fixed", "params", "points", "compile_cost",
+                           "objective"}
     if unknown:
         raise fail(f"unknown top-level keys {sorted(unknown)}")
     if not raw.get("params"):
@@ -109,6 +111,9 @@ def parse_space(raw: dict, name: str, preset: str, path: Path | None = None) -> 
     mode = raw.get("mode", "min")
     if mode not in ("min", "max"):
         raise fail(f"mode={mode!r}: must be min or max")
+    objective = raw.get("objective", "loss")
+    if objective not in ("loss", "time", "pareto"):
+        raise fail(f"objective={objective!r}: must be loss, time or pareto")
     defaults = raw.get("defaults", {})
     try:
         base = TrainConfig.preset(preset)
@@ -136,7 +141,7 @@ def parse_space(raw: dict, name: str, preset: str, path: Path | None = None) -> 
         trials=int(_per_preset(defaults.get("trials", 8), preset, "defaults.trials", fail)),
         steps=int(_per_preset(defaults.get("steps", 0), preset, "defaults.steps", fail)),
         grace_fraction=float(defaults.get("grace_fraction", 0.25)),
-        compile_cost=raw.get("compile_cost", "none"), path=path,
+        compile_cost=raw.get("compile_cost", "none"), objective=objective, path=path,
     )
     if space.trials < 1:
         raise fail("defaults.trials must be >= 1")

@@ -28,7 +28,7 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 KILL_DRIVER_ENV = "SPEEDRUN_SWEEPS_TEST_KILL_DRIVER_AFTER_TRIAL"
 REPORT_KEYS = ("train_loss", "val_loss", "train_time_s", "tokens", "compile_s", "startup_s", "trial_startup_s")
 ENDED = ("finished", "diverged", "pruned")  # status tags of a trial whose record is complete
-FINAL_KEYS = ("val_loss", "final_val_loss", "train_time_s", "tokens", "compile_s", "startup_s", "val_time_s",
+FINAL_KEYS = ("val_loss", "final_val_loss", "objective_time_s", "train_time_s", "tokens", "compile_s", "startup_s", "val_time_s",
               "peak_mem_bytes", "floor")
 
 
@@ -248,7 +248,8 @@ class MlflowTracker(tune.Callback):
         self.client.set_tag(self.parent_id, "resumed", "true")
 
     # ---- the end of the sweep ----------------------------------------------------------------------
-    def finish_sweep(self, rows: list[dict], curves: dict[str, list[dict]] | None = None) -> None:
+    def finish_sweep(self, rows: list[dict], curves: dict[str, list[dict]] | None = None,
+                     pareto: list[dict] | None = None) -> None:
         import pyarrow as pa
         import pyarrow.csv as pacsv
 
@@ -259,7 +260,14 @@ class MlflowTracker(tune.Callback):
                 pacsv.write_csv(pa.Table.from_pylist(rows), tmp / "leaderboard.csv")
             if curves:
                 plot_curves(curves, self.track, tmp / "all_trials.png")
+            if pareto:
+                pacsv.write_csv(pa.Table.from_pylist(pareto), tmp / "pareto_front.csv")
             self.client.log_artifacts(self.parent_id, str(tmp))
+        if pareto:
+            self.client.set_tag(self.parent_id, "pareto_front", ",".join(str(r["trial_index"]) for r in pareto))
+            for r in pareto:
+                if r.get("mlflow_run_id"):
+                    self.client.set_tag(r["mlflow_run_id"], "pareto", "true")
         self.client.log_batch(self.parent_id, metrics=[
             Metric("n_trials", len(rows), 0, 0), Metric("n_beat_record", len(beat), 0, 0)] + [
             Metric("best_val_loss", min(r["val_loss"] for r in rows if r.get("val_loss") is not None), 0, 0)]

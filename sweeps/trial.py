@@ -14,10 +14,11 @@ import os
 import random
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from speedrun.config import TrainConfig
 
+from .records import Track, projected_time_to_target
 from .spaces import Space
 
 FINISHED = "finished_training"
@@ -42,14 +43,16 @@ class TrialSpec:
     code_version: str = "unknown"
     faults: "FaultPlan | None" = None  # test-only: workers to SIGKILL mid-trial
     done_dir: str = ""  # where each trial leaves its final metrics when it ends (absolute path), if set
+    track: Track | None = None  # for the time objective's projection of a missed target
 
     def config_for(self, params: dict) -> TrainConfig:
         cfg = self.space.trial_config(params, self.steps)
         return cfg.override(self.overrides)
 
 
-def final_metrics(result, cfg: TrainConfig) -> dict:
-    """The last report of a trial. A diverged run reports its step-0 loss, so the searcher learns it was bad."""
+def final_metrics(result, cfg: TrainConfig, track: Track | None = None) -> dict:
+    """The last report of a trial. A diverged run reports its step-0 loss, so the searcher learns it was bad.
+    With a track, `objective_time_s` is the time objective: time to target, or its projection for a miss."""
     first = result.history[0]["val_loss"] if result.history else math.log(cfg.model.vocab_size)
     val = result.val_loss if result.status == "finished" else first
     out = {
@@ -61,6 +64,10 @@ def final_metrics(result, cfg: TrainConfig) -> dict:
     }
     if result.floor is not None:
         out["floor"] = result.floor
+    if track is not None and track.exchange_rate:
+        last = {"step": result.steps, "val_loss": val, "train_time_s": result.train_time_s}
+        history = result.history if result.status == "finished" else [last]
+        out["objective_time_s"] = projected_time_to_target(history or [last], replace(track, target_loss=cfg.run.target_loss))
     return out
 
 
@@ -103,8 +110,9 @@ def worker_loop(loop_config: dict) -> None:
         log_file.write(f"# config: {json.dumps(cfg.to_dict(), sort_keys=True)}\n")
 
     def report(metrics: dict) -> None:
+        metrics = {**metrics, "total_steps": cfg.schedule.total_steps}  # schedulers compare schedule fractions
         if "startup_s" in metrics:  # the first report: the clock starts now
-            metrics = {**metrics, "trial_startup_s": time.time() - trial_start}
+            metrics["trial_startup_s"] = time.time() - trial_start
         ray.train.report(metrics)
 
     def log(line: str) -> None:
@@ -127,7 +135,7 @@ def worker_loop(loop_config: dict) -> None:
     finally:
         if log_file:
             log_file.close()
-    final = final_metrics(result, cfg)
+    final = final_metrics(result, cfg, loop_config.get("track"))
     if rank == 0 and loop_config.get("done_path"):  # the trial's end, durable before Tune hears of it
         write_json_atomic(loop_config["done_path"], final)
     ray.train.report(final)
@@ -171,7 +179,7 @@ def run_trial(config: dict, spec: TrialSpec) -> None:
         worker_loop,
         train_loop_config={"config": cfg.to_dict(), "trial_start": trial_start, "env": spec.env,
                            "log_path": log_path, "code_version": spec.code_version, "fault": fault,
-                           "done_path": done_path},
+                           "done_path": done_path, "track": spec.track},
         scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=spec.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=f"{ctx.get_experiment_name()}-{ctx.get_trial_id()}",

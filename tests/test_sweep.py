@@ -62,3 +62,40 @@ def test_asha_stops_the_poor_arm_and_results_match_tune(local_ray, tmp_path):
         for key in ("val_loss", "train_time_s", "step", "tokens"):
             assert row[key] == pytest.approx(tune[i][key]), (i, key)
         assert row["optim.muon_lr"] == tune[i]["config"]["optim.muon_lr"]
+
+
+def test_curve_pruner_and_pareto_front_in_a_real_sweep(local_ray, tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    rows = sweep(tmp_path, "--space", str(HERE / "spaces" / "curve_arms.toml"), "--scheduler", "curve",
+                 "--objective", "pareto", "--concurrency", "1", "--cpus-per-worker", "1.5", "--tracking-uri", uri)
+    out = capsys.readouterr().out
+    by_index = {r["trial_index"]: r for r in rows}
+    assert by_index[0]["status"] == "finished" and by_index[0]["step"] == 24
+    assert by_index[1]["status"] == "pruned" and by_index[1]["step"] < 24  # fell behind the control's curve
+    assert by_index[2]["status"] == "finished" and by_index[2]["step"] == 24  # tracked it: kept
+    assert "Pareto front" in out
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("curve_arms")
+    parent = client.search_runs([exp.experiment_id], "tags.kind = 'sweep'")[0]
+    front = parent.data.tags["pareto_front"].split(",")
+    assert front and set(front) <= {"0", "2"}
+    assert "pareto_front.csv" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    tagged = client.search_runs([exp.experiment_id], "tags.pareto = 'true'")
+    assert sorted(r.data.tags["trial_index"] for r in tagged) == sorted(front)
+
+
+def test_time_objective_reaches_the_searcher(local_ray, tmp_path):
+    from sweeps.records import get_track
+    from sweeps.search import SpeedrunOptunaSearch
+    rows = sweep(tmp_path, "--space", "muon_lr", "--trials", "2", "--steps", "12", "--scheduler", "none",
+                 "--objective", "time")
+    track = get_track("tiny")
+    searcher = SpeedrunOptunaSearch()
+    searcher.restore_from_dir(str(tmp_path / "s"))
+    values = sorted(t.value for t in searcher._ot_study.trials)
+    assert values == pytest.approx(sorted(r["objective_time_s"] for r in rows))
+    for r in rows:  # 12 steps do not reach the tiny target: the time is projected at the exchange rate
+        assert r["time_to_target_s"] is None
+        extra = 100 * (r["val_loss"] - track.target_loss) / track.exchange_rate * r["train_time_s"] / r["step"]
+        assert r["objective_time_s"] == pytest.approx(r["train_time_s"] + extra, rel=1e-6)
