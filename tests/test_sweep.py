@@ -15,6 +15,8 @@ pytestmark = pytest.mark.slow
 
 
 def sweep(tmp_path, *args):
+    if "--tracking-uri" not in args:  # never the working folder's store
+        args = (*args, "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db")
     rc = sweep_cli.main(["--preset", "tiny", "--storage", str(tmp_path), "--name", "s", *args])
     assert rc == 0
     table = pq.read_table(tmp_path / "s" / "results.parquet").to_pylist()
@@ -23,7 +25,8 @@ def sweep(tmp_path, *args):
 
 @pytest.mark.parametrize("space", ["muon_lr", "adam_lr", "softcap", "windows", "schedule"])
 def test_every_space_runs_a_trial(space, local_ray, tmp_path):
-    rows = sweep(tmp_path, "--space", space, "--trials", "1", "--steps", "12", "--scheduler", "none")
+    rows = sweep(tmp_path, "--space", space, "--trials", "1", "--steps", "12", "--scheduler", "none",
+                 "--set", "run.warmup_steps=0")
     assert len(rows) == 1
     row = rows[0]
     assert row["status"] == "finished" and row["step"] == 12
@@ -89,7 +92,7 @@ def test_time_objective_reaches_the_searcher(local_ray, tmp_path):
     from sweeps.records import get_track
     from sweeps.search import SpeedrunOptunaSearch
     rows = sweep(tmp_path, "--space", "muon_lr", "--trials", "2", "--steps", "12", "--scheduler", "none",
-                 "--objective", "time")
+                 "--objective", "time", "--set", "run.warmup_steps=0")
     track = get_track("tiny")
     searcher = SpeedrunOptunaSearch()
     searcher.restore_from_dir(str(tmp_path / "s"))
