@@ -56,9 +56,9 @@ def spread(values: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--space", default="muon_lr")
+    p.add_argument("--space", default=str(Path(__file__).resolve().parent / "spaces" / "wide_lr.toml"))
     p.add_argument("--trials", type=int, default=6)
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--steps", type=int, default=60)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--schedulers", nargs="+", default=["none", "asha", "curve"])
     p.add_argument("--out", help="also write the per-sweep results as JSON here")

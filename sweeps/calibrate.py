@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.steps + args.delta}")
     print(f"noise = {noise:.4f}")
     print(f"exchange_rate = {rate:.4f}")
+    print(f"curve_steps = {args.steps}")
     print("curve = [" + ", ".join(f"[{f:.3f}, {v:.4f}]" for f, v in curve) + "]")
     return 0
 

@@ -22,6 +22,7 @@ class Track:
     exchange_rate: float | None = None  # loss gained per 100 more steps near the end of the schedule
     noise: float | None = None  # seed-to-seed standard deviation of the final val loss
     curve: tuple = ()  # (schedule fraction, val loss) of the control, for the record-curve pruner
+    curve_steps: int = 0  # the step budget that curve was measured at (a curve holds for that budget only)
 
 
 def load_tracks(path: Path = TRACKS_FILE) -> dict[str, Track]:

@@ -1,6 +1,7 @@
 """`python sweeps/report.py --space muon_lr`: the leaderboard of a space's trials, read back from MLflow.
 
-Best first (by final val loss of finished trials), record-beating trials marked. `--sweep NAME` limits it
+Best first (by final val loss of finished trials, or `--by time`: time to target, projected for misses),
+record-beating trials marked BEAT, trials on a multi-objective sweep's Pareto front marked *. `--sweep NAME` limits it
 to one sweep; `--tracking-uri` / MLFLOW_TRACKING_URI pick the store (default sqlite:///mlflow.db here).
 """
 
@@ -27,6 +28,7 @@ def leaderboard(uri: str, space: str, sweep: str | None = None) -> list[dict]:
             "sweep": t.get("sweep_name"), "trial": int(t.get("trial_index", -1)), "status": t.get("status"),
             "beat_record": t.get("beat_record") == "true", "val_loss": m.get("val_loss"),
             "train_time_s": m.get("train_time_s"), "time_to_target_s": m.get("time_to_target_s"),
+            "objective_time_s": m.get("objective_time_s"), "pareto": t.get("pareto") == "true",
             "run_id": run.info.run_id,
             "params": {k: v for k, v in run.data.params.items()},
         })
@@ -44,23 +46,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", help="only this sweep (its --name)")
     p.add_argument("--tracking-uri")
     p.add_argument("--top", type=int, default=20)
+    p.add_argument("--by", choices=["loss", "time"], default="loss",
+                   help="rank by final val loss (default) or by time to target (projected for misses)")
     args = p.parse_args(argv)
     uri = resolve_uri(args.tracking_uri)
     try:
         keys = [q.key for q in load_space(args.space, "record").params]
         rows = leaderboard(uri, args.space, args.sweep)
+        if args.by == "time":
+            rows.sort(key=lambda r: (r["status"] != "finished", r["objective_time_s"] or math.inf))
     except (SpaceError, LookupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     header = ["rank", "sweep", "trial", "status", *[k.split(".", 1)[1] for k in keys], "val_loss", "train_s",
-              "to_target_s", "record"]
+              "to_target_s", "objective_s", "record", "pareto"]
     body = []
     for i, r in enumerate(rows[: args.top], 1):
         fmt = lambda v: "-" if v is None else f"{float(v):.4g}"  # noqa: E731
         body.append([str(i), r["sweep"] or "", str(r["trial"]), r["status"] or "",
                      *[fmt(r["params"].get(k)) if r["params"].get(k) is not None else "-" for k in keys],
                      fmt(r["val_loss"]), fmt(r["train_time_s"]), fmt(r["time_to_target_s"]),
-                     "BEAT" if r["beat_record"] else ""])
+                     fmt(r["objective_time_s"]), "BEAT" if r["beat_record"] else "", "*" if r["pareto"] else ""])
     widths = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(header)]
     for cells in [header, ["-" * w for w in widths], *body]:
         print("  ".join(c.rjust(w) for c, w in zip(cells, widths)))
