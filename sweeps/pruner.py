@@ -1,7 +1,8 @@
 """The record-curve pruner: a Ray Tune scheduler that stops a trial falling behind the control's curve.
 
-The reference is trial 0's validation curve (the control) against the schedule fraction, or the track's
-stored curve where the control has not got that far. Comparing at equal schedule fractions, never raw
+The reference is the record curve: trial 0's validation curve (the control) against the schedule
+fraction, replaced by any trial's curve that ends below it (the best run so far is the one to beat), or
+the track's stored curve where no such run has got that far. Comparing at equal schedule fractions, never raw
 steps, keeps trials of different schedule lengths comparable and respects the speedrun's schedule: its
 loss early on predicts the final loss poorly. A trial is stopped when its loss exceeds the reference by
 more than a margin calibrated from seed-to-seed noise, wide early and narrowing to `z` noise widths at the
@@ -35,7 +36,8 @@ class RecordCurvePruner(FIFOScheduler):
         if noise <= 0:
             raise ValueError("the record-curve pruner needs a positive seed-to-seed noise (the track's `noise`)")
         self.noise, self.z, self.early, self.min_fraction, self.metric_name = noise, z, early, min_fraction, metric
-        self.control: list[tuple[float, float]] = []
+        self.control: list[tuple[float, float]] = []  # the record curve: trial 0's, or the best finished one
+        self.curves: dict[str, list[tuple[float, float]]] = {}  # every running trial's points so far
         self.stored = sorted(stored_curve)
         self.decisions: list[Decision] = []
 
@@ -58,6 +60,8 @@ class RecordCurvePruner(FIFOScheduler):
             return TrialScheduler.CONTINUE
         fraction = result["step"] / result["total_steps"]
         loss = result[self.metric_name]
+        curve = self.curves.setdefault(trial.trial_id, [])
+        curve.append((fraction, loss))
         if trial_index(trial) == 0:
             self.control.append((fraction, loss))
             self.control.sort()
@@ -72,6 +76,13 @@ class RecordCurvePruner(FIFOScheduler):
             self.decisions.append(Decision(trial_index(trial), fraction, loss, ref, margin))
             return TrialScheduler.STOP
         return TrialScheduler.CONTINUE
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        """A trial that ran its whole schedule and ended below the record curve becomes the record curve."""
+        curve = sorted(self.curves.pop(trial.trial_id, []))
+        if (curve and curve[-1][0] >= 1.0 and self.control and self.control[-1][0] >= 1.0
+                and curve[-1][1] < self.control[-1][1]):
+            self.control = curve
 
     def debug_string(self) -> str:
         return f"RecordCurvePruner: {len(self.decisions)} trials stopped"

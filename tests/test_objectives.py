@@ -62,6 +62,20 @@ def test_pruner_stops_a_trial_behind_the_control_and_keeps_one_that_tracks_it():
     assert feed(pruner, 3, nan)[-1] == TrialScheduler.STOP
 
 
+def test_a_trial_that_ends_below_the_control_becomes_the_record_curve():
+    pruner = RecordCurvePruner(noise=0.01)
+    feed(pruner, 0, [(0, 4.85), (50, 2.0), (100, 1.60)])
+    better = [(0, 4.85), (50, 1.8), (100, 1.40)]
+    feed(pruner, 1, better)
+    assert feed(pruner, 2, [(50, 1.95)]) == [TrialScheduler.CONTINUE]  # within the margin of the control...
+    pruner.on_trial_complete(None, trial(1), {})
+    assert feed(pruner, 3, [(50, 1.95)]) == [TrialScheduler.STOP]  # ...but far behind the new record curve
+    worse = [(0, 4.85), (50, 1.85), (100, 1.45)]
+    feed(pruner, 4, worse)
+    pruner.on_trial_complete(None, trial(4), {})  # ends above the record curve: it stays as it was
+    assert pruner.reference(1.0) == pytest.approx(1.40)
+
+
 def test_pruner_compares_equal_schedule_fractions_not_steps():
     pruner = RecordCurvePruner(noise=0.01)
     feed(pruner, 0, [(0, 4.85), (50, 2.0), (100, 1.38)], total=100)
