@@ -75,8 +75,23 @@ def capped_logsumexp(s: torch.Tensor) -> torch.Tensor:
 
 
 def shifted_targets(targets: torch.Tensor, k: int) -> torch.Tensor:
-    """targets[:, t + k] at position t; -1 (matches no token) where t + k runs off the row."""
-    return torch.nn.functional.pad(targets[:, k:], (0, k), value=-1)
+    """targets[:, t + k] at position t; -1 (matches no token) where t + k runs off the row. Every tensor keeps
+    the row's full length: the compiler (inductor, torch 2.11) failed to fuse length-T with length-(T-k) loops."""
+    T = targets.size(1)
+    pos = torch.arange(T, device=targets.device)
+    return torch.where(pos < T - k, torch.roll(targets, -k, dims=1), -1)
+
+
+def mtp_from_lse(s: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_k w_k * mean over t < T-k of (lse_t - s[t, y_{t+k}]), with the picks as masked vocabulary sums."""
+    B, T = targets.shape
+    vocab = torch.arange(s.size(-1), device=s.device)
+    loss = s.new_zeros(())
+    for k in range(weights.numel()):
+        tk = shifted_targets(targets, k)
+        picked = torch.where(vocab == tk.unsqueeze(-1), s, 0.0).sum(-1)
+        loss = loss + weights[k] * torch.where(tk >= 0, lse - picked, 0.0).sum() / (B * (T - k))
+    return loss
 
 
 class _FP8HeadLoss(torch.autograd.Function):
@@ -94,11 +109,7 @@ class _FP8HeadLoss(torch.autograd.Function):
         z = scaled_mm(xq, sx, wq.t(), sw, torch.bfloat16, emulate).view(B, T, -1)
         s = softcap_logits(z, softcap)
         lse = capped_logsumexp(s)
-        vocab = torch.arange(s.size(-1), device=s.device)
-        loss = s.new_zeros(())
-        for k in range(weights.numel()):
-            picked = torch.where(vocab == targets[:, k:].unsqueeze(-1), s[:, : T - k], 0.0).sum(-1)
-            loss = loss + weights[k] * (lse[:, : T - k] - picked).mean()
+        loss = mtp_from_lse(s, lse, targets, weights)
         ctx.save_for_backward(xq, sx, wq, sw, z, lse, targets, weights, softcap)
         ctx.emulate, ctx.w_dtype = emulate, w.dtype
         return loss

@@ -24,11 +24,20 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import flex_windowed_attention, segment_ids, sliding_block_mask, windowed_attention
 from .config import ModelConfig
-from .fp8 import capped_logsumexp, fp8_head_loss, fp8_linear
+from .fp8 import capped_logsumexp, fp8_head_loss, fp8_linear, mtp_from_lse
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
+
+
+def previous_in_document(x: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
+    """x at the previous position (dim 1) where it belongs to the same document, else 0. Written with full-length
+    tensors only: compiled, length-T and length-(T-1) loops tripped inductor's mixed-order reduction fusion."""
+    T = segment.size(1)
+    same = (segment == torch.roll(segment, 1, dims=1)) & (torch.arange(T, device=segment.device) > 0)
+    same = same.view(*same.shape, *([1] * (x.dim() - 2)))
+    return torch.where(same, torch.roll(x, 1, dims=1), 0.0)
 
 
 class CastedLinear(nn.Linear):
@@ -133,9 +142,7 @@ class CausalSelfAttention(nn.Module):
     def offset_keys(self, k: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
         """The last key_offset_dims (unrotated) dims of each key come from the previous token of the document."""
         n = self.cfg.key_offset_dims
-        same_doc = (segment[:, 1:] == segment[:, :-1]).unsqueeze(-1).unsqueeze(-1).type_as(k)
-        shifted = torch.cat([torch.zeros_like(k[:, :1, :, -n:]), k[:, :-1, :, -n:] * same_doc], dim=1)
-        return torch.cat([k[..., :-n], shifted], dim=-1)
+        return torch.cat([k[..., :-n], previous_in_document(k[..., -n:], segment)], dim=-1)
 
     @staticmethod
     def pair(t: torch.Tensor) -> torch.Tensor:
@@ -205,9 +212,8 @@ class SmearGate(nn.Module):
         self.lam = nn.Parameter(torch.zeros(()))
 
     def forward(self, x: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
-        same_doc = (segment[:, 1:] == segment[:, :-1]).unsqueeze(-1).type_as(x)
-        g = torch.sigmoid(F.linear(x[:, 1:, : self.gd], self.gate.type_as(x)))
-        return torch.cat([x[:, :1], x[:, 1:] + self.lam.type_as(x) * g * same_doc * x[:, :-1]], dim=1)
+        g = torch.sigmoid(F.linear(x[..., : self.gd], self.gate.type_as(x)))
+        return x + self.lam.type_as(x) * g * previous_in_document(x, segment)
 
 
 class BigramHashEmbedding(nn.Module):
@@ -348,11 +354,8 @@ class GPT(nn.Module):
 
 
 def pick(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """logits[b, t, targets[b, t]]. Compiled, as a masked sum over the vocabulary: it fuses into the
-    log-sum-exp pass, and its backward is elementwise (a gather's backward scatters into a full-size zero tensor)."""
-    if torch.compiler.is_compiling():
-        vocab = torch.arange(logits.size(-1), device=logits.device)
-        return torch.where(vocab == targets.unsqueeze(-1), logits, 0.0).sum(-1)
+    """logits[b, t, targets[b, t]] (eager; compiled code uses mtp_from_lse's masked sums, whose backward is
+    elementwise where a gather's scatters into a full-size zero tensor)."""
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
@@ -362,7 +365,10 @@ def mtp_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor 
     capped: the logits are softcapped (bounded), which allows a one-pass log-sum-exp when compiled."""
     T = targets.size(1)
     weights = torch.as_tensor(weights, dtype=torch.float32, device=logits.device)
-    lse = capped_logsumexp(logits) if capped and torch.compiler.is_compiling() else logits.logsumexp(dim=-1)
+    if torch.compiler.is_compiling():
+        lse = capped_logsumexp(logits) if capped else logits.logsumexp(dim=-1)
+        return mtp_from_lse(logits, lse, targets, weights)
+    lse = logits.logsumexp(dim=-1)
     total = logits.new_zeros(())
     for k in range(min(weights.numel(), T)):
         picked = pick(logits[:, : T - k], targets[:, k:])

@@ -132,9 +132,14 @@ def fast_path_kernels(cfg: TrainConfig, device: torch.device) -> tuple[bool, boo
     return flex, cuda and cfg.model.use_fp8
 
 
-def allow_stage_recompiles() -> None:
-    """Each stage's shape (and train/validation, tied/untied) is its own graph: more than dynamo's default 8."""
+def configure_compiler() -> None:
+    """Each stage's shape (and train/validation, tied/untied) is its own graph: more than dynamo's default 8.
+    Inductor's mixed-order reduction fusion is off unless TORCHINDUCTOR_MIX_ORDER_REDUCTION=1: on torch 2.11 it
+    failed an internal assertion ("32768 v.s. 32767") compiling the stage-1 shape on an H100."""
     import torch._dynamo.config as dc
+    import torch._inductor.config as ic
+    if hasattr(ic.triton, "mix_order_reduction"):
+        ic.triton.mix_order_reduction = os.environ.get("TORCHINDUCTOR_MIX_ORDER_REDUCTION") == "1"
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(dc, name):
             setattr(dc, name, max(getattr(dc, name), 64))
@@ -186,7 +191,7 @@ class _Trainer:
         self.forward = self.model
         self.val_mtp = torch.ones(1, device=self.device)  # validation: the next-token loss alone
         if self.compiled:
-            allow_stage_recompiles()
+            configure_compiler()
             self.forward = torch.compile(self.model, dynamic=False, fullgraph=True)
         self._reset()
 
