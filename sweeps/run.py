@@ -141,36 +141,37 @@ def execute(make_tuner_fn, address: str | None, env: dict, need: tuple | None = 
                  logging_level="WARNING", configure_logging=True)
     try:
         if need:
-            check_capacity(ray.cluster_resources(), *need)
+            check_capacity(ray.cluster_resources(), "the Ray cluster", *need)
         return make_tuner_fn().fit()
     finally:
         if own_ray:
             ray.shutdown()
 
 
-def check_capacity(cluster: dict, workers: int, use_gpu: bool, gpus_per_worker: float, cpus_per_worker: float):
-    have_gpu, have_cpu = cluster.get("GPU", 0), cluster.get("CPU", 0)
+def check_capacity(have: dict, where: str, workers: int, use_gpu: bool, gpus_per_worker: float,
+                   cpus_per_worker: float) -> None:
+    """BadInput unless `have` ({"CPU": n, "GPU": m}: this machine, or the whole Ray cluster) holds one trial."""
+    from sweeps.trial import TRIAL_CPU
+
+    have_gpu, have_cpu = have.get("GPU", 0), have.get("CPU", 0)
     if use_gpu and workers * gpus_per_worker > have_gpu:
-        raise BadInput(f"a trial needs {workers * gpus_per_worker:g} GPUs ({workers} workers x {gpus_per_worker:g}); "
-                       f"the Ray cluster has {have_gpu:g}: lower --workers-per-trial or add GPU nodes")
-    if workers * cpus_per_worker > have_cpu:
-        raise BadInput(f"a trial needs {workers * cpus_per_worker:g} CPUs; the Ray cluster has {have_cpu:g}: "
-                       f"lower --workers-per-trial or --cpus-per-worker")
+        raise BadInput(f"a trial needs {workers * gpus_per_worker:g} GPUs (--workers-per-trial {workers} x "
+                       f"--gpus-per-worker {gpus_per_worker:g}); {where} has {have_gpu:g}: lower them or add GPUs")
+    if workers * cpus_per_worker + TRIAL_CPU > have_cpu:
+        raise BadInput(f"a trial needs {workers * cpus_per_worker + TRIAL_CPU:g} CPUs (--workers-per-trial {workers} x "
+                       f"--cpus-per-worker {cpus_per_worker:g}, +{TRIAL_CPU} for the trial itself); {where} has "
+                       f"{have_cpu:g}: lower one of them")
 
 
 def worker_layout(args, preset: str, res: Resources) -> tuple[bool, float, int]:
-    """(use_gpu, gpus_per_worker, workers per trial) from the flags and the machine; ValueError if it cannot fit."""
-    from sweeps.trial import TRIAL_CPU
-
+    """(use_gpu, gpus_per_worker, workers per trial) from the flags and the machine; BadInput if a trial cannot
+    fit on this machine (on a remote cluster, execute() checks once connected)."""
     use_gpu = preset == "record" and res.gpus > 0 if args.gpus_per_worker is None else args.gpus_per_worker > 0
     gpus_per_worker = (1.0 if use_gpu else 0.0) if args.gpus_per_worker is None else args.gpus_per_worker
     workers = args.workers_per_trial or (max(1, int(res.gpus // gpus_per_worker)) if use_gpu else 1)
-    if use_gpu and not args.address and workers * gpus_per_worker > res.gpus:
-        raise ValueError(f"--workers-per-trial {workers} x --gpus-per-worker {gpus_per_worker:g} needs "
-                         f"{workers * gpus_per_worker:g} GPUs; this machine has {res.gpus}")
-    if not use_gpu and not args.address and workers * args.cpus_per_worker + TRIAL_CPU > res.cpus:
-        raise ValueError(f"--workers-per-trial {workers} x --cpus-per-worker {args.cpus_per_worker:g} (+{TRIAL_CPU} "
-                         f"for the trial itself) needs more than the {res.cpus:g} CPUs here: lower one of them")
+    if not args.address:
+        check_capacity({"CPU": res.cpus, "GPU": res.gpus}, "this machine", workers, use_gpu, gpus_per_worker,
+                       args.cpus_per_worker)
     return use_gpu, gpus_per_worker, workers
 
 
@@ -206,18 +207,16 @@ SETTINGS_FILE = "sweep.json"  # the sweep's own settings, so that --resume needs
 RESUMABLE_KEEP = ("name", "storage", "address", "resume")  # what --resume may still set
 
 
-def sweep_folder_of(args) -> Path | str:
-    if "://" in args.storage:
-        return args.storage.rstrip("/") + "/" + args.name
-    return Path(args.storage).expanduser().resolve() / args.name
+def storage_root(args) -> Path:
+    """--storage as the folder holding sweep folders (absolute; a URI is kept as given)."""
+    return Path(args.storage).expanduser().resolve() if "://" not in args.storage else Path(args.storage)
 
 
 def resume_args(args) -> argparse.Namespace:
     """--resume --name N: the stored settings of sweep N, refusing flags that would change it."""
     if not args.name:
         raise BadInput("--resume needs --name NAME of the sweep to continue")
-    folder = sweep_folder_of(args)
-    settings = Path(str(folder)) / SETTINGS_FILE
+    settings = storage_root(args) / args.name / SETTINGS_FILE
     if not settings.exists():
         parent = settings.parent.parent
         known = sorted(p.parent.name for p in parent.glob(f"*/{SETTINGS_FILE}")) if parent.is_dir() else []
@@ -295,7 +294,7 @@ def plan_sweep(args) -> Sweep:
         raise BadInput(f"--steps {steps}: {e}") from None
     concurrency = concurrency_for(args, use_gpu, gpus_per_worker, workers, res, trials)
     args.name = args.name or f"{space.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    storage = Path(args.storage).expanduser().resolve() if "://" not in args.storage else args.storage
+    storage = storage_root(args)
     objective = args.objective or space.objective
     if objective == "time" and not track.exchange_rate:
         raise BadInput(f"--objective time needs the track's exchange_rate; track {track.name} has none "
@@ -303,11 +302,11 @@ def plan_sweep(args) -> Sweep:
     if args.scheduler == "curve" and not track.noise:
         raise BadInput(f"--scheduler curve needs the track's seed-to-seed noise; track {track.name} has none "
                        f"(add `noise` in sweeps/tracks.toml)")
-    plan = SweepPlan(space, args.name, Path(storage), trials, concurrency, args.seed, args.scheduler, total_steps,
+    plan = SweepPlan(space, args.name, storage, trials, concurrency, args.seed, args.scheduler, total_steps,
                      objective, track)
     folder = plan.folder
-    restore = bool(args.resume) and (Path(str(folder)) / "tuner.pkl").exists()
-    if not args.resume and (Path(str(folder)) / SETTINGS_FILE).exists():
+    restore = bool(args.resume) and (folder / "tuner.pkl").exists()
+    if not args.resume and (folder / SETTINGS_FILE).exists():
         raise BadInput(f"sweep {args.name!r} already exists in {storage}: pass --resume to continue it, "
                        f"or choose another --name")
     ray_env()
@@ -342,7 +341,7 @@ def check_tracking_uri(uri: str) -> None:
 
 
 def save_settings(sweep: Sweep) -> None:
-    folder = Path(str(sweep.plan.folder))
+    folder = sweep.plan.folder
     folder.mkdir(parents=True, exist_ok=True)
     stored = {k: v for k, v in vars(sweep.args).items() if k not in RESUMABLE_KEEP}
     stored["tracking_uri"] = sweep.uri
@@ -391,7 +390,7 @@ def run_sweep(sweep: Sweep, tracker) -> int:
     from sweeps.search import make_tuner
 
     s, args, space = sweep, sweep.args, sweep.space
-    folder = Path(str(s.plan.folder))
+    folder = s.plan.folder
     save_settings(s)
     if s.restore:
         tracker.reopen()

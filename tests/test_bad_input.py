@@ -109,8 +109,8 @@ def test_more_gpus_per_trial_than_the_machine_has(capsys):
 
 def test_more_gpus_per_trial_than_the_cluster_has():
     with pytest.raises(sweep_cli.BadInput, match="the Ray cluster has 8 GPUs|the Ray cluster has 8"):
-        sweep_cli.check_capacity({"CPU": 128, "GPU": 8}, 16, True, 1.0, 1.0)
-    sweep_cli.check_capacity({"CPU": 128, "GPU": 8}, 8, True, 1.0, 1.0)
+        sweep_cli.check_capacity({"CPU": 128, "GPU": 8}, "the Ray cluster", 16, True, 1.0, 1.0)
+    sweep_cli.check_capacity({"CPU": 128, "GPU": 8}, "the Ray cluster", 8, True, 1.0, 1.0)
 
 
 def test_resume_of_a_sweep_that_does_not_exist(capsys, tmp_path):
