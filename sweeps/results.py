@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray import tune
 
-from .trial import FINISHED, REPLAYED
+from .trial import FINISHED, REPLAYED, index_from_dirname
 
 METRIC_COLUMNS = ("val_loss", "final_val_loss", "train_time_s", "time_to_target_s", "objective_time_s", "tokens", "step",
                   "startup_s", "trial_startup_s", "compile_s", "val_time_s", "peak_mem_bytes", "floor", "time_total_s")
@@ -24,11 +24,6 @@ def trial_index(trial) -> int:
 
 def trial_dirname(trial) -> str:
     return f"trial_{trial_index(trial):04d}_{trial.trial_id}"
-
-
-def index_from_path(path: str) -> int:
-    name = Path(path).name
-    return int(name.split("_")[1]) if name.startswith("trial_") else -1
 
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -53,7 +48,7 @@ def rows_from_grid(grid, param_keys: list[str]) -> list[dict]:
     for res in grid:
         m = dict(res.metrics or {})
         trial_id = m.get("trial_id") or Path(res.path).name.split("_")[-1]
-        index = index_from_path(res.path)
+        index = index_from_dirname(res.path)
         df = res.metrics_dataframe
         if "trial_startup_s" not in m and df is not None and "trial_startup_s" in df:
             vals = df["trial_startup_s"].dropna()
