@@ -1,7 +1,7 @@
 """Compute spent and best time to target for {no pruning, ASHA, record-curve pruner} x sweep seeds.
 
     python benchmarks/search_efficiency.py                       # tiny track on CPU: 3 x 3 sweeps
-    python benchmarks/search_efficiency.py --trials 8 --steps 100 --seeds 0 1 2 3
+    python benchmarks/search_efficiency.py --trials 6 --steps 60 --seeds 0 1 2 3
 
 Every sweep searches the same space with the time-to-target objective and the same budget of trials; for
 one sweep seed the searcher proposes the same configs under every scheduler (TPE's first trials are its
@@ -57,8 +57,8 @@ def spread(values: list[float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--space", default=str(Path(__file__).resolve().parent / "spaces" / "wide_lr.toml"))
-    p.add_argument("--trials", type=int, default=6)
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--trials", type=int, default=8)
+    p.add_argument("--steps", type=int, default=100)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--schedulers", nargs="+", default=["none", "asha", "curve"])
     p.add_argument("--out", help="also write the per-sweep results as JSON here")
