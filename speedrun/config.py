@@ -436,3 +436,34 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, tuple):
         return [_jsonable(x) for x in v]
     return v
+
+
+# ---- what compiles -------------------------------------------------------------------------------
+# Knobs whose values are baked into compiled graphs: shapes (batch, sequence, windows, widths), layer
+# switches, Python-level branches and loop counts. Every other knob reaches compiled code as a tensor or
+# only moves the schedule, so changing it between trials reuses the compiled graphs.
+_MODEL_TENSOR_KNOBS = {"softcap_scale", "softcap_shift", "softcap_div", "attn_scale", "rope_min_freq", "untie_step"}
+_GRAPH_KNOBS = {
+    "schedule": {"tokens_per_step", "max_seq_lens", "short_windows", "long_windows", "final_long_window"},
+    "optim": {"polar_express_steps", "cautious_wd"},
+    "data": {"max_micro_batch_tokens", "val_micro_batch_tokens", "val_tokens", "bos_id"},
+    "run": {"compile", "dtype", "device"},
+}
+
+
+def recompiles(key: str) -> bool:
+    """Whether changing this dotted knob (`schedule.long_windows.2` too) changes the compiled graphs."""
+    section, name, _ = _split_key(key)
+    if section == "model":
+        return name not in _MODEL_TENSOR_KNOBS
+    return name in _GRAPH_KNOBS.get(section, set())
+
+
+def graph_signature(cfg: TrainConfig) -> dict[str, Any]:
+    """The values that decide which graphs a run compiles (plus the number of stages and of MTP targets).
+    Two configs with the same signature, on the same world size and GPU, compile the same graphs."""
+    flat = cfg.to_dict()
+    sig = {k: v for k, v in flat.items() if recompiles(k)}
+    sig["schedule.num_stages"] = cfg.schedule.num_stages
+    sig["schedule.mtp_lengths"] = [len(w) for w in cfg.schedule.mtp_start]
+    return sig
