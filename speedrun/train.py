@@ -328,7 +328,7 @@ class _Trainer:
                     self.log(f"step:{step}/{total_steps} val_loss:{val_loss:.4f} train_time:{train_time * 1000:.0f}ms "
                              f"step_avg:{train_time * 1000 / max(step, 1):.2f}ms")
                 if self.report:
-                    self.report(dict(entry))
+                    self.report({**entry, "val_time_s": val_time})
                 if not math.isfinite(val_loss):
                     status = "diverged"
                     break
