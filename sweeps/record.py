@@ -161,7 +161,8 @@ def run_with_ray(cfg, overrides, seeds, name, storage, track, uri, args, res: Re
     spec = TrialSpec(space=space, overrides=overrides, steps=0, workers=workers, use_gpu=use_gpu,
                      cpus_per_worker=args.cpus_per_worker, gpus_per_worker=gpus_per_worker,
                      train_storage=str(plan.folder / "train_runs"), max_failures=1, env=env,
-                     log_dir=str(plan.folder / "logs"), code_version=code_version())
+                     log_dir=str(plan.folder / "logs"), code_version=code_version(),
+                     compile_cache=str(plan.folder / "compile_cache"))
     tracker = MlflowTracker(uri, EXPERIMENT, name, {"kind": "record attempt", "runs": len(seeds), "seeds": seeds,
                                                     "workers_per_trial": workers},
                             track, cfg.schedule.total_steps, spec.config_for)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,7 +15,12 @@ from ray import tune
 from .trial import FINISHED, REPLAYED, index_from_dirname
 
 METRIC_COLUMNS = ("val_loss", "final_val_loss", "train_time_s", "time_to_target_s", "objective_time_s", "tokens", "step",
-                  "startup_s", "trial_startup_s", "compile_s", "val_time_s", "peak_mem_bytes", "floor", "time_total_s")
+                  "startup_s", "trial_startup_s", "compile_s", "val_time_s", "peak_mem_bytes", "floor", "time_total_s",
+                  "compile_graphs", "compile_fx_cache_hits", "compile_fx_cache_misses", "compile_artifacts_loaded")
+# reported once (at the first report) or cumulatively (at validations): a trial stopped early has them only
+# in an earlier report than its last
+EARLIER_REPORT_COLUMNS = ("trial_startup_s", "startup_s", "compile_s", "val_time_s", "compile_graphs",
+                          "compile_fx_cache_hits", "compile_fx_cache_misses", "compile_artifacts_loaded")
 
 
 def trial_index(trial) -> int:
@@ -50,10 +56,11 @@ def rows_from_grid(grid, param_keys: list[str]) -> list[dict]:
         trial_id = m.get("trial_id") or Path(res.path).name.split("_")[-1]
         index = index_from_dirname(res.path)
         df = res.metrics_dataframe
-        if "trial_startup_s" not in m and df is not None and "trial_startup_s" in df:
-            vals = df["trial_startup_s"].dropna()
-            if len(vals):
-                m["trial_startup_s"] = float(vals.iloc[0])
+        for k in EARLIER_REPORT_COLUMNS:
+            if k not in m and df is not None and k in df:
+                vals = df[k].dropna()
+                if len(vals):
+                    m[k] = float(vals.iloc[-1])
         row = {"trial_index": index, "trial_id": trial_id,
                "status": trial_status(m, res.error), "error": error_summary(str(res.error)) if res.error else None}
         for k in param_keys:
@@ -89,6 +96,53 @@ def pareto_front(rows: list[dict], x: str = "val_loss", y: str = "train_time_s")
     return sorted(front, key=lambda r: r[x])
 
 
+@dataclass(frozen=True)
+class TimeSplit:
+    """Where a sweep's device time went: slots (GPUs, or CPU workers without GPUs) x wall time, split into
+    what the trials measured themselves (timed training, compilation, validation, other start-up: Ray,
+    process, data, model), idle (no trial holding the slot: waiting for placement, Ray start-up and
+    teardown between trials) and `other`: held time that no trial clock explains (should be near zero)."""
+    slots: int
+    wall_s: float
+    training: float
+    compiling: float
+    validating: float
+    starting: float
+    idle: float
+    other: float
+
+    @property
+    def total(self) -> float:
+        return self.slots * self.wall_s
+
+    def parts(self) -> dict[str, float]:
+        return {"training": self.training, "compiling": self.compiling, "validating": self.validating,
+                "starting": self.starting, "idle": self.idle, "other": self.other}
+
+    def format(self, unit: str) -> str:
+        lines = [f"{unit} time: {self.slots} x {self.wall_s:.0f}s wall = {self.total:.0f} {unit}-s",
+                 f"  {'':12}{unit + '-s':>10}  {'share':>6}"]
+        for name, v in self.parts().items():
+            lines.append(f"  {name:12}{v:>10.0f}  {100 * v / self.total if self.total else 0:>5.1f}%")
+        return "\n".join(lines)
+
+
+def time_split(rows: list[dict], wall_s: float, slots: int, workers: int) -> TimeSplit:
+    """Each trial holds `workers` slots for Tune's time_total_s (trainable start to its last report), which
+    the trial's own clocks divide: start-up to the first timed step (compilation inside it), timed training,
+    validation. Sums over trials, times workers."""
+    get = lambda r, k: r.get(k) or 0.0  # noqa: E731
+    held = sum(get(r, "time_total_s") for r in rows)
+    training = sum(get(r, "train_time_s") for r in rows)
+    compiling = sum(get(r, "compile_s") for r in rows)
+    validating = sum(get(r, "val_time_s") for r in rows)
+    starting = sum(max(0.0, get(r, "trial_startup_s") - get(r, "compile_s")) for r in rows)
+    other = held - training - compiling - validating - starting
+    w = workers
+    return TimeSplit(slots, wall_s, training * w, compiling * w, validating * w, starting * w,
+                     slots * wall_s - held * w, other * w)
+
+
 def format_table(rows: list[dict], param_keys: list[str], top: int = 10) -> str:
     def fmt(v, nd=4):
         if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -99,14 +153,14 @@ def format_table(rows: list[dict], param_keys: list[str], top: int = 10) -> str:
 
     short = [k.split(".", 1)[1] for k in param_keys]
     header = ["rank", "trial", "status", *short, "val_loss", "train_s", "to_target_s", "objective_s", "record",
-              "startup_s"]
+              "startup_s", "compile_s", "val_s"]
     body = []
     for i, r in enumerate(rows[:top], 1):
         body.append([str(i), str(r["trial_index"]) + ("*" if r["trial_index"] == 0 else ""), r["status"],
                      *[fmt(r.get(k)) for k in param_keys], fmt(r.get("val_loss")), fmt(r.get("train_time_s"), 3),
                      fmt(r.get("time_to_target_s"), 3), fmt(r.get("objective_time_s"), 3),
                      "BEAT" if r.get("beat_record") else "",
-                     fmt(r.get("trial_startup_s"), 3)])
+                     fmt(r.get("trial_startup_s"), 3), fmt(r.get("compile_s"), 3), fmt(r.get("val_time_s"), 3)])
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)])

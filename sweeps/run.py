@@ -315,7 +315,7 @@ def plan_sweep(args) -> Sweep:
                      cpus_per_worker=args.cpus_per_worker, gpus_per_worker=gpus_per_worker,
                      train_storage=str(folder / "train_runs"), max_failures=args.max_failures, env=env,
                      log_dir=str(folder / "logs"), code_version=code_version(), faults=faults,
-                     done_dir=str(folder / "done"), track=track)
+                     done_dir=str(folder / "done"), track=track, compile_cache=str(folder / "compile_cache"))
     uri = resolve_uri(args.tracking_uri)
     check_tracking_uri(uri)
     return Sweep(args, space, spec, plan, track, uri, preset, trials, total_steps, workers, use_gpu,
@@ -346,6 +346,14 @@ def save_settings(sweep: Sweep) -> None:
     stored = {k: v for k, v in vars(sweep.args).items() if k not in RESUMABLE_KEEP}
     stored["tracking_uri"] = sweep.uri
     (folder / SETTINGS_FILE).write_text(json.dumps(stored, indent=1))
+
+
+def add_wall_time(folder: Path, seconds: float, resumed: bool) -> float:
+    """The sweep's wall time over all its runs (a resumed sweep adds to what the interrupted run spent)."""
+    path = folder / "wall_time.json"
+    before = json.loads(path.read_text())["wall_s"] if resumed and path.exists() else 0.0
+    path.write_text(json.dumps({"wall_s": before + seconds}))
+    return before + seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -386,7 +394,9 @@ def open_tracker(sweep: Sweep):
 
 
 def run_sweep(sweep: Sweep, tracker) -> int:
-    from sweeps.results import RANKING, ProgressPrinter, format_table, pareto_front, ranked, rows_from_grid, write_parquet
+    from sweeps.results import (RANKING, ProgressPrinter, format_table, pareto_front, ranked, rows_from_grid,
+                                time_split, write_parquet)
+    from speedrun.config import recompiles
     from sweeps.search import make_tuner
 
     s, args, space = sweep, sweep.args, sweep.space
@@ -398,6 +408,11 @@ def run_sweep(sweep: Sweep, tracker) -> int:
     print(f"{verb} {s.plan.name}: space {space.name} ({', '.join(p.key for p in space.params)}), preset {s.preset}, "
           f"{s.trials} trials of {s.total_steps} steps, {s.concurrency} at a time, {s.workers} "
           f"{'GPU' if s.use_gpu else 'CPU'} worker(s) each, scheduler {args.scheduler}; folder {folder}")
+    if s.use_gpu and s.spec.config_for(space.control_point()).run.compile:
+        shaping = [p.key for p in space.params if recompiles(p.key)]
+        print(f"compile caches: {folder / 'inductor_cache'} and {s.spec.compile_cache}; "
+              + (f"{', '.join(shaping)} change compiled graphs: each new value compiles" if shaping
+                 else "every searched knob is a tensor in the compiled graphs: trials after the first start warm"))
     t0 = time.time()
     try:
         grid = execute(lambda: make_tuner(s.plan, s.spec, [ProgressPrinter(s.total_steps, space.metric), tracker],
@@ -405,10 +420,12 @@ def run_sweep(sweep: Sweep, tracker) -> int:
                        args.address, s.env, need=(s.workers, s.use_gpu, s.gpus_per_worker, args.cpus_per_worker))
     except BadInput as e:
         return fail(str(e))
+    wall = add_wall_time(folder, time.time() - t0, s.restore)
     keys = [p.key for p in space.params]
     tracker.load_done()
     rows = tracker.annotate(rows_from_grid(grid, keys))
     path = write_parquet(rows, folder / "results.parquet")
+    split = time_split(rows, wall, s.concurrency * s.workers, s.workers)
     settled = grid.num_terminated + grid.num_errors
     if len(grid) < s.trials or settled < len(grid):
         tracker.mark_interrupted()
@@ -417,7 +434,7 @@ def run_sweep(sweep: Sweep, tracker) -> int:
         return 130
     objective = s.plan.objective
     front = pareto_front(rows) if objective == "pareto" else []
-    tracker.finish_sweep(rows, tracker.curves(), pareto=front)
+    tracker.finish_sweep(rows, tracker.curves(), pareto=front, split=split)
     print()
     print(format_table(ranked(rows, *RANKING[objective]), keys))
     if objective == "pareto":
@@ -428,6 +445,7 @@ def run_sweep(sweep: Sweep, tracker) -> int:
     print(f"\n{len(rows)} trials in {time.time() - t0:.0f}s ({n_failed} failed); * = trial 0, the {s.preset} preset's "
           f"values (control); {n_beat} beat the record of track {s.track.name} ({s.track.target_loss} in "
           f"{s.track.record_time_s:g}s)")
+    print(split.format("GPU" if s.use_gpu else "worker"))
     print(f"results: {path}")
     if n_failed:
         print(f"logs of failed trials: {folder}/trial_*/error.txt and {folder / 'logs'}")

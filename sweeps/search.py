@@ -77,7 +77,7 @@ class SweepPlan:
 
 def make_searcher(plan: SweepPlan) -> ConcurrencyLimiter:
     space = plan.space
-    points = [space.control_point()] + [dict(p) for p in space.points]
+    points = space.points_by_graphs(plan.total_steps)
     metric, mode = OBJECTIVES[plan.objective]
     searcher = SpeedrunOptunaSearch(
         space={p.key: optuna_distribution(p) for p in space.params},

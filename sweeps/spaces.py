@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from speedrun.config import TrainConfig
+from speedrun.config import TrainConfig, graph_signature, recompiles
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 
@@ -56,7 +56,7 @@ class Space:
     trials: int = 8
     steps: int = 0  # 0: the preset's own schedule length
     grace_fraction: float = 0.25
-    compile_cost: str = "none"
+    compile_cost: str = "none"  # "recompiles": some knob changes compiled graphs (see _compile_cost)
     objective: str = "loss"  # loss | time | pareto (sweeps.search.OBJECTIVES)
     path: Path | None = None
 
@@ -67,6 +67,19 @@ class Space:
         """The base config's value of every searched knob: trial 0, the control arm."""
         flat = self.base_config().to_dict()
         return {p.key: _lookup(flat, p.key) for p in self.params}
+
+    def points_by_graphs(self, steps: int | None = None) -> list[dict[str, Any]]:
+        """The control, then the space's points with those that compile the same graphs as an earlier one
+        moved up next to it (stable otherwise): one after another they reuse the sweep's compile cache."""
+        import json
+
+        points = [self.control_point(), *map(dict, self.points)]
+        signature = [json.dumps(graph_signature(self.trial_config(p, steps)), sort_keys=True) for p in points]
+        first = {}
+        for i, sig in enumerate(signature):
+            first.setdefault(sig, i)
+        order = sorted(range(len(points)), key=lambda i: (first[signature[i]], i))
+        return [points[i] for i in order]
 
     def trial_config(self, params: dict[str, Any], steps: int | None = None) -> TrainConfig:
         """Base preset + fixed + params (in the preset's own steps), then compressed to the step budget."""
@@ -141,7 +154,7 @@ def parse_space(raw: dict, name: str, preset: str, path: Path | None = None) -> 
         trials=int(_per_preset(defaults.get("trials", 8), preset, "defaults.trials", fail)),
         steps=int(_per_preset(defaults.get("steps", 0), preset, "defaults.steps", fail)),
         grace_fraction=float(defaults.get("grace_fraction", 0.25)),
-        compile_cost=raw.get("compile_cost", "none"), objective=objective, path=path,
+        compile_cost=_compile_cost(raw.get("compile_cost"), params, fail), objective=objective, path=path,
     )
     if space.trials < 1:
         raise fail("defaults.trials must be >= 1")
@@ -164,6 +177,20 @@ def parse_space(raw: dict, name: str, preset: str, path: Path | None = None) -> 
     except ValueError as e:
         raise fail(f"defaults.steps={space.steps}: {e}") from None
     return space
+
+
+def _compile_cost(declared: str | None, params: list[Param], fail) -> str:
+    """What the space's knobs cost in compilation: "recompiles" when a knob is baked into compiled graphs
+    (speedrun.config.recompiles: shapes, layer switches), so trials with new values compile their own graphs;
+    "none" when every knob reaches compiled code as a tensor, so all trials share the first one's graphs.
+    A declared value must agree with what the trainer does."""
+    shaping = [p.key for p in params if recompiles(p.key)]
+    actual = "recompiles" if shaping else "none"
+    if declared is not None and declared != actual:
+        why = (f"{', '.join(shaping)} change compiled graphs" if shaping
+               else "every knob reaches compiled code as a tensor")
+        raise fail(f"compile_cost = {declared!r}, but {why}: set compile_cost = {actual!r} or drop the line")
+    return actual
 
 
 def _parse_param(key: str, spec: dict, preset: str, fail) -> Param:

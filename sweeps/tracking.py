@@ -26,7 +26,9 @@ from .trial import FINISHED
 DEFAULT_URI = "sqlite:///mlflow.db"
 # test-only: SIGKILL the driver right after trial N is recorded, before Tune saves the experiment state
 KILL_DRIVER_ENV = "SPEEDRUN_SWEEPS_TEST_KILL_DRIVER_AFTER_TRIAL"
-REPORT_KEYS = ("train_loss", "val_loss", "train_time_s", "tokens", "compile_s", "startup_s", "trial_startup_s")
+REPORT_KEYS = ("train_loss", "val_loss", "train_time_s", "tokens", "compile_s", "startup_s", "trial_startup_s",
+               "val_time_s", "compile_graphs", "compile_fx_cache_hits", "compile_fx_cache_misses",
+               "compile_artifacts_loaded", "compile_artifacts_saved_bytes")
 ENDED = ("finished", "diverged", "pruned")  # status tags of a trial whose record is complete
 FINAL_KEYS = ("val_loss", "final_val_loss", "objective_time_s", "train_time_s", "tokens", "compile_s", "startup_s", "val_time_s",
               "peak_mem_bytes", "floor")
@@ -249,7 +251,7 @@ class MlflowTracker(tune.Callback):
 
     # ---- the end of the sweep ----------------------------------------------------------------------
     def finish_sweep(self, rows: list[dict], curves: dict[str, list[dict]] | None = None,
-                     pareto: list[dict] | None = None) -> None:
+                     pareto: list[dict] | None = None, split=None) -> None:
         import pyarrow as pa
         import pyarrow.csv as pacsv
 
@@ -272,6 +274,11 @@ class MlflowTracker(tune.Callback):
             Metric("n_trials", len(rows), 0, 0), Metric("n_beat_record", len(beat), 0, 0)] + [
             Metric("best_val_loss", min(r["val_loss"] for r in rows if r.get("val_loss") is not None), 0, 0)]
             if any(r.get("val_loss") is not None for r in rows) else [])
+        if split is not None:  # device-seconds by use (results.TimeSplit)
+            self.client.log_batch(self.parent_id, metrics=[
+                Metric(f"device_s_{k}", v, 0, 0) for k, v in split.parts().items()] + [
+                Metric("device_s_total", split.total, 0, 0),
+                Metric("training_share", split.training / split.total if split.total else 0.0, 0, 0)])
         self.client.set_tag(self.parent_id, "status", "finished")
         self.client.set_terminated(self.parent_id, "FINISHED")
 

@@ -44,6 +44,7 @@ class TrialSpec:
     faults: "FaultPlan | None" = None  # test-only: workers to SIGKILL mid-trial
     done_dir: str = ""  # where each trial leaves its final metrics when it ends (absolute path), if set
     track: Track | None = None  # for the time objective's projection of a missed target
+    compile_cache: str = ""  # folder or URI of the sweep's portable compile-cache artifacts, if set
 
     def config_for(self, params: dict) -> TrainConfig:
         cfg = self.space.trial_config(params, self.steps)
@@ -111,8 +112,9 @@ def worker_loop(loop_config: dict) -> None:
 
     def report(metrics: dict) -> None:
         metrics = {**metrics, "total_steps": cfg.schedule.total_steps}  # schedulers compare schedule fractions
-        if "startup_s" in metrics:  # the first report: the clock starts now
+        if "startup_s" in metrics:  # the first report, after warm-up (compilation); the clock starts now
             metrics["trial_startup_s"] = time.time() - trial_start
+            metrics.update(warm.after_warmup())
         ray.train.report(metrics)
 
     def log(line: str) -> None:
@@ -121,6 +123,7 @@ def worker_loop(loop_config: dict) -> None:
             log_file.flush()
 
     fault = loop_config.get("fault")  # test-only: {"step": k, "marker": path, "every": bool}
+    warm = WarmStart.begin(cfg, loop_config.get("compile_cache", ""), rank)
 
     def report_or_die(metrics: dict) -> None:
         if fault and rank == 0 and metrics.get("step", 0) >= fault["step"] and "train_loss" in metrics:
@@ -139,6 +142,39 @@ def worker_loop(loop_config: dict) -> None:
     if rank == 0 and loop_config.get("done_path"):  # the trial's end, durable before Tune hears of it
         write_json_atomic(loop_config["done_path"], final)
     ray.train.report(final)
+
+
+@dataclass
+class WarmStart:
+    """A worker's use of the sweep's compile caches: load the portable artifacts of its graph signature before
+    compiling; after warm-up, rank 0 saves them if none were there, and the trial reports what it compiled."""
+    store: "ArtifactStore | None"
+    key: str
+    rank: int
+    loaded: bool = False
+
+    @classmethod
+    def begin(cls, cfg: TrainConfig, root: str, rank: int) -> "WarmStart":
+        import torch
+
+        from .compile_cache import ArtifactStore, signature_key
+
+        compiles = cfg.run.compile and cfg.run.device != "cpu" and torch.cuda.is_available()
+        if not (root and compiles):
+            return cls(None, "", rank)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        warm = cls(ArtifactStore(root), signature_key(cfg, world, torch.cuda.get_device_name()), rank)
+        warm.loaded = warm.store.load(warm.key)
+        return warm
+
+    def after_warmup(self) -> dict:
+        from .compile_cache import compile_counters
+
+        out = {f"compile_{k}": v for k, v in compile_counters().items()}
+        out["compile_artifacts_loaded"] = int(self.loaded)
+        if self.store is not None and self.rank == 0:
+            out["compile_artifacts_saved_bytes"] = self.store.save(self.key)
+        return out
 
 
 def write_json_atomic(path: str, data: dict) -> None:
@@ -179,7 +215,7 @@ def run_trial(config: dict, spec: TrialSpec) -> None:
         worker_loop,
         train_loop_config={"config": cfg.to_dict(), "trial_start": trial_start, "env": spec.env,
                            "log_path": log_path, "code_version": spec.code_version, "fault": fault,
-                           "done_path": done_path, "track": spec.track},
+                           "done_path": done_path, "track": spec.track, "compile_cache": spec.compile_cache},
         scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=spec.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=f"{ctx.get_experiment_name()}-{ctx.get_trial_id()}",

@@ -42,6 +42,10 @@ def raw(**params):
     (raw(**{"schedule.long_windows.2": {"type": "int", "low": 8, "high": 40}}), ["long_windows", "max_seq_len"]),
     (raw(**{"optim.muon_lr": {"type": "float", "low": 0.0, "high": 0.05, "log": True}}), ["log=true needs low > 0"]),
     ({"description": "t"}, ["at least one parameter"]),
+    ({**raw(**{"schedule.long_windows.2": {"type": "int", "low": 8, "high": 14}}), "compile_cost": "none"},
+     ["compile_cost = 'none'", "schedule.long_windows.2 change compiled graphs", "'recompiles'"]),
+    ({**raw(**{"optim.muon_lr": {"type": "float", "low": 0.01, "high": 0.05}}), "compile_cost": "recompiles"},
+     ["as a tensor", "compile_cost = 'none'"]),
 ])
 def test_bad_spaces_are_refused(space, words):
     with pytest.raises(SpaceError) as e:
@@ -82,3 +86,16 @@ def test_trial_that_cannot_fit_is_refused_before_ray():
     assert out.returncode == 2
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "--cpus-per-worker" in errors[0]
+
+
+def test_points_that_compile_the_same_graphs_run_next_to_each_other():
+    space = parse_space({**raw(**{"schedule.long_windows.2": {"type": "int", "low": 8, "high": 14},
+                                  "optim.muon_lr": {"type": "float", "low": 0.01, "high": 0.05}}),
+                         "points": [{"schedule.long_windows.2": 9, "optim.muon_lr": 0.02},
+                                    {"schedule.long_windows.2": 11, "optim.muon_lr": 0.04},
+                                    {"schedule.long_windows.2": 9, "optim.muon_lr": 0.03},
+                                    {"schedule.long_windows.2": 11, "optim.muon_lr": 0.01}]}, "w", "record")
+    assert space.compile_cost == "recompiles"
+    order = [(p["schedule.long_windows.2"], p["optim.muon_lr"]) for p in space.points_by_graphs()]
+    # the control (window 11) first, then the other window-11 points, then the window-9 ones; stable within
+    assert order == [(11, 0.023), (11, 0.04), (11, 0.01), (9, 0.02), (9, 0.03)]

@@ -42,7 +42,7 @@ def tune_last_results(folder: Path) -> dict[int, dict]:
     return out
 
 
-def test_asha_stops_the_poor_arm_and_results_match_tune(local_ray, tmp_path):
+def test_asha_stops_the_poor_arm_and_results_match_tune(local_ray, tmp_path, capsys):
     space = str(HERE / "spaces" / "poor_arm.toml")
     # 1.5 CPUs a worker on 2: room for exactly one trial (each trial also holds 0.01 CPU), so trial 2 can
     # start only once the pruned trial's reservation is freed. One trial at a time keeps the order fixed:
@@ -65,6 +65,14 @@ def test_asha_stops_the_poor_arm_and_results_match_tune(local_ray, tmp_path):
         for key in ("val_loss", "train_time_s", "step", "tokens"):
             assert row[key] == pytest.approx(tune[i][key]), (i, key)
         assert row["optim.muon_lr"] == tune[i]["config"]["optim.muon_lr"]
+    # the sweep's worker time split: the trials' own clocks explain the time each trial held its worker
+    from sweeps.results import time_split
+    wall = json.loads((tmp_path / "s" / "wall_time.json").read_text())["wall_s"]
+    split = time_split(rows, wall, slots=1, workers=1)
+    assert split.training > 0 and split.validating > 0 and split.starting > 0 and split.idle > 0
+    assert poor["val_time_s"] > 0 and poor["trial_startup_s"] > 0  # a stopped trial's clocks, from earlier reports
+    assert abs(split.other) <= 0.03 * split.total, split
+    assert "worker time: 1 x" in capsys.readouterr().out
 
 
 def test_curve_pruner_and_pareto_front_in_a_real_sweep(local_ray, tmp_path, capsys):

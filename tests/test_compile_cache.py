@@ -1,0 +1,65 @@
+"""Compile caches shared by a sweep's trials: what recompiles, signatures, and portable artifacts that make a
+fresh process (another node: its own empty Inductor cache) compile nothing.
+
+The artifact test compiles with the real Inductor on the CPU (a C++ compiler builds the kernels) in separate
+processes, each with its own empty TORCHINDUCTOR_CACHE_DIR, as separate Ray nodes would have.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from speedrun.config import TrainConfig, graph_signature, recompiles
+from sweeps.compile_cache import ArtifactStore, signature_key
+
+COMPILE_ONCE = r"""
+import json, sys, torch
+from sweeps.compile_cache import ArtifactStore, compile_counters
+store, mode = ArtifactStore(sys.argv[1]), sys.argv[2]
+loaded = store.load("k") if mode in ("load", "load+save") else False
+lin = torch.nn.Linear(32, 32)
+f = torch.compile(lambda x: torch.nn.functional.gelu(lin(x)).square().sum(), fullgraph=True, dynamic=False)
+x = torch.randn(8, 32)
+f(x).backward()
+f(x * 2).backward()  # same shape: no new graph
+saved = store.save("k") if mode in ("save", "load+save") else 0
+print(json.dumps({"loaded": loaded, "saved": saved, **compile_counters()}))
+"""
+
+
+def test_learning_rates_do_not_change_the_signature_but_windows_do():
+    base = TrainConfig.preset("record")
+    lr = base.override({"optim.muon_lr": 0.05, "optim.adam_lr": 0.02, "model.softcap_scale": 20.0,
+                        "optim.muon_wd": 0.4, "schedule.cooldown_frac": 0.5})
+    win = base.override({"schedule.long_windows.2": 12})
+    assert graph_signature(lr) == graph_signature(base)
+    assert graph_signature(win) != graph_signature(base)
+    assert signature_key(lr, 8) == signature_key(base, 8) != signature_key(win, 8)
+    assert signature_key(base, 8) != signature_key(base, 1)  # micro-batches per rank differ
+    assert not recompiles("optim.muon_lr") and recompiles("schedule.short_windows.0")
+    assert recompiles("data.max_micro_batch_tokens") and not recompiles("schedule.num_scheduled_steps")
+
+
+def _compile_in_fresh_process(tmp_path, name, store, mode):
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{name}"), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", COMPILE_ONCE, store, mode], env=env, capture_output=True,
+                         text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not any(os.access(os.path.join(d, "g++"), os.X_OK) for d in os.environ["PATH"].split(":")),
+                    reason="Inductor on the CPU needs a C++ compiler")
+def test_artifacts_saved_by_one_process_warm_another(tmp_path):
+    store = str(tmp_path / "sweep" / "compile_cache")
+    first = _compile_in_fresh_process(tmp_path, "first", store, "save")
+    assert first["fx_cache_misses"] > 0 and first["saved"] > 0
+    assert ArtifactStore(store).has("k")
+    again = _compile_in_fresh_process(tmp_path, "again", store, "load+save")  # a later trial: loads, saves nothing
+    assert again["loaded"] and again["saved"] == 0
+    assert again["fx_cache_misses"] == 0 and again["fx_cache_hits"] == first["fx_cache_misses"]
+    cold = _compile_in_fresh_process(tmp_path, "cold", store, "none")  # the control: no artifacts, all misses
+    assert cold["fx_cache_hits"] == 0 and cold["fx_cache_misses"] == first["fx_cache_misses"]
