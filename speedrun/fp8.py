@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .head_kernels import head_loss_and_grad, row_targets
+
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 E4M3_MAX, E5M2_MAX = 448.0, 57344.0
 
@@ -98,42 +100,35 @@ class _FP8HeadLoss(torch.autograd.Function):
     """FP8 lm_head, softcap and multi-token cross-entropy as one function, for the compiled fast path.
 
     Forward: z = x @ w.T in FP8 (bf16 out), s = softcap(z), loss = sum_k w_k * mean_t(lse_t - s[t, y_{t+k}]).
-    Backward knows the logit gradient's bound without reading it: |dL/ds| <= sum_k w_k / N_k and
-    ds/dz <= scale / (4 div), so its e5m2 scale needs no amax pass and the gradient is written once, in FP8."""
+    The logit gradient is the upstream gradient (a scalar) times a tensor that forward can already compute,
+    so forward computes it (head_kernels) and z is never saved. Its bound is known without reading it:
+    |dL/ds| <= sum_k w_k / N_k and ds/dz <= scale / (4 div), so its e5m2 scale needs no amax pass; backward
+    folds the upstream gradient into that scale."""
 
     @staticmethod
-    def forward(ctx, x, w, targets, weights, softcap, emulate):
+    def forward(ctx, x, w, targets, weights, softcap, emulate, need_grad):
         B, T, D = x.shape
         xq, sx = quantize(x.reshape(-1, D), E4M3, E4M3_MAX)
         wq, sw = quantize(w, E4M3, E4M3_MAX)
-        z = scaled_mm(xq, sx, wq.t(), sw, torch.bfloat16, emulate).view(B, T, -1)
-        s = softcap_logits(z, softcap)
-        lse = capped_logsumexp(s)
-        loss = mtp_from_lse(s, lse, targets, weights)
-        ctx.save_for_backward(xq, sx, wq, sw, z, lse, targets, weights, softcap)
-        ctx.emulate, ctx.w_dtype = emulate, w.dtype
+        z = scaled_mm(xq, sx, wq.t(), sw, torch.bfloat16, emulate)
+        tgt, coef = row_targets(targets, weights)
+        scale, _, div = softcap.unbind()
+        bound = sum((weights[k] / (B * (T - k))).abs() for k in range(weights.numel())) * scale / (4 * div)
+        sg0 = (bound / E5M2_MAX).clamp_min(1e-30)
+        loss, gq, gqt = head_loss_and_grad(z, tgt, coef, softcap, 1.0 / sg0 if need_grad else None,
+                                           use_triton=not emulate)
+        if need_grad:
+            ctx.save_for_backward(xq, sx, wq, sw, gq, gqt, sg0)
+        ctx.emulate, ctx.w_dtype, ctx.x_shape = emulate, w.dtype, x.shape
         return loss
 
     @staticmethod
     def backward(ctx, g_out):
-        xq, sx, wq, sw, z, lse, targets, weights, softcap = ctx.saved_tensors
-        B, T, V = z.shape
-        K = weights.numel()
-        scale, _, div = softcap.unbind()
-        s = softcap_logits(z, softcap)
-        pos = torch.arange(T, device=z.device)
-        coef = [weights[k] / (B * (T - k)) * (pos < T - k) for k in range(K)]  # (T,) each
-        vocab = torch.arange(V, device=z.device)
-        g = (s - lse.unsqueeze(-1)).exp() * sum(coef).unsqueeze(-1)
-        for k in range(K):
-            g = g - torch.where(vocab == shifted_targets(targets, k).unsqueeze(-1), coef[k].unsqueeze(-1), 0.0)
-        g = g * (s * (1 - s / scale) / div) * g_out
-        bound = g_out.abs() * sum((weights[k] / (B * (T - k))).abs() for k in range(K)) * scale / (4 * div)
-        sg = (bound / E5M2_MAX).clamp_min(1e-30)
-        gq = (g / sg).to(E5M2).view(B * T, V)
+        xq, sx, wq, sw, gq, gqt, sg0 = ctx.saved_tensors
+        sg = sg0 * g_out
         gx = scaled_mm(gq, sg, wq, sw, torch.bfloat16, ctx.emulate)
-        gw = scaled_mm(gq.t(), sg, xq, sx, torch.float32, ctx.emulate).to(ctx.w_dtype)
-        return gx.view(B, T, -1), gw, None, None, None, None
+        gw = scaled_mm(gqt, sg, xq, sx, torch.float32, ctx.emulate).to(ctx.w_dtype)
+        return gx.view(ctx.x_shape), gw, None, None, None, None, None
 
 
 def fp8_head_loss(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
@@ -141,4 +136,5 @@ def fp8_head_loss(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, weigh
     """The multi-token loss of softcap(x @ w.T) with the product in FP8 (see _FP8HeadLoss)."""
     if emulate is None:
         emulate = not fp8_hardware(x.device)
-    return _FP8HeadLoss.apply(x, w, targets, weights, softcap, emulate)
+    need_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+    return _FP8HeadLoss.apply(x, w, targets, weights, softcap, emulate, need_grad)
