@@ -125,7 +125,9 @@ def main() -> None:
         compile_s = max(0.0, warm_s - args.warmup * ms / 1e3)
         rows.append((st.index + 1, st.tokens_per_step, st.max_seq_len, f"{st.short_window}/{st.long_window}",
                      ms, tps, mfu, (torch.cuda.max_memory_allocated() if cuda else 0) / 2**30, compile_s))
-        print(f"stage {st.index + 1}: {ms:.1f} ms/step, {tps / 1e3:.0f}k tokens/s", flush=True)
+        r = rows[-1]  # each row as soon as it is measured: a run cut short still leaves its finished stages
+        print(f"stage {r[0]}: {ms:.1f} ms/step, {tps / 1e3:.0f}k tokens/s, MFU {100 * mfu:.1f}%, "
+              f"peak {r[7]:.1f} GiB, compile {compile_s:.0f} s", flush=True)
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
