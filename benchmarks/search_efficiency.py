@@ -5,7 +5,7 @@
 
 Every sweep searches the same space with the time-to-target objective and the same budget of trials; for
 one sweep seed the searcher proposes the same configs under every scheduler (TPE's first trials are its
-seeded random start-up), so the schedulers are compared on equal arms. Compute = trial-seconds: the wall
+seeded random start-up), so the schedulers are compared on equal arms, one trial at a time. Compute = trial-seconds: the wall
 time each trial held its workers (Tune's time_total_s, start-up included). One local Ray serves all sweeps.
 """
 
@@ -32,7 +32,7 @@ def run_one(scheduler: str, seed: int, args, root: Path) -> dict:
     argv = ["--space", args.space, "--preset", "tiny", "--trials", str(args.trials), "--steps", str(args.steps),
             "--objective", "time", "--scheduler", scheduler, "--seed", str(seed), "--name", name,
             "--storage", str(root / "sweeps"), "--tracking-uri", f"sqlite:///{root}/mlflow.db",
-            "--set", "run.warmup_steps=0"]
+            "--concurrency", "1", "--set", "run.warmup_steps=0"]
     t0 = time.time()
     rc = sweep_cli.main(argv)
     if rc != 0:
@@ -69,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     from sweeps.run import ray_env
 
     ray_env()
-    ray.init(num_cpus=os.cpu_count(), log_to_driver=False, logging_level="WARNING")
+    # Trials run one at a time (--concurrency 1: the pruners compare against finished curves). Ray is told of
+    # twice the machine's CPUs so that a worker reservation leaked by a stopped trial (a Ray 2.60 race seen
+    # here: the raylet keeps a bundle whose placement group the GCS has already removed) cannot leave the next
+    # trial waiting for ever; with one trial at a time this does not oversubscribe the machine.
+    ray.init(num_cpus=2 * os.cpu_count(), log_to_driver=False, logging_level="WARNING")
     results = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
