@@ -16,7 +16,8 @@ from .trial import FINISHED, REPLAYED, index_from_dirname
 
 METRIC_COLUMNS = ("val_loss", "final_val_loss", "train_time_s", "time_to_target_s", "objective_time_s", "tokens", "step",
                   "startup_s", "trial_startup_s", "compile_s", "val_time_s", "peak_mem_bytes", "floor", "time_total_s",
-                  "compile_graphs", "compile_fx_cache_hits", "compile_fx_cache_misses", "compile_artifacts_loaded")
+                  "compile_graphs", "compile_fx_cache_hits", "compile_fx_cache_misses", "compile_artifacts_loaded",
+                  "first_report_s")
 # reported once (at the first report) or cumulatively (at validations): a trial stopped early has them only
 # in an earlier report than its last
 EARLIER_REPORT_COLUMNS = ("trial_startup_s", "startup_s", "compile_s", "val_time_s", "compile_graphs",
@@ -56,6 +57,10 @@ def rows_from_grid(grid, param_keys: list[str]) -> list[dict]:
         trial_id = m.get("trial_id") or Path(res.path).name.split("_")[-1]
         index = index_from_dirname(res.path)
         df = res.metrics_dataframe
+        if df is not None and "trial_startup_s" in df and "time_total_s" in df:
+            first = df[df["trial_startup_s"].notna()]
+            if len(first):  # Tune's clock at the first report: the trial's start-up as the slot held it
+                m["first_report_s"] = float(first["time_total_s"].iloc[-1])
         for k in EARLIER_REPORT_COLUMNS:
             if k not in m and df is not None and k in df:
                 vals = df[k].dropna()
@@ -128,15 +133,16 @@ class TimeSplit:
 
 
 def time_split(rows: list[dict], wall_s: float, slots: int, workers: int) -> TimeSplit:
-    """Each trial holds `workers` slots for Tune's time_total_s (trainable start to its last report), which
-    the trial's own clocks divide: start-up to the first timed step (compilation inside it), timed training,
-    validation. Sums over trials, times workers."""
+    """Each trial holds `workers` slots for Tune's time_total_s (trainable start to its last report): start-up
+    is Tune's clock at the first report (the first timed step; compilation inside it, by the trainer's clock),
+    and after it the trainer's clocks count timed training and validation. Sums over trials, times workers."""
     get = lambda r, k: r.get(k) or 0.0  # noqa: E731
     held = sum(get(r, "time_total_s") for r in rows)
     training = sum(get(r, "train_time_s") for r in rows)
     compiling = sum(get(r, "compile_s") for r in rows)
     validating = sum(get(r, "val_time_s") for r in rows)
-    starting = sum(max(0.0, get(r, "trial_startup_s") - get(r, "compile_s")) for r in rows)
+    starting = sum(max(0.0, (r.get("first_report_s") or get(r, "trial_startup_s")) - get(r, "compile_s"))
+                   for r in rows)
     other = held - training - compiling - validating - starting
     w = workers
     return TimeSplit(slots, wall_s, training * w, compiling * w, validating * w, starting * w,

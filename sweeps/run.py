@@ -137,8 +137,13 @@ def execute(make_tuner_fn, address: str | None, env: dict, need: tuple | None = 
         import sweeps
         runtime_env["py_modules"] = [speedrun, sweeps]
     if own_ray:
+        # A local Ray is told of twice this machine's CPUs. Ray 2.60 can leave a stopped trial's worker
+        # reservation held in the raylet after the GCS has removed its placement group (seen after a prune on
+        # 2 cores: the next trial then waited for ever); the headroom absorbs such a leak. It cannot
+        # oversubscribe: the searcher's concurrency limit (concurrency_for, from the real CPUs) caps live trials.
+        extra = {} if address else {"num_cpus": 2 * (os.cpu_count() or 1)}
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False,
-                 logging_level="WARNING", configure_logging=True)
+                 logging_level="WARNING", configure_logging=True, **extra)
     try:
         if need:
             check_capacity(ray.cluster_resources(), "the Ray cluster", *need)

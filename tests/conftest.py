@@ -17,11 +17,13 @@ def sample_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """A real local Ray with the machine's 2 CPUs, shared by a module's sweeps (one cluster at a time)."""
+    """A real local Ray as the sweep CLI starts one (sweeps.run.execute): the machine's CPUs doubled as logical
+    CPUs, so a worker reservation that Ray leaks after a stop cannot stall the next trial; shared by a module's
+    sweeps (one cluster at a time). Concurrency still comes from the machine's real CPUs."""
     import ray
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"  # Ray Train reports block ~2 s otherwise
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    ray.init(num_cpus=2, log_to_driver=False, logging_level="WARNING")
+    ray.init(num_cpus=2 * (os.cpu_count() or 1), log_to_driver=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
 
