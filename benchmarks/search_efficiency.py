@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -66,14 +65,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from sweeps.run import ray_env
+    from sweeps.run import local_ray_cpus, ray_env
 
     ray_env()
-    # Trials run one at a time (--concurrency 1: the pruners compare against finished curves). Ray is told of
-    # twice the machine's CPUs so that a worker reservation leaked by a stopped trial (a Ray 2.60 race seen
-    # here: the raylet keeps a bundle whose placement group the GCS has already removed) cannot leave the next
-    # trial waiting for ever; with one trial at a time this does not oversubscribe the machine.
-    ray.init(num_cpus=2 * os.cpu_count(), log_to_driver=False, logging_level="WARNING")
+    # one Ray for every sweep, started as the sweep CLI starts its own (headroom for a leaked reservation)
+    ray.init(num_cpus=local_ray_cpus(), log_to_driver=False, logging_level="WARNING")
     results = []
     try:
         with tempfile.TemporaryDirectory() as tmp:

@@ -137,11 +137,7 @@ def execute(make_tuner_fn, address: str | None, env: dict, need: tuple | None = 
         import sweeps
         runtime_env["py_modules"] = [speedrun, sweeps]
     if own_ray:
-        # A local Ray is told of twice this machine's CPUs. Ray 2.60 can leave a stopped trial's worker
-        # reservation held in the raylet after the GCS has removed its placement group (seen after a prune on
-        # 2 cores: the next trial then waited for ever); the headroom absorbs such a leak. It cannot
-        # oversubscribe: the searcher's concurrency limit (concurrency_for, from the real CPUs) caps live trials.
-        extra = {} if address else {"num_cpus": 2 * (os.cpu_count() or 1)}
+        extra = {} if address else {"num_cpus": local_ray_cpus()}
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False,
                  logging_level="WARNING", configure_logging=True, **extra)
     try:
@@ -151,6 +147,14 @@ def execute(make_tuner_fn, address: str | None, env: dict, need: tuple | None = 
     finally:
         if own_ray:
             ray.shutdown()
+
+
+def local_ray_cpus() -> int:
+    """The logical CPUs a local Ray is started with: twice this machine's. Ray 2.60 can leave a stopped trial's
+    worker reservation held in the raylet after the GCS has removed its placement group (seen after a prune on
+    2 cores: the next trial then waited for ever); the headroom absorbs such a leak. It cannot oversubscribe:
+    the searcher's concurrency limit (concurrency_for, from the real CPUs) caps live trials."""
+    return 2 * (os.cpu_count() or 1)
 
 
 def check_capacity(have: dict, where: str, workers: int, use_gpu: bool, gpus_per_worker: float,
