@@ -237,9 +237,11 @@ class GPT(nn.Module):
         V, dim = cfg.padded_vocab_size, cfg.dim
         self.lm_head = CastedLinear(dim, V)
         nn.init.normal_(self.lm_head.weight, std=0.005)
-        self.embed = nn.Embedding(V, dim)  # used once untied; until then lm_head.weight is the embedding
+        self.embed = nn.Embedding(V, dim)  # while tied: a copy of lm_head.weight (see share_tied_weights)
         self.tied = cfg.untie_step != -1
-        if not self.tied:
+        if self.tied:
+            self.share_tied_weights()
+        else:
             nn.init.normal_(self.embed.weight, std=0.5)
         self.bigram = BigramHashEmbedding(cfg) if cfg.use_bigram_embed else None
         self.smear = SmearGate(cfg) if cfg.use_smear_gate else None
@@ -263,16 +265,33 @@ class GPT(nn.Module):
         for lin in [self.lm_head] + [b.mlp.fc for b in self.blocks] + [b.mlp.proj for b in self.blocks]:
             lin.fp8 = fp8
 
+    # Tying is kept out of the forward graph, so tied and untied steps run one compiled graph: while tied, the
+    # input embedding reads a copy of lm_head.weight, and its gradient is added to lm_head's after backward.
+    @torch.no_grad()
+    def share_tied_weights(self) -> None:
+        """While tied: refresh the embedding's copy of lm_head.weight (after every optimiser step)."""
+        if self.tied:
+            self.embed.weight.copy_(self.lm_head.weight)
+
+    @torch.no_grad()
+    def fold_tied_grad(self) -> None:
+        """While tied: the embedding's gradient belongs to lm_head.weight (the shared weight); move it there."""
+        g = self.embed.weight.grad
+        if self.tied and g is not None:
+            if self.lm_head.weight.grad is None:
+                self.lm_head.weight.grad = g.to(self.lm_head.weight.dtype)
+            else:
+                self.lm_head.weight.grad.add_(g)
+            self.embed.weight.grad = None
+
     @torch.no_grad()
     def untie(self) -> None:
         """From here on the input embedding is its own parameter, starting from the shared weights."""
-        if self.tied:
-            self.embed.weight.copy_(self.lm_head.weight)
-            self.tied = False
+        self.share_tied_weights()
+        self.tied = False
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        table = self.lm_head.weight if self.tied else self.embed.weight
-        return F.embedding(tokens, table)
+        return F.embedding(tokens, self.embed.weight)
 
     def block_masks(self, segment: torch.Tensor, windows: tuple[int, int]) -> dict:
         """One BlockMask per (window, paired) combination that some layer uses."""

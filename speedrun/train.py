@@ -133,7 +133,7 @@ def fast_path_kernels(cfg: TrainConfig, device: torch.device) -> tuple[bool, boo
 
 
 def configure_compiler() -> None:
-    """Each stage's shape (and train/validation, tied/untied) is its own graph: more than dynamo's default 8.
+    """Each stage's shape (and train/validation) is its own graph: more than dynamo's default 8.
     Inductor's mixed-order reduction fusion is off unless TORCHINDUCTOR_MIX_ORDER_REDUCTION=1: on torch 2.11 it
     failed an internal assertion ("32768 v.s. 32767") compiling the stage-1 shape on an H100."""
     import torch._dynamo.config as dc
@@ -245,6 +245,7 @@ class _Trainer:
             loss = self._loss(batch, stage, mtp, stage.short_window, stage.long_window)
             (loss / n_chunks).backward()
             total += loss.detach()
+        self.model.fold_tied_grad()
         last = sch.total_steps - 1
         adam_due = self.opt.adam_due(step, last)
         self.adam_accum += 1
@@ -254,6 +255,7 @@ class _Trainer:
         self.dist.sum_(grads + [total])
         self.opt.step(S.lr_multiplier(sch, step), S.muon_momentum(cfg.optim, sch, step), adam_due,
                       1.0 / self.adam_accum)
+        self.model.share_tied_weights()
         self.opt.zero_grad(adam_too=adam_due)
         if adam_due:
             self.adam_accum = 0

@@ -95,3 +95,21 @@ def test_compiled_optimizer_equals_eager():
             opt.step(0.9, 0.9, adam=step % 2 == 1)
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_untying_does_not_recompile():
+    """Tied and untied steps run the same graph: the tie lives outside the forward (a copy and a gradient fold)."""
+    counter = CompileCounter()
+    cfg = TrainConfig.preset("tiny")
+    model = GPT(cfg.model)
+    assert model.tied
+    forward = torch.compile(model, backend=counter, fullgraph=True, dynamic=False)
+    tokens = torch.randint(0, 127, (1, 256))
+    for step in range(4):
+        if step == 2:
+            model.untie()
+        loss = forward(tokens, tokens.roll(-1, 1), torch.ones(1), (64, 128), 256, 127)
+        loss.backward()
+        model.fold_tied_grad()
+        assert (model.embed.weight.grad is None) == model.tied
+    assert counter.frame_count == 1

@@ -4,10 +4,12 @@ import math
 import re
 
 import pytest
+import torch
 
 from conftest import fast_tiny
 from speedrun.config import TrainConfig
-from speedrun.train import micro_tokens_for, time_to_target, train
+from speedrun.model import GPT
+from speedrun.train import _Trainer, micro_tokens_for, time_to_target, train
 
 
 def test_tiny_learns_and_reports():
@@ -110,3 +112,26 @@ def test_chunked_head_loss_equals_the_plain_loss():
     g1, = torch.autograd.grad(chunked, x)
     g2, = torch.autograd.grad(plain, x)
     assert torch.allclose(g1, g2, atol=1e-6)
+
+
+def test_tied_gradient_is_the_shared_weights_gradient():
+    """While tied, the folded lm_head gradient equals autograd's through one truly shared weight tensor, and the
+    embedding's copy follows lm_head through optimiser steps until untie."""
+    cfg = fast_tiny()
+    model = GPT(cfg.model)
+    tokens = torch.randint(0, 127, (2, 128))
+    targets, mtp, args = tokens.roll(-1, 1), torch.tensor([1.0, 0.5]), ((64, 128), 128, 127)
+    model(tokens, targets, mtp, *args).backward()
+    model.fold_tied_grad()
+
+    shared = model.lm_head.weight.detach().clone().requires_grad_()
+    params = {n: p.detach() for n, p in model.named_parameters()} | {"lm_head.weight": shared, "embed.weight": shared}
+    torch.func.functional_call(model, params, (tokens, targets, mtp, *args)).backward()
+    assert model.embed.weight.grad is None
+    torch.testing.assert_close(model.lm_head.weight.grad, shared.grad)
+
+    trainer = _Trainer(cfg.override({"model.untie_step": 3}), report=None, log=None)
+    for step in range(5):
+        trainer.train_step(step)
+        same = torch.equal(trainer.model.embed.weight, trainer.model.lm_head.weight)
+        assert same == (step < 3), step
