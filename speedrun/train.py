@@ -285,11 +285,17 @@ class _Trainer:
         return (totals[0] / totals[1]).item()
 
     def warmup(self) -> float:
-        """Untimed steps at every stage's shape (compiles on GPU), then reset everything."""
+        """Untimed steps at every distinct stage shape (compiles on GPU), then reset everything."""
         t0 = time.perf_counter()
         n = self.cfg.run.warmup_steps
         if n:
+            seen = set()
             for stage in S.all_stages(self.cfg.schedule):
+                shape = (stage.tokens_per_step, stage.max_seq_len, stage.short_window, stage.long_window,
+                         len(S.mtp_weights(self.cfg.schedule, stage.start)))
+                if shape in seen:
+                    continue
+                seen.add(shape)
                 for i in range(n):
                     self.train_step(stage.start + i if stage.start + i < stage.end else stage.start)
             self.validate(0, final=False)

@@ -1,0 +1,121 @@
+"""Trial start-up with cold and warm compile caches: what a sweep's trials pay before their first timed step.
+
+    python benchmarks/startup.py                                  # record preset, 20 steps, cold / node / artifacts
+    python benchmarks/startup.py --steps 40 --set run.warmup_steps=2
+    python benchmarks/startup.py --runs node node --cache-dir SWEEP/inductor_cache --set ...  # the sweep's config
+    python benchmarks/startup.py --tiny                           # the tiny preset (on a CPU: nothing compiles)
+
+Each row is a fresh Python process that builds the trainer and runs its warm-up (untimed steps at every stage's
+shape, then validation: the compilations a trial does before it starts its clock), as a sweep's trial worker
+does:
+  cold       empty Inductor cache folder, no artifacts: everything compiles;
+  node       the cold run's Inductor cache folder (a later trial on the same node: `TORCHINDUCTOR_CACHE_DIR`
+             is one folder per sweep);
+  artifacts  an empty Inductor cache folder, but the portable cache artifacts the cold run saved are loaded
+             first (a later trial on another node of the cluster: sweeps.compile_cache.ArtifactStore).
+"start-up s" is from the parent's launch of the process to the end of warm-up (Python and torch import,
+data, model, compile); "compile s" is the warm-up alone; "dynamo s" the part dynamo's own timers attribute to
+tracing and the backend ("backend s", Inductor and AOTAutograd, cache loads included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def child(spec: dict) -> None:
+    """One trial worker's start-up, measured from inside; prints one JSON line."""
+    from sweeps.compile_cache import ArtifactStore, compile_counters
+    from speedrun.config import TrainConfig
+    from speedrun.train import _Trainer
+
+    cfg = TrainConfig.from_dict(spec["config"])
+    store = ArtifactStore(spec["store"])
+    loaded = store.load("bench") if spec["load"] else False
+    trainer = _Trainer(cfg, report=None, log=None)
+    compile_s = trainer.warmup()
+    end = time.time()
+    saved = store.save("bench") if spec["save"] else 0
+    from torch._dynamo.utils import compilation_time_metrics as timers
+
+    def total(*names: str) -> float:
+        return sum(sum(timers.get(n, [])) for n in names)
+
+    print("RESULT " + json.dumps({"end": end, "compile_s": compile_s, "loaded": loaded, "saved": saved,
+                                  "dynamo_s": total("_compile.compile_inner", "compile_inner"),
+                                  "backend_s": total("compile_fx", "OutputGraph.call_user_compiler"),
+                                  **compile_counters()}), flush=True)
+
+
+def run_one(name: str, spec: dict, cache_dir: str) -> dict:
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir, PYTHONPATH=str(ROOT))
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, text=True,
+                          capture_output=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        sys.exit(f"startup: the {name} run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    row = json.loads(lines[-1][len("RESULT "):])
+    row["startup_s"] = row.pop("end") - t0
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--tiny", action="store_true", help="the tiny preset (CPU smoke run) instead of record")
+    p.add_argument("--steps", type=int, default=20, help="schedule length (stages keep their fractions)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, as sweeps/run.py")
+    p.add_argument("--runs", nargs="+", default=["cold", "node", "artifacts"],
+                   choices=["cold", "node", "artifacts"], help="rows to measure, in order (cold must come first)")
+    p.add_argument("--cache-dir", help="an Inductor cache folder that is already warm (a sweep's inductor_cache): "
+                                       "measure `--runs node` against it, no cold run")
+    args = p.parse_args()
+    if args.child:
+        child(json.loads(args.child))
+        return
+
+    from speedrun.__main__ import parse_sets
+    from speedrun.config import TrainConfig
+
+    cfg = TrainConfig.preset("tiny" if args.tiny else "record").with_total_steps(args.steps)
+    cfg = cfg.override({"data.source": "sample", "data.bos_id": 127, "run.val_every": 10 ** 6, **parse_sets(args.set)})
+    if args.cache_dir and set(args.runs) != {"node"}:
+        sys.exit("startup: --cache-dir measures warm runs against an existing cache: pass --runs node with it")
+    if not args.cache_dir and args.runs[0] != "cold":
+        sys.exit("startup: the first run must be cold (it fills the caches the others read): put cold first")
+    import torch
+    from speedrun import schedule as S
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"# {device} | torch {torch.__version__} | {'tiny' if args.tiny else 'record'} preset, "
+          f"{args.steps} steps, {len(S.all_stages(cfg.schedule))} stage(s)", flush=True)
+    print("| run | start-up s | compile s | dynamo s | backend s | graphs | FX hits/misses | AOT hits/misses "
+          "| artifacts MB |\n|---|---|---|---|---|---|---|---|---|", flush=True)
+    with tempfile.TemporaryDirectory() as work:
+        node_cache, store = args.cache_dir or f"{work}/node", f"{work}/artifacts"
+        for i, name in enumerate(args.runs):
+            cold = name == "cold"
+            spec = {"config": cfg.to_dict(), "store": store, "load": name == "artifacts", "save": cold}
+            r = run_one(name, spec, node_cache if name in ("cold", "node") else f"{work}/empty{i}")
+            mb = 0.0
+            if cold:
+                mb = r["saved"] / 2 ** 20
+            elif name == "artifacts" and not r["loaded"] and r["graphs"]:
+                sys.exit("startup: the cold run compiled but saved no artifacts to load")
+            print(f"| {name} | {r['startup_s']:.1f} | {r['compile_s']:.1f} | {r['dynamo_s']:.1f} | "
+                  f"{r['backend_s']:.1f} | {r['graphs']} | {r['fx_cache_hits']}/{r['fx_cache_misses']} | "
+                  f"{r['aot_cache_hits']}/{r['aot_cache_misses']} | {mb:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
