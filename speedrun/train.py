@@ -261,8 +261,16 @@ class _Trainer:
             self.adam_accum = 0
         return total / n_chunks
 
-    @torch.no_grad()
     def validate(self, step: int, final: bool) -> float:
+        # On the compiled FlexAttention path the validation loss runs under autograd (never differentiated):
+        # torch 2.11's Inductor fails to lower FlexAttention in an inference graph whose block masks are built
+        # inside it ("convert FlexibleLayout to FixedLayout first"), and a validation micro-batch shaped like a
+        # training one then reuses the training step's compiled forward: validation compiles nothing of its own.
+        autograd = self.compiled and self.flex
+        with torch.set_grad_enabled(autograd):
+            return self._validate(step, final, toggle_eval=not autograd)
+
+    def _validate(self, step: int, final: bool, toggle_eval: bool) -> float:
         sch = self.cfg.schedule
         stage = S.stage_at(sch, min(step, sch.total_steps - 1))
         long = stage.long_window
@@ -270,13 +278,15 @@ class _Trainer:
         if final and sch.final_long_window != long:
             self._set_windows(sch.final_long_window)
             long = sch.final_long_window
-        self.model.eval()
+        if toggle_eval:
+            self.model.eval()
         totals = torch.zeros(2, device=self.device, dtype=torch.float64)
         for batch in self.val:
-            loss = self._loss(batch, stage, self.val_mtp, stage.short_window, long)
+            loss = self._loss(batch, stage, self.val_mtp, stage.short_window, long).detach()
             totals[0] += loss.double() * batch.targets.numel()
             totals[1] += batch.targets.numel()
-        self.model.train()
+        if toggle_eval:
+            self.model.train()
         if final:
             self.model.rotary.freq.copy_(saved_rotary[0])
             self.model.rotary.attn_scale.copy_(saved_rotary[1])
