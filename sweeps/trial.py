@@ -135,6 +135,8 @@ def worker_loop(loop_config: dict) -> None:
     try:
         result = train(cfg, report=report_or_die, log=log, report_all_ranks=True)
         log(f"peak memory allocated: {result.peak_mem_bytes // 2**20} MiB")
+    except Exception as error:
+        raise portable_error(error) from None
     finally:
         if log_file:
             log_file.close()
@@ -142,6 +144,22 @@ def worker_loop(loop_config: dict) -> None:
     if rank == 0 and loop_config.get("done_path"):  # the trial's end, durable before Tune hears of it
         write_json_atomic(loop_config["done_path"], final)
     ray.train.report(final)
+
+
+def portable_error(error: Exception) -> Exception:
+    """The error itself if it pickles, else a RuntimeError carrying its type, message and traceback. Ray Train
+    pickles a worker's exception to the controller; one that holds an unpicklable object (torch's compiler
+    errors can hold pybind11 functions) would otherwise reach the trial's error.txt as "... is not pickleable",
+    hiding the cause."""
+    import pickle
+    import traceback
+
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        trace = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        return RuntimeError(f"{type(error).__name__}: {error}\n{trace[-20000:]}")
 
 
 @dataclass
