@@ -1,10 +1,48 @@
-"""Shared fixtures: a private sample-corpus cache and a fast tiny config for unit-level training runs."""
+"""Shared fixtures: a private sample-corpus cache and a fast tiny config for unit-level training runs.
+
+The suite runs on two pytest-xdist workers (`pytest -n 2`, README and .ci/run). Every test module that starts Ray
+(the local_ray fixture, or sweep drivers in subprocesses) is listed in RAY_MODULES: their tests run first, one
+after another on one worker, so that there is never more than one Ray cluster on the machine (two stall each
+other's trials, DESIGN.md); the other tests run on the other worker meanwhile. (pytest-xdist's own
+`--dist loadgroup` cannot be used: it renames node ids in a way pytest 9.2 no longer honours.)"""
 
 import os
 
 import pytest
 
 from speedrun.config import TrainConfig
+
+RAY_MODULES = ("test_faults.py", "test_record.py", "test_resume.py", "test_sweep.py", "test_tracking.py")
+
+
+def is_ray_module(path: str) -> bool:
+    return os.path.basename(path) in RAY_MODULES
+
+
+def pytest_collection_modifyitems(config, items):
+    """The Ray modules first (they are the long path), each module's tests still together and in order; and no
+    test outside RAY_MODULES may use the local Ray (under xdist it could run beside a Ray test)."""
+    for item in items:
+        if "local_ray" in item.fixturenames and not is_ray_module(str(item.path)):
+            raise pytest.UsageError(f"{item.nodeid} uses local_ray: add its module to conftest.RAY_MODULES")
+    items[:] = sorted(items, key=lambda item: not is_ray_module(str(item.path)))  # stable: order kept otherwise
+
+
+try:
+    from xdist.scheduler import LoadScopeScheduling
+except ImportError:  # plain pytest: everything runs in one process anyway
+    LoadScopeScheduling = None
+
+if LoadScopeScheduling is not None:
+    class RayOnOneWorker(LoadScopeScheduling):
+        """All tests of RAY_MODULES are one unit of work (one worker, in collection order); every other test is a
+        unit of its own, sent to whichever worker is free."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return "ray" if is_ray_module(nodeid.split("::", 1)[0]) else nodeid
+
+    def pytest_xdist_make_scheduler(config, log):
+        return RayOnOneWorker(config, log)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,17 +1,25 @@
-"""Real sweeps on a real local Ray: every shipped space runs a trial; ASHA stops a poor arm; parquet = Tune."""
+"""Real sweeps on a real local Ray: every shipped space runs a trial; ASHA stops a poor arm; parquet = Tune; the
+time objective reaches the searcher; --confirm-top re-runs the winners with fresh seeds."""
 
+import contextlib
+import io
 import json
 import math
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from mlflow.tracking import MlflowClient
 
 from speedrun.config import TrainConfig
 from sweeps import run as sweep_cli
 
 HERE = Path(__file__).resolve().parent
 pytestmark = pytest.mark.slow
+# a 4,096-token validation (the preset's 32,768 took most of a 12-step trial's time), and no warm-up where the
+# test does not look at it
+QUICK_VAL = ["--set", "data.val_tokens=4096"]
+QUICK = ["--set", "run.warmup_steps=0", *QUICK_VAL]
 
 
 def sweep(tmp_path, *args):
@@ -23,15 +31,37 @@ def sweep(tmp_path, *args):
     return table
 
 
-@pytest.mark.parametrize("space", ["muon_lr", "adam_lr", "softcap", "windows", "schedule"])
-def test_every_space_runs_a_trial(space, local_ray, tmp_path):
-    rows = sweep(tmp_path, "--space", space, "--trials", "1", "--steps", "12", "--scheduler", "none",
-                 "--set", "run.warmup_steps=0")
-    assert len(rows) == 1
-    row = rows[0]
+@pytest.fixture(scope="module")
+def muon_sweep(local_ray, tmp_path_factory):
+    """One muon_lr sweep that several tests read: 2 trials of 12 steps, two at a time, the time objective, then
+    --confirm-top 2 --confirm-runs 2. Returns (folder, rows, stdout)."""
+    tmp = tmp_path_factory.mktemp("muon_sweep")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rows = sweep(tmp, "--space", "muon_lr", "--trials", "2", "--steps", "12", "--scheduler", "none",
+                     "--objective", "time", "--cpus-per-worker", "0.5", "--confirm-top", "2", "--confirm-runs", "2",
+                     *QUICK)
+    return tmp, rows, out.getvalue()
+
+
+def assert_one_trained_trial(row):
     assert row["status"] == "finished" and row["step"] == 12
     assert row["val_loss"] < math.log(128) - 0.5  # it trained
     assert row["trial_startup_s"] > 0 and row["train_time_s"] > 0
+
+
+def test_muon_lr_space_runs_its_trials(muon_sweep):
+    _, rows, _ = muon_sweep
+    assert sorted(r["trial_index"] for r in rows) == [0, 1]
+    for row in rows:
+        assert_one_trained_trial(row)
+
+
+@pytest.mark.parametrize("space", ["adam_lr", "softcap", "windows", "schedule"])  # muon_lr: muon_sweep above
+def test_every_space_runs_a_trial(space, local_ray, tmp_path):
+    rows = sweep(tmp_path, "--space", space, "--trials", "1", "--steps", "12", "--scheduler", "none", *QUICK)
+    assert len(rows) == 1
+    assert_one_trained_trial(rows[0])
 
 
 def tune_last_results(folder: Path) -> dict[int, dict]:
@@ -46,15 +76,16 @@ def test_asha_stops_the_poor_arm_and_results_match_tune(local_ray, tmp_path, cap
     space = str(HERE / "spaces" / "poor_arm.toml")
     # One trial at a time keeps the order fixed: the control fills the rungs before the poor arm reaches
     # them. Trial 2 starts after the poor arm is stopped, even where Ray leaks the stopped trial's reservation.
-    rows = sweep(tmp_path, "--space", space, "--concurrency", "1", "--cpus-per-worker", "1.5", "--seed", "3")
+    rows = sweep(tmp_path, "--space", space, "--concurrency", "1", "--cpus-per-worker", "1.5", "--seed", "3",
+                 *QUICK_VAL)  # with the warm-up: the time split below accounts for it
     by_index = {r["trial_index"]: r for r in rows}
     assert sorted(by_index) == [0, 1, 2]
     control, poor, third = by_index[0], by_index[1], by_index[2]
     base = TrainConfig.preset("tiny")
     assert control["optim.muon_lr"] == base.optim.muon_lr and control["optim.adam_lr"] == base.optim.adam_lr
-    assert control["status"] == "finished" and control["step"] == 24
+    assert control["status"] == "finished" and control["step"] == 12
     assert poor["optim.muon_lr"] == pytest.approx(0.00002)
-    assert poor["status"] == "pruned" and poor["step"] < 24  # ASHA stopped it at its first rung
+    assert poor["status"] == "pruned" and poor["step"] < 12  # ASHA stopped it at its first rung
     assert poor["val_loss"] > control["val_loss"] + 0.5
     assert third["status"] in ("finished", "pruned")  # it ran after the stop
     # one row per trial, equal to what Tune recorded as each trial's last result
@@ -77,12 +108,13 @@ def test_asha_stops_the_poor_arm_and_results_match_tune(local_ray, tmp_path, cap
 def test_curve_pruner_and_pareto_front_in_a_real_sweep(local_ray, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     rows = sweep(tmp_path, "--space", str(HERE / "spaces" / "curve_arms.toml"), "--scheduler", "curve",
-                 "--objective", "pareto", "--concurrency", "1", "--cpus-per-worker", "1.5", "--tracking-uri", uri)
+                 "--objective", "pareto", "--concurrency", "1", "--cpus-per-worker", "1.5", "--tracking-uri", uri,
+                 *QUICK)
     out = capsys.readouterr().out
     by_index = {r["trial_index"]: r for r in rows}
-    assert by_index[0]["status"] == "finished" and by_index[0]["step"] == 24
-    assert by_index[1]["status"] == "pruned" and by_index[1]["step"] < 24  # fell behind the control's curve
-    assert by_index[2]["status"] == "finished" and by_index[2]["step"] == 24  # tracked it: kept
+    assert by_index[0]["status"] == "finished" and by_index[0]["step"] == 12
+    assert by_index[1]["status"] == "pruned" and by_index[1]["step"] < 12  # fell behind the control's curve
+    assert by_index[2]["status"] == "finished" and by_index[2]["step"] == 12  # tracked it: kept
     assert "Pareto front" in out
     from mlflow.tracking import MlflowClient
     client = MlflowClient(uri)
@@ -95,11 +127,10 @@ def test_curve_pruner_and_pareto_front_in_a_real_sweep(local_ray, tmp_path, caps
     assert sorted(r.data.tags["trial_index"] for r in tagged) == sorted(front)
 
 
-def test_time_objective_reaches_the_searcher(local_ray, tmp_path):
+def test_time_objective_reaches_the_searcher(muon_sweep):
     from sweeps.records import get_track
     from sweeps.search import SpeedrunOptunaSearch
-    rows = sweep(tmp_path, "--space", "muon_lr", "--trials", "2", "--steps", "12", "--scheduler", "none",
-                 "--objective", "time", "--set", "run.warmup_steps=0")
+    tmp_path, rows, _ = muon_sweep
     track = get_track("tiny")
     searcher = SpeedrunOptunaSearch()
     searcher.restore_from_dir(str(tmp_path / "s"))
@@ -109,3 +140,22 @@ def test_time_objective_reaches_the_searcher(local_ray, tmp_path):
         assert r["time_to_target_s"] is None
         extra = 100 * (r["val_loss"] - track.target_loss) / track.exchange_rate * r["train_time_s"] / r["step"]
         assert r["objective_time_s"] == pytest.approx(r["train_time_s"] + extra, rel=1e-6)
+
+
+def test_confirm_top_reranks_by_the_mean(muon_sweep):
+    tmp_path, rows, out = muon_sweep
+    assert "confirmed ranking (mean over fresh seeds)" in out
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("muon_lr")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.kind = 'sweep' and tags.sweep_name = 's'")
+    confirm_runs = client.search_runs([exp.experiment_id], "tags.kind = 'confirm' and tags.sweep_name = 's'")
+    assert len(confirm_runs) == 4
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in confirm_runs)
+    confirmed = json.loads(client.download_artifacts(parent.info.run_id, "confirm.json", str(tmp_path)) and
+                           open(f"{tmp_path}/confirm.json").read())
+    assert [c["runs"] for c in confirmed] == [2, 2]
+    assert sorted(c["trial_index"] for c in confirmed) == [0, 1]  # both finished trials re-run
+    means = [c["mean_val_loss"] for c in confirmed]
+    assert means == sorted(means)  # ranked by the mean of the fresh seeds
+    for c in confirmed:
+        assert c["mean_val_loss"] == pytest.approx(sum(c["losses"]) / 2)
