@@ -65,11 +65,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from sweeps.run import local_ray_cpus, ray_env
+    from sweeps.run import local_ray_options, ray_env
 
     ray_env()
     # one Ray for every sweep, started as the sweep CLI starts its own (headroom for a leaked reservation)
-    ray.init(num_cpus=local_ray_cpus(), log_to_driver=False, logging_level="WARNING")
+    ray.init(log_to_driver=False, logging_level="WARNING", **local_ray_options())
     results = []
     try:
         with tempfile.TemporaryDirectory() as tmp:

@@ -137,7 +137,7 @@ def execute(make_tuner_fn, address: str | None, env: dict, need: tuple | None = 
         import sweeps
         runtime_env["py_modules"] = [speedrun, sweeps]
     if own_ray:
-        extra = {} if address else {"num_cpus": local_ray_cpus()}
+        extra = {} if address else local_ray_options()
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False,
                  logging_level="WARNING", configure_logging=True, **extra)
     try:
@@ -147,6 +147,15 @@ def execute(make_tuner_fn, address: str | None, env: dict, need: tuple | None = 
     finally:
         if own_ray:
             ray.shutdown()
+
+
+def local_ray_options() -> dict:
+    """`ray.init` arguments (and environment) for a Ray this process starts on its own machine, as the CLI, the
+    benchmarks and the tests start it. Ray Train's preemption watcher (one more actor per trial, polling for
+    node drains a cloud autoscaler announces) is off: a single local node is never drained. A set
+    RAY_TRAIN_ENABLE_PREEMPTION_WATCHER wins."""
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    return {"num_cpus": local_ray_cpus()}
 
 
 def local_ray_cpus() -> int:
