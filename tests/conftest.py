@@ -12,6 +12,11 @@ import pytest
 
 from speedrun.config import TrainConfig
 
+# Sweep/record CLI flags that keep the Ray tests' trials short: a 4,096-token validation (the tiny preset's
+# 32,768 took most of a 12-step trial's time) and, where a test does not look at it, no warm-up.
+QUICK_VAL = ["--set", "data.val_tokens=4096"]
+QUICK = ["--set", "run.warmup_steps=0", *QUICK_VAL]
+
 RAY_MODULES = ("test_faults.py", "test_record.py", "test_resume.py", "test_sweep.py", "test_tracking.py")
 
 

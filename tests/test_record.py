@@ -4,6 +4,7 @@ winner's-curse guard of a sweep, --confirm-top, is tested in test_sweep.py on a 
 import json
 import math
 
+import conftest
 import pytest
 from mlflow.tracking import MlflowClient
 from scipy import stats
@@ -12,8 +13,8 @@ from sweeps import record as record_cli
 from sweeps.verdict import judge_runs, runs_needed
 
 pytestmark = pytest.mark.slow
-# no warm-up, a 4,096-token validation, and the runs side by side (one thread each, as one at a time would have)
-QUICK = ["--set", "run.warmup_steps=0", "--set", "data.val_tokens=4096", "--cpus-per-worker", "0.5"]
+# the runs side by side (one thread each, as one at a time would have)
+QUICK = [*conftest.QUICK, "--cpus-per-worker", "0.5"]
 
 
 def test_three_seeds_logs_verdict_and_mlflow(local_ray, tmp_path):

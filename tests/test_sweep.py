@@ -11,15 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import QUICK, QUICK_VAL
 from speedrun.config import TrainConfig
 from sweeps import run as sweep_cli
 
 HERE = Path(__file__).resolve().parent
 pytestmark = pytest.mark.slow
-# a 4,096-token validation (the preset's 32,768 took most of a 12-step trial's time), and no warm-up where the
-# test does not look at it
-QUICK_VAL = ["--set", "data.val_tokens=4096"]
-QUICK = ["--set", "run.warmup_steps=0", *QUICK_VAL]
 
 
 def sweep(tmp_path, *args):

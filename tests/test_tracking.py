@@ -14,13 +14,12 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import QUICK_VAL
 from speedrun.config import TrainConfig
 from sweeps import report as report_cli
 from sweeps import run as sweep_cli
 
 pytestmark = pytest.mark.slow
-# a 4,096-token validation (the preset's 32,768 took most of a 12-step trial's time): still every 2 of 12 steps
-QUICK = ["--set", "data.val_tokens=4096"]
 OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
 
 
@@ -33,7 +32,7 @@ def store(tmp_path_factory, local_ray):
     rc = sweep_cli.main(["--space", "muon_lr", "--preset", "tiny", "--trials", "2", "--steps", "12",
                          "--scheduler", "none", "--cpus-per-worker", "0.5",
                          "--storage", str(root / "sweeps"), "--name", "beats", "--tracking-uri", uri,
-                         "--target", "3.8", "--record-time", "1e6", *QUICK])
+                         "--target", "3.8", "--record-time", "1e6", *QUICK_VAL])  # still validates every 2 of 12 steps
     assert rc == 0
     return root, uri
 
@@ -79,7 +78,7 @@ def test_record_time_nobody_beats(store, tmp_path):
     root, uri = store
     rc = sweep_cli.main(["--space", "muon_lr", "--preset", "tiny", "--trials", "1", "--steps", "12",
                          "--storage", str(tmp_path), "--name", "misses", "--tracking-uri", uri,
-                         "--target", "3.8", "--record-time", "0.001", *QUICK])
+                         "--target", "3.8", "--record-time", "0.001", *QUICK_VAL])
     assert rc == 0
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("muon_lr")
