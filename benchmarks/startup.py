@@ -35,23 +35,32 @@ sys.path.insert(0, str(ROOT))
 
 def child(spec: dict) -> None:
     """One trial worker's start-up, measured from inside; prints one JSON line."""
+    profiler = None
+    if spec.get("profile"):
+        import cProfile
+        profiler = cProfile.Profile()
+        profiler.enable()
     from sweeps.compile_cache import ArtifactStore, compile_counters
     from speedrun.config import TrainConfig
     from speedrun.train import _Trainer
 
+    imported = time.time()
     cfg = TrainConfig.from_dict(spec["config"])
     store = ArtifactStore(spec["store"])
     loaded = store.load("bench") if spec["load"] else False
     trainer = _Trainer(cfg, report=None, log=None)
     compile_s = trainer.warmup()
     end = time.time()
+    if profiler:
+        profiler.disable()
+        profiler.dump_stats(spec["profile"])
     saved = store.save("bench") if spec["save"] else 0
     from torch._dynamo.utils import compilation_time_metrics as timers
 
     def total(*names: str) -> float:
         return sum(sum(timers.get(n, [])) for n in names)
 
-    print("RESULT " + json.dumps({"end": end, "compile_s": compile_s, "loaded": loaded, "saved": saved,
+    print("RESULT " + json.dumps({"end": end, "imported": imported, "init_s": trainer.init_s, "compile_s": compile_s, "loaded": loaded, "saved": saved,
                                   "dynamo_s": total("_compile.compile_inner", "compile_inner"),
                                   "backend_s": total("compile_fx", "OutputGraph.call_user_compiler"),
                                   **compile_counters()}), flush=True)
@@ -67,6 +76,7 @@ def run_one(name: str, spec: dict, cache_dir: str) -> dict:
         sys.exit(f"startup: the {name} run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     row = json.loads(lines[-1][len("RESULT "):])
     row["startup_s"] = row.pop("end") - t0
+    row["import_s"] = row.pop("imported") - t0
     return row
 
 
@@ -78,6 +88,8 @@ def main() -> None:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, as sweeps/run.py")
     p.add_argument("--runs", nargs="+", default=["cold", "node", "artifacts"],
                    choices=["cold", "node", "artifacts"], help="rows to measure, in order (cold must come first)")
+    p.add_argument("--profile", metavar="DIR", help="profile each warm run (cProfile, from process start to the end "
+                   "of warm-up): DIR/<run>.prof, and the top functions printed after the table")
     p.add_argument("--cache-dir", help="an Inductor cache folder that is already warm (a sweep's inductor_cache): "
                                        "measure `--runs node` against it, no cold run")
     args = p.parse_args()
@@ -99,22 +111,36 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"# {device} | torch {torch.__version__} | {'tiny' if args.tiny else 'record'} preset, "
           f"{args.steps} steps, {len(S.all_stages(cfg.schedule))} stage(s)", flush=True)
-    print("| run | start-up s | compile s | dynamo s | backend s | graphs | FX hits/misses | AOT hits/misses "
-          "| artifacts MB |\n|---|---|---|---|---|---|---|---|---|", flush=True)
+    print("| run | start-up s | imports s | trainer init s | compile s | dynamo s | backend s | graphs "
+          "| FX hits/misses | AOT hits/misses/bypasses | artifacts MB |\n|---|---|---|---|---|---|---|---|---|---|---|",
+          flush=True)
+    profiles = []
     with tempfile.TemporaryDirectory() as work:
         node_cache, store = args.cache_dir or f"{work}/node", f"{work}/artifacts"
         for i, name in enumerate(args.runs):
             cold = name == "cold"
             spec = {"config": cfg.to_dict(), "store": store, "load": name == "artifacts", "save": cold}
+            if args.profile and not cold:  # a cold run's profile is all compilation, and slowed down a lot
+                os.makedirs(args.profile, exist_ok=True)
+                spec["profile"] = os.path.join(args.profile, f"{i}_{name}.prof")
+                profiles.append(spec["profile"])
             r = run_one(name, spec, node_cache if name in ("cold", "node") else f"{work}/empty{i}")
             mb = 0.0
             if cold:
                 mb = r["saved"] / 2 ** 20
             elif name == "artifacts" and not r["loaded"] and r["graphs"]:
                 sys.exit("startup: the cold run compiled but saved no artifacts to load")
-            print(f"| {name} | {r['startup_s']:.1f} | {r['compile_s']:.1f} | {r['dynamo_s']:.1f} | "
+            print(f"| {name} | {r['startup_s']:.1f} | {r['import_s']:.1f} | {r['init_s']:.1f} | "
+                  f"{r['compile_s']:.1f} | {r['dynamo_s']:.1f} | "
                   f"{r['backend_s']:.1f} | {r['graphs']} | {r['fx_cache_hits']}/{r['fx_cache_misses']} | "
-                  f"{r['aot_cache_hits']}/{r['aot_cache_misses']} | {mb:.1f} |", flush=True)
+                  f"{r['aot_cache_hits']}/{r['aot_cache_misses']}/{r['aot_cache_bypasses']} | {mb:.1f} |", flush=True)
+
+    for path in profiles:
+        import pstats
+        print(f"\n## {os.path.basename(path)}: top functions by cumulative, then by own time")
+        stats = pstats.Stats(path, stream=sys.stdout).strip_dirs()
+        stats.sort_stats("cumulative").print_stats(45)
+        stats.sort_stats("tottime").print_stats(25)
 
 
 if __name__ == "__main__":

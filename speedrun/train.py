@@ -135,11 +135,19 @@ def fast_path_kernels(cfg: TrainConfig, device: torch.device) -> tuple[bool, boo
 def configure_compiler() -> None:
     """Each stage's shape (and train/validation) is its own graph: more than dynamo's default 8.
     Inductor's mixed-order reduction fusion is off unless TORCHINDUCTOR_MIX_ORDER_REDUCTION=1: on torch 2.11 it
-    failed an internal assertion ("32768 v.s. 32767") compiling the stage-1 shape on an H100."""
+    failed an internal assertion ("32768 v.s. 32767") compiling the stage-1 shape on an H100.
+    AOTAutograd's cache takes graphs that hold custom autograd.Functions (the FP8 matmuls and head): by default
+    it bypasses them, and every warm start re-traced and re-partitioned the whole training graph (the
+    partitioner alone: 5.5 s of a profiled warm start on the H100).
+    Dynamo inlines the Functions' forward and backward into the graph the cache key hashes, so an edit to them
+    still misses."""
     import torch._dynamo.config as dc
+    import torch._functorch.config as fc
     import torch._inductor.config as ic
     if hasattr(ic.triton, "mix_order_reduction"):
         ic.triton.mix_order_reduction = os.environ.get("TORCHINDUCTOR_MIX_ORDER_REDUCTION") == "1"
+    if hasattr(fc, "autograd_cache_allow_custom_autograd_functions"):
+        fc.autograd_cache_allow_custom_autograd_functions = True
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(dc, name):
             setattr(dc, name, max(getattr(dc, name), 64))
@@ -182,7 +190,8 @@ class _Trainer:
         self.val = val_batches(self.val_paths, cfg.data.val_tokens, val_micro, self.dist.rank, self.dist.world)
 
         torch.manual_seed(cfg.run.seed)
-        self.model = GPT(cfg.model).to(self.device)
+        with self.device:  # built where it trains: on a GPU, no host-side init of ~400M parameters and no copy
+            self.model = GPT(cfg.model)
         self.dist.broadcast_params(self.model)
         self.initial_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.compiled = self.device.type == "cuda" and cfg.run.compile
@@ -194,6 +203,7 @@ class _Trainer:
             configure_compiler()
             self.forward = torch.compile(self.model, dynamic=False, fullgraph=True)
         self._reset()
+        self.init_s = time.perf_counter() - self.t_enter
 
     def _reset(self) -> None:
         """Fresh weights (the seeded init), optimiser, rotary state and data position."""
@@ -320,8 +330,8 @@ class _Trainer:
             torch.cuda.reset_peak_memory_stats()
         startup_s = time.perf_counter() - self.t_enter
         if self.report:
-            self.report({"step": 0, "compile_s": compile_s, "startup_s": startup_s, "train_time_s": 0.0,
-                         "tokens": 0, "world_size": self.dist.world})
+            self.report({"step": 0, "compile_s": compile_s, "startup_s": startup_s, "init_s": self.init_s,
+                         "train_time_s": 0.0, "tokens": 0, "world_size": self.dist.world})
         history: list[dict] = []
         train_time = val_time = 0.0
         tokens = 0

@@ -86,11 +86,13 @@ class ArtifactStore:
 
 
 def compile_counters() -> dict[str, int]:
-    """What this process has compiled so far: dynamo graphs, and Inductor/AOTAutograd cache hits and misses."""
+    """What this process has compiled so far: dynamo graphs, Inductor/AOTAutograd cache hits and misses, and
+    graphs AOTAutograd would not cache (bypasses: traced and partitioned again by every process)."""
     from torch._dynamo.utils import counters
 
     return {"graphs": int(counters["stats"]["unique_graphs"]),
             "fx_cache_hits": int(counters["inductor"]["fxgraph_cache_hit"]),
             "fx_cache_misses": int(counters["inductor"]["fxgraph_cache_miss"]),
             "aot_cache_hits": int(counters["aot_autograd"]["autograd_cache_hit"]),
-            "aot_cache_misses": int(counters["aot_autograd"]["autograd_cache_miss"])}
+            "aot_cache_misses": int(counters["aot_autograd"]["autograd_cache_miss"]),
+            "aot_cache_bypasses": int(counters["aot_autograd"]["autograd_cache_bypass"])}

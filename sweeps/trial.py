@@ -102,6 +102,7 @@ def worker_loop(loop_config: dict) -> None:
     os.environ.update(loop_config["env"])
     cfg = TrainConfig.from_dict(loop_config["config"])
     trial_start = loop_config["trial_start"]
+    worker_start_s = time.time() - trial_start  # Ray Train's controller, placement and worker process start
     rank = ray.train.get_context().get_world_rank()
     log_file = None
     if loop_config.get("log_path") and rank == 0:
@@ -114,7 +115,14 @@ def worker_loop(loop_config: dict) -> None:
         metrics = {**metrics, "total_steps": cfg.schedule.total_steps}  # schedulers compare schedule fractions
         if "startup_s" in metrics:  # the first report, after warm-up (compilation); the clock starts now
             metrics["trial_startup_s"] = time.time() - trial_start
+            metrics["worker_start_s"] = worker_start_s
             metrics.update(warm.after_warmup())
+            log(f"start-up {metrics['trial_startup_s']:.1f}s: worker start {worker_start_s:.1f}s, artifacts "
+                f"load {metrics['compile_artifacts_load_s']:.1f}s, trainer init {metrics['init_s']:.1f}s, "
+                f"warm-up (compile) {metrics['compile_s']:.1f}s, {metrics['compile_graphs']} graphs, "
+                f"FX cache {metrics['compile_fx_cache_hits']}/{metrics['compile_fx_cache_misses']} hits/misses, "
+                f"AOTAutograd {metrics['compile_aot_cache_hits']}/{metrics['compile_aot_cache_misses']}/"
+                f"{metrics['compile_aot_cache_bypasses']} hits/misses/bypasses")
         ray.train.report(metrics)
 
     def log(line: str) -> None:
@@ -165,11 +173,20 @@ def portable_error(error: Exception) -> Exception:
 @dataclass
 class WarmStart:
     """A worker's use of the sweep's compile caches: load the portable artifacts of its graph signature before
-    compiling; after warm-up, rank 0 saves them if none were there, and the trial reports what it compiled."""
+    compiling, unless this node's Inductor cache already holds them (a marker file in it says so: loading
+    would rewrite the same entries); after warm-up, rank 0 saves them if none were there, and the trial
+    reports what it compiled."""
     store: "ArtifactStore | None"
     key: str
     rank: int
     loaded: bool = False
+    load_s: float = 0.0
+
+    @staticmethod
+    def node_marker(key: str) -> str:
+        """A file in this node's Inductor cache folder that says the folder holds the artifacts of `key`."""
+        folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "")
+        return os.path.join(folder, "speedrun_artifacts", key) if folder else ""
 
     @classmethod
     def begin(cls, cfg: TrainConfig, root: str, rank: int) -> "WarmStart":
@@ -182,16 +199,31 @@ class WarmStart:
             return cls(None, "", rank)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         warm = cls(ArtifactStore(root), signature_key(cfg, world, torch.cuda.get_device_name()), rank)
-        warm.loaded = warm.store.load(warm.key)
+        marker = cls.node_marker(warm.key)
+        if not (marker and os.path.exists(marker)):
+            t0 = time.perf_counter()
+            warm.loaded = warm.store.load(warm.key)
+            warm.load_s = time.perf_counter() - t0
+            if warm.loaded:
+                warm.mark_node()
         return warm
+
+    def mark_node(self) -> None:
+        marker = self.node_marker(self.key)
+        if marker:
+            os.makedirs(os.path.dirname(marker), exist_ok=True)
+            open(marker, "a").close()
 
     def after_warmup(self) -> dict:
         from .compile_cache import compile_counters
 
         out = {f"compile_{k}": v for k, v in compile_counters().items()}
         out["compile_artifacts_loaded"] = int(self.loaded)
+        out["compile_artifacts_load_s"] = self.load_s
         if self.store is not None and self.rank == 0:
             out["compile_artifacts_saved_bytes"] = self.store.save(self.key)
+            if out["compile_artifacts_saved_bytes"]:
+                self.mark_node()
         return out
 
 

@@ -63,3 +63,55 @@ def test_artifacts_saved_by_one_process_warm_another(tmp_path):
     assert again["fx_cache_misses"] == 0 and again["fx_cache_hits"] == first["fx_cache_misses"]
     cold = _compile_in_fresh_process(tmp_path, "cold", store, "none")  # the control: no artifacts, all misses
     assert cold["fx_cache_hits"] == 0 and cold["fx_cache_misses"] == first["fx_cache_misses"]
+
+
+CUSTOM_FUNCTION_GRAPH = r"""
+import json, sys, torch
+from sweeps.compile_cache import compile_counters
+from speedrun.train import configure_compiler
+
+class ScaledSquare(torch.autograd.Function):  # a custom autograd.Function, as speedrun.fp8's matmuls are
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return 3.0 * x * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 6.0 * x * grad
+
+lin = torch.nn.Linear(16, 16)
+def step(fn, x):
+    torch.compile(fn, fullgraph=True, dynamic=False)(x).backward()
+    return dict(compile_counters())
+x = torch.randn(4, 16)
+out = {}
+if sys.argv[1] == "default":  # torch's defaults first: the graph is not cached
+    out["default"] = step(lambda x: ScaledSquare.apply(lin(x)).sum(), x)
+configure_compiler()
+out["configured"] = step(lambda x: ScaledSquare.apply(lin(x)).mean(), x)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not any(os.access(os.path.join(d, "g++"), os.X_OK) for d in os.environ["PATH"].split(":")),
+                    reason="Inductor on the CPU needs a C++ compiler")
+def test_graphs_with_custom_autograd_functions_are_cached(tmp_path):
+    """By default AOTAutograd will not cache a graph holding a custom autograd.Function (every process traced
+    and partitioned the record model's training graph again); configure_compiler lets it, and a second
+    process with the same cache folder loads the graph instead."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "OMP_NUM_THREADS": "1"}
+
+    def run(mode):
+        out = subprocess.run([sys.executable, "-c", CUSTOM_FUNCTION_GRAPH, mode], env=env, capture_output=True,
+                             text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first = run("default")
+    assert first["default"]["aot_cache_bypasses"] == 1 and first["default"]["aot_cache_misses"] == 0
+    configured = {k: first["configured"][k] - first["default"][k] for k in first["configured"]}
+    assert configured["aot_cache_bypasses"] == 0 and configured["aot_cache_misses"] == 1
+    second = run("configured")["configured"]
+    assert second["aot_cache_hits"] == 1 and second["aot_cache_misses"] == 0 and second["aot_cache_bypasses"] == 0
