@@ -115,3 +115,13 @@ def test_graphs_with_custom_autograd_functions_are_cached(tmp_path):
     assert configured["aot_cache_bypasses"] == 0 and configured["aot_cache_misses"] == 1
     second = run("configured")["configured"]
     assert second["aot_cache_hits"] == 1 and second["aot_cache_misses"] == 0 and second["aot_cache_bypasses"] == 0
+
+
+def test_every_process_of_a_sweep_shares_its_inductor_and_triton_caches(tmp_path, monkeypatch):
+    from sweeps.run import trial_env
+
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    env = trial_env(tmp_path / "sweep", cpus_per_worker=2)
+    inductor, triton = env["TORCHINDUCTOR_CACHE_DIR"], env["TRITON_CACHE_DIR"]
+    assert os.path.commonpath([inductor, str(tmp_path / "sweep")]) == str(tmp_path / "sweep")
+    assert os.path.commonpath([inductor, triton]) == inductor  # one folder to keep or delete
