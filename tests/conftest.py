@@ -24,6 +24,17 @@ def is_ray_module(path: str) -> bool:
     return os.path.basename(path) in RAY_MODULES
 
 
+def pytest_configure(config):
+    """Under xdist, one intra-op thread per worker: two workers on two cores, each with an OpenMP pool of two
+    threads beside Inductor's compile workers, left a CPU training step spinning for more than 10 minutes
+    (seen with tests/test_train.py running beside tests/test_compile.py)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"  # for the subprocesses tests start
+        torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     """The Ray modules first (they are the long path), each module's tests still together and in order; and no
     test outside RAY_MODULES may use the local Ray (under xdist it could run beside a Ray test)."""
