@@ -55,7 +55,8 @@ class ArtifactStore:
         return filesystem.get_file_info(path).type == fs.FileType.File
 
     def load(self, key: str) -> bool:
-        """Hot-load the artifacts of this signature into this process's caches; False if there are none."""
+        """Hot-load the artifacts of this signature into this process's caches; False if there are none or
+        torch could not read them (it logs a warning: a damaged file, another torch's format)."""
         import torch
 
         if not self.has(key):
@@ -63,8 +64,7 @@ class ArtifactStore:
         filesystem, path = self._where(key)
         with filesystem.open_input_stream(path) as f:
             blob = f.read()
-        torch.compiler.load_cache_artifacts(blob)
-        return True
+        return torch.compiler.load_cache_artifacts(blob) is not None
 
     def save(self, key: str) -> int:
         """Save what this process compiled (and loaded) under this signature; the bytes written (0: nothing

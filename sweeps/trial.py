@@ -199,14 +199,18 @@ class WarmStart:
             return cls(None, "", rank)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         warm = cls(ArtifactStore(root), signature_key(cfg, world, torch.cuda.get_device_name()), rank)
-        marker = cls.node_marker(warm.key)
-        if not (marker and os.path.exists(marker)):
-            t0 = time.perf_counter()
-            warm.loaded = warm.store.load(warm.key)
-            warm.load_s = time.perf_counter() - t0
-            if warm.loaded:
-                warm.mark_node()
+        warm.load_unless_node_has_them()
         return warm
+
+    def load_unless_node_has_them(self) -> None:
+        marker = self.node_marker(self.key)
+        if marker and os.path.exists(marker):
+            return
+        t0 = time.perf_counter()
+        self.loaded = self.store.load(self.key)
+        self.load_s = time.perf_counter() - t0
+        if self.loaded:
+            self.mark_node()
 
     def mark_node(self) -> None:
         marker = self.node_marker(self.key)

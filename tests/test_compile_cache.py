@@ -125,3 +125,21 @@ def test_every_process_of_a_sweep_shares_its_inductor_and_triton_caches(tmp_path
     inductor, triton = env["TORCHINDUCTOR_CACHE_DIR"], env["TRITON_CACHE_DIR"]
     assert os.path.commonpath([inductor, str(tmp_path / "sweep")]) == str(tmp_path / "sweep")
     assert os.path.commonpath([inductor, triton]) == inductor  # one folder to keep or delete
+
+
+def test_a_node_that_holds_a_signatures_artifacts_does_not_load_them_again(tmp_path, monkeypatch):
+    """The marker in the node's Inductor cache folder skips the load (117 MB for the record model). Without it
+    the store is read; a damaged file counts as not loaded and marks nothing."""
+    from sweeps.trial import WarmStart
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    root = tmp_path / "compile_cache"
+    root.mkdir()
+    (root / "k.megacache").write_bytes(b"not a cache artifact")
+    warm = WarmStart(ArtifactStore(str(root)), "k", rank=0)
+    warm.load_unless_node_has_them()
+    assert warm.load_s > 0 and not warm.loaded and not os.path.exists(WarmStart.node_marker("k"))
+    skipped = WarmStart(ArtifactStore(str(root)), "k", rank=0)
+    skipped.mark_node()
+    skipped.load_unless_node_has_them()
+    assert skipped.load_s == 0.0 and not skipped.loaded
