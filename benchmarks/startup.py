@@ -60,14 +60,17 @@ def child(spec: dict) -> None:
     def total(*names: str) -> float:
         return sum(sum(timers.get(n, [])) for n in names)
 
-    print("RESULT " + json.dumps({"end": end, "imported": imported, "init_s": trainer.init_s, "compile_s": compile_s, "loaded": loaded, "saved": saved,
+    print("RESULT " + json.dumps({"end": end, "imported": imported, "init_s": trainer.init_s, "compile_s": compile_s,
+                                  "loaded": loaded, "saved": saved,
                                   "dynamo_s": total("_compile.compile_inner", "compile_inner"),
                                   "backend_s": total("compile_fx", "OutputGraph.call_user_compiler"),
                                   **compile_counters()}), flush=True)
 
 
 def run_one(name: str, spec: dict, cache_dir: str) -> dict:
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir, PYTHONPATH=str(ROOT))
+    from sweeps.compile_cache import cache_env
+
+    env = dict(os.environ, **cache_env(cache_dir), PYTHONPATH=str(ROOT))  # as a sweep's trials have them
     t0 = time.time()
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, text=True,
                           capture_output=True)

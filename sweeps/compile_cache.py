@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 
 from speedrun.config import TrainConfig, graph_signature
@@ -30,6 +31,15 @@ def signature_key(cfg: TrainConfig, world_size: int, device_name: str = "") -> s
     blob = json.dumps({"graphs": graph_signature(cfg), "world": world_size, "torch": torch.__version__,
                        "device": device_name}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cache_env(inductor_dir: str) -> dict[str, str]:
+    """The compile-cache folders of a process: Inductor's, and Triton's inside it. Triton's is named too:
+    Inductor sets it only when it builds its first kernel in a process, and on the H100 the first warm trial
+    after a cold one built ~30 Triton kernels again (the head's own and some Inductor reductions) that the
+    second warm trial then found; one folder for every process is meant to keep them from the cold trial on
+    (not yet measured on the GPU)."""
+    return {"TORCHINDUCTOR_CACHE_DIR": inductor_dir, "TRITON_CACHE_DIR": os.path.join(inductor_dir, "triton")}
 
 
 def _filesystem(root: str):

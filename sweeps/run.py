@@ -209,16 +209,12 @@ def concurrency_for(args, use_gpu: bool, gpus_per_worker: float, workers: int, r
 
 
 def trial_env(folder: Path, cpus_per_worker: float) -> dict:
-    """Environment of every trial and worker process of a sweep or record attempt in `folder`. Triton's cache
-    folder is named as well as Inductor's: Inductor sets it only when it builds its first kernel in a process,
-    and on the H100 the first warm trial after a cold one built ~30 Triton kernels again (the head's own and
-    some Inductor reductions) that the second warm trial then found: one folder for every process is meant to
-    keep them from the cold trial on (not yet measured on the GPU)."""
+    """Environment of every trial and worker process of a sweep or record attempt in `folder`."""
+    from sweeps.compile_cache import cache_env
     from sweeps.trial import worker_env
 
     return worker_env({"OMP_NUM_THREADS": str(max(1, int(cpus_per_worker))),
-                       "TORCHINDUCTOR_CACHE_DIR": str(folder / "inductor_cache"),
-                       "TRITON_CACHE_DIR": str(folder / "inductor_cache" / "triton"),
+                       **cache_env(str(folder / "inductor_cache")),
                        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]})
 
 
