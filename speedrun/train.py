@@ -195,8 +195,8 @@ class _Trainer:
         self.dist.broadcast_params(self.model)
         self.initial_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.compiled = self.device.type == "cuda" and cfg.run.compile
-        self.flex = fast_path_kernels(cfg, self.device)[0]
-        self.model.set_fast_path(*fast_path_kernels(cfg, self.device))
+        self.flex, fp8 = fast_path_kernels(cfg, self.device)
+        self.model.set_fast_path(self.flex, fp8)
         self.forward = self.model
         self.val_mtp = torch.ones(1, device=self.device)  # validation: the next-token loss alone
         if self.compiled:
