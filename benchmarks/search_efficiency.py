@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from sweeps.run import local_ray_options, ray_env
+    from sweeps.cluster import local_ray_options, ray_env
 
     ray_env()
     # one Ray for every sweep, started as the sweep CLI starts its own (headroom for a leaked reservation)

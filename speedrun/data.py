@@ -6,6 +6,7 @@ goes to rank j % world_size, so the global batch is the same for any world size 
 
     python -m speedrun.data download --train-shards 8 --dir data/fineweb10B
     python -m speedrun.data check --dir data/fineweb10B
+    python -m speedrun.data fingerprint --dir data/fineweb10B   # sha256 of the 10,485,760 validation tokens
 """
 
 from __future__ import annotations
@@ -140,20 +141,30 @@ class TrainLoader:
         return out
 
 
+def first_tokens(paths: list[Path], n: int) -> np.ndarray:
+    """The first n tokens of the shards in order (memory-mapped where one shard holds them); ShardError if fewer."""
+    arrays, have = [], 0
+    for p in paths:
+        if have >= n:
+            break
+        arrays.append(read_shard(p)[: n - have])
+        have += len(arrays[-1])
+    if have < n:
+        raise ShardError(f"validation shards hold {have} tokens, fewer than the {n} needed: "
+                         "lower data.val_tokens or add validation shards")
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
+def val_fingerprint(paths: list[Path], val_tokens: int) -> str:
+    """sha256 of the first val_tokens validation tokens (uint16, little-endian): what a track was measured on."""
+    import hashlib
+    return hashlib.sha256(np.ascontiguousarray(first_tokens(paths, val_tokens), dtype="<u2").tobytes()).hexdigest()
+
+
 def val_batches(paths: list[Path], val_tokens: int, micro_tokens: int, rank: int = 0,
                 world_size: int = 1) -> list[Batch]:
     """The first val_tokens of the validation shards, contiguous, in chunks; chunk j goes to rank j % world."""
-    arrays, have = [], 0
-    for p in paths:
-        if have > val_tokens:
-            break
-        a = read_shard(p)
-        arrays.append(a[: val_tokens + 1 - have])
-        have += len(arrays[-1])
-    if have < val_tokens + 1:
-        raise ShardError(f"validation shards hold {have} tokens, fewer than data.val_tokens+1={val_tokens + 1}: "
-                         "lower data.val_tokens or add validation shards")
-    tokens = np.concatenate(arrays).astype(np.int64)
+    tokens = first_tokens(paths, val_tokens + 1).astype(np.int64)
     out = []
     for j, start in enumerate(range(0, val_tokens, micro_tokens)):
         if j % world_size == rank:
@@ -202,12 +213,19 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("check", help="validate every shard in a folder")
     c.add_argument("--dir", default="data/fineweb10B")
     c.add_argument("--pattern", default="*.bin")
+    f = sub.add_parser("fingerprint", help="sha256 of the first N validation tokens (a track's val_sha256)")
+    f.add_argument("--dir", default="data/fineweb10B")
+    f.add_argument("--pattern", default="fineweb_val_*.bin")
+    f.add_argument("--val-tokens", type=int, default=10_485_760)
     args = parser.parse_args(argv)
     try:
         if args.cmd == "download":
             if args.train_shards < 0:
                 raise ShardError(f"--train-shards {args.train_shards}: must be >= 0")
             paths = download(args.dir, args.train_shards, args.repo, os.environ.get("HF_ENDPOINT"))
+        elif args.cmd == "fingerprint":
+            print(val_fingerprint(find_shards(args.dir, args.pattern), args.val_tokens))
+            return 0
         else:
             paths = find_shards(args.dir, args.pattern)
         total = validate_shards(paths)

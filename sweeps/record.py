@@ -1,53 +1,65 @@
-"""`python sweeps/record.py`: one-off final record runs of one config over several fresh seeds, and the verdict.
+"""`python sweeps/record.py`: the verdict on a record claim, from fresh runs or from existing logs.
 
-The config comes from a trial (`--run-id` of its MLflow run, or `--space S --rank 1` for a leaderboard's
-best), a JSON file (`--config`: flat dotted keys, as in a trial's config.json), or a preset with `--set`
-overrides. Each run goes through the sweep's trial unit (a Ray Train run) with its own seed, writes a
-speedrun-format log, and the attempt is logged to MLflow as a parent "record attempt" with a child per seed.
-`--torchrun` launches the runs with plain torchrun instead, on a node without Ray.
+Fresh runs: one config (`--run-id` of a trial's MLflow run, `--space S --rank 1`, `--config FILE.json`, or a
+preset with `--set`) over `--runs N` fresh seeds through the sweep's trial unit (or `--torchrun`). With
+`--baseline RUN_ID|FILE.json` the baseline's runs are interleaved with the candidate's (A B A B ...) on the
+same machine, so that drift hits both.
+
+From logs: `--logs DIR [--baseline-logs DIR]` reads speedrun logs (one file per run, the public trainer's
+`step:N/M val_loss:X train_time:Yms` lines; a file's last such line is its run's result); nothing trains.
+
+The verdict: mean final val loss <= the target with a one-sided t-test p < 0.01, and a faster time: Welch's
+test p < 0.01 against the baseline's runs, or, without a baseline, against the track's record time and its
+run-to-run spread. Writes `statistics.md` (and logs it to MLflow). Exit codes: 0 accepted, 1 not accepted,
+2 bad input.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from sweeps.run import (Resources, concurrency_for, execute, fail, local_resources, prepare_data,  # noqa: E402
-                        ray_env, trial_env, worker_layout)
+from sweeps.cluster import EXIT_BAD_INPUT, BadInput, fail
 
 EXPERIMENT = "record-attempts"
+EXIT_ACCEPTED, EXIT_NOT_ACCEPTED = 0, 1
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python sweeps/record.py", description=__doc__.splitlines()[0])
-    src = p.add_argument_group("where the config comes from (default: --preset)")
+    p = argparse.ArgumentParser(prog="python sweeps/record.py", description=__doc__.splitlines()[0],
+                                epilog="exit codes: 0 accepted, 1 not accepted, 2 bad input")
+    src = p.add_argument_group("the candidate (default: --preset)")
     src.add_argument("--run-id", help="an MLflow trial run whose params are the config")
     src.add_argument("--space", help="with --rank: take the config of that space's leaderboard entry")
     src.add_argument("--rank", type=int, default=1, help="leaderboard rank for --space (default 1, the best)")
     src.add_argument("--sweep", help="with --space: only this sweep's trials")
     src.add_argument("--config", help="a JSON file of flat dotted keys (a trial's config.json)")
     src.add_argument("--preset", help="record | tiny (default: tiny without CUDA, else record)")
+    src.add_argument("--logs", metavar="DIR", help="judge the speedrun logs in DIR (one file per run); no training")
+    p.add_argument("--baseline", metavar="RUN_ID|FILE.json",
+                   help="baseline config (an MLflow run id or a JSON config): its runs interleave with the candidate's")
+    p.add_argument("--baseline-logs", metavar="DIR", help="baseline runs from existing logs (one file per run)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--steps", type=int, help="compress the schedule into N steps (for trying the pipeline)")
-    p.add_argument("--runs", type=int, default=10, help="runs, each with a fresh seed (default 10)")
+    p.add_argument("--steps", type=int, help="compress the schedule into N steps")
+    p.add_argument("--runs", type=int, default=10, help="runs of the candidate (and of the baseline), default 10")
     p.add_argument("--first-seed", type=int, default=1000, help="seeds are first-seed, first-seed+1, ...")
-    p.add_argument("--track", help="default: track1 for the record preset's data, tiny for the sample corpus")
-    p.add_argument("--target", type=float)
-    p.add_argument("--record-time", type=float)
+    p.add_argument("--track", help="default: the track that holds for the run's data, validation set and steps")
+    p.add_argument("--target", type=float, help="override the track's target loss")
+    p.add_argument("--record-time", type=float, help="override the track's record time (seconds)")
     p.add_argument("--workers-per-trial", type=int)
     p.add_argument("--gpus-per-worker", type=float, default=None)
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--concurrency", type=int)
-    p.add_argument("--data")
-    p.add_argument("--name", help="attempt name (default record-YYYYmmdd-HHMMSS)")
+    p.add_argument("--data", help="folder of FineWeb .bin shards")
+    p.add_argument("--name", help="attempt name (default record-YYYYmmdd-HHMMSS-PID)")
     p.add_argument("--storage", default=os.environ.get("SPEEDRUN_SWEEPS", "sweep_runs"))
     p.add_argument("--tracking-uri")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"))
@@ -55,7 +67,29 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def config_from_args(args, uri: str):
+# ---- where the configs come from ------------------------------------------------------------------
+def config_from_run(uri: str, run_id: str):
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from speedrun.config import TrainConfig
+    try:
+        run = MlflowClient(uri).get_run(run_id)
+    except MlflowException as e:
+        raise BadInput(f"MLflow run {run_id} not found in {uri} ({str(e).splitlines()[0][:120]}): "
+                       "check the run id and --tracking-uri") from None
+    return TrainConfig.from_dict(run.data.params), f"MLflow run {run_id} ({run.info.run_name})"
+
+
+def config_from_file(path: str):
+    from speedrun.config import TrainConfig
+    try:
+        return TrainConfig.from_dict(json.loads(Path(path).read_text())), f"file {path}"
+    except (OSError, json.JSONDecodeError) as e:
+        raise BadInput(f"config file {path}: {e}: give a JSON file of flat dotted keys (a trial's config.json)")
+
+
+def candidate_config(args, uri: str):
     """The config to attempt, and a line saying where it came from."""
     from speedrun.__main__ import parse_sets
     from speedrun.config import TrainConfig
@@ -64,152 +98,309 @@ def config_from_args(args, uri: str):
         from sweeps.report import leaderboard
         rows = [r for r in leaderboard(uri, args.space, args.sweep) if r["status"] == "finished"]
         if len(rows) < args.rank:
-            raise LookupError(f"space {args.space} has {len(rows)} finished trials in {uri}; --rank {args.rank} "
-                              "does not exist")
+            raise BadInput(f"space {args.space} has {len(rows)} finished trials in {uri}; --rank {args.rank} "
+                           "does not exist")
         args.run_id = rows[args.rank - 1]["run_id"]
     if args.run_id:
-        from mlflow.tracking import MlflowClient
-        run = MlflowClient(uri).get_run(args.run_id)
-        cfg, source = TrainConfig.from_dict(run.data.params), f"MLflow run {args.run_id} ({run.info.run_name})"
+        cfg, source = config_from_run(uri, args.run_id)
     elif args.config:
-        cfg, source = TrainConfig.from_dict(json.loads(Path(args.config).read_text())), f"file {args.config}"
+        cfg, source = config_from_file(args.config)
     else:
         import torch
         preset = args.preset or ("record" if torch.cuda.is_available() else "tiny")
         cfg, source = TrainConfig.preset(preset), f"preset {preset}"
-    if args.sets:
-        cfg = cfg.override(parse_sets(args.sets))
-        source += " with " + ", ".join(args.sets)
     if args.steps:
         cfg = cfg.with_total_steps(args.steps)
         source += f", compressed to {args.steps} steps"
+    if args.sets:
+        cfg = cfg.override(parse_sets(args.sets))
+        source += " with " + ", ".join(args.sets)
     return cfg, source
 
 
+def baseline_config(args, uri: str):
+    if args.baseline.endswith(".json") or Path(args.baseline).exists():
+        return config_from_file(args.baseline)
+    return config_from_run(uri, args.baseline)
+
+
+# ---- the verdict ----------------------------------------------------------------------------------
+def per_run_rows(runs: list[dict], judge, baseline_times: list[float] | None) -> list[dict]:
+    """Each run's own verdict, as a sweep would tag it; with baseline runs, a run is a candidate only when it
+    is faster than the fastest of them."""
+    from sweeps.records import run_verdict
+
+    track = judge.track
+    if baseline_times:
+        track = replace(track, record_time_s=min(baseline_times), time_noise=0.0)
+    rows = []
+    for r in runs:
+        verdict = run_verdict(r["status"], r["val_loss"], r["train_time_s"], track, judge.comparable)
+        if r.get("arm") == "baseline":
+            verdict = "baseline " + verdict if verdict in ("reached", "missed") else "baseline"
+        rows.append({"run": r["run"], "arm": r.get("arm", "candidate"), "val_loss": r["val_loss"],
+                     "train_time_s": r["train_time_s"], "verdict": verdict})
+    return rows
+
+
+def attempt_verdict(test) -> str:
+    from sweeps.records import MISSED, REACHED, RECORD
+    if test.accepted:
+        return RECORD
+    return REACHED if test.loss.mean <= test.target else MISSED
+
+
+def judge_and_report(cand: list[dict], base: list[dict] | None, judge, folder: Path, title: str,
+                     notes: list[str]) -> tuple[object, list[dict]]:
+    """The acceptance test over finished runs, printed, and written to folder/statistics.md and verdict.json."""
+    from sweeps.acceptance import acceptance_test
+
+    ok = lambda rs: [r for r in rs if r["status"] == "finished" and math.isfinite(r["val_loss"])]  # noqa: E731
+    c, b = ok(cand), ok(base) if base is not None else None
+    dropped = len(cand) - len(c) + ((len(base) - len(b)) if base is not None else 0)
+    if dropped:
+        notes.append(f"{dropped} run(s) did not finish their schedule and are left out of the statistics")
+    if len(c) < 2 or (b is not None and len(b) < 2):
+        raise BadInput(f"{len(c)} finished candidate run(s)" + (f" and {len(b)} baseline run(s)" if b is not None
+                       else "") + ": the tests need at least 2 of each; give more runs or logs")
+    track = judge.track
+    test = acceptance_test(
+        [r["val_loss"] for r in c], [r["train_time_s"] for r in c], track.target_loss,
+        baseline_losses=[r["val_loss"] for r in b] if b is not None else None,
+        baseline_times=[r["train_time_s"] for r in b] if b is not None else None,
+        record_time_s=None if b is not None else track.record_time_s,
+        time_noise=track.time_noise, record_runs=track.record_runs)
+    rows = per_run_rows(cand + (base or []), judge, [r["train_time_s"] for r in b] if b else None)
+    folder.mkdir(parents=True, exist_ok=True)
+    md = test.statistics_md(title, rows)
+    if notes:
+        md += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    (folder / "statistics.md").write_text(md)
+    (folder / "verdict.json").write_text(json.dumps(
+        {"title": title, "track": track.name, "verdict": attempt_verdict(test), "runs": rows, **test.to_dict()},
+        indent=1, default=str))
+    print()
+    print(f"{'run':>24}  {'arm':>9}  {'val_loss':>8}  {'train_s':>9}  verdict")
+    for r in rows:
+        print(f"{r['run']:>24}  {r['arm']:>9}  {r['val_loss']:8.4f}  {r['train_time_s']:9.3f}  {r['verdict']}")
+    print()
+    print(test.table())
+    for n in notes:
+        print(f"note: {n}")
+    print(f"verdict: {attempt_verdict(test)}; statistics: {folder / 'statistics.md'}")
+    return test, rows
+
+
+def log_to_mlflow(uri: str, name: str, test, rows: list[dict], folder: Path, parent_id: str | None,
+                  track_name: str) -> None:
+    from mlflow.entities import Metric, RunTag
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.tracking import artifact_location
+    client = MlflowClient(uri)
+    if parent_id is None:  # from logs: no sweep made a parent run
+        exp = client.get_experiment_by_name(EXPERIMENT)
+        exp_id = exp.experiment_id if exp else client.create_experiment(
+            EXPERIMENT, artifact_location=artifact_location(uri, EXPERIMENT))
+        parent_id = client.create_run(exp_id, run_name=f"record attempt {name}", tags={
+            "kind": "sweep", "sweep_name": name, "attempt": "record", "source": "logs", "track": track_name}).info.run_id
+    numbers = {k: v for k, v in flat_numbers(test.to_dict()).items() if math.isfinite(v)}
+    client.log_batch(parent_id, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in numbers.items()],
+                     tags=[RunTag("accepted", str(test.accepted).lower()), RunTag("verdict", attempt_verdict(test)),
+                           RunTag("attempt", "record"), RunTag("mlflow.runName", f"record attempt {name}")])
+    client.log_artifact(parent_id, str(folder / "statistics.md"))
+    client.log_artifact(parent_id, str(folder / "verdict.json"))
+    client.set_terminated(parent_id, "FINISHED")
+
+
+def flat_numbers(d: dict, prefix: str = "") -> dict[str, float]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_numbers(v, f"{prefix}{k}_"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
+# ---- from logs --------------------------------------------------------------------------------------
+def runs_from_logs(folder: str, arm: str) -> list[dict]:
+    from sweeps.speedrun_logs import read_log_dir
+    return [{"run": Path(r.path).name, "arm": arm, "val_loss": r.val_loss, "train_time_s": r.train_time_s,
+             "status": "finished" if r.complete else "failed"} for r in read_log_dir(folder)]
+
+
+def verdict_from_logs(args, uri: str, name: str, folder: Path) -> int:
+    from sweeps.records import get_track, Judge
+    from sweeps.speedrun_logs import LogError
+
+    try:
+        judge = Judge(get_track(args.track or "track1", args.target, args.record_time))
+        cand = runs_from_logs(args.logs, "candidate")
+        base = runs_from_logs(args.baseline_logs, "baseline") if args.baseline_logs else None
+    except (LogError, ValueError) as e:
+        return fail(str(e))
+    notes = [f"logs are taken as measured on track {judge.track.name}'s data and validation set "
+             f"({judge.track.description})"]
+    if base is None:
+        notes.append(f"time tested against the track's record time {judge.track.record_time_s:g}s, measured on "
+                     f"{judge.track.hardware or 'unknown hardware'}: give --baseline-logs from this machine")
+    print(f"record verdict from logs: {len(cand)} candidate run(s) in {args.logs}"
+          + (f", {len(base)} baseline run(s) in {args.baseline_logs}" if base is not None else "")
+          + f"; target {judge.track.target_loss}")
+    try:
+        test, rows = judge_and_report(cand, base, judge, folder, f"Record verdict {name} (from logs)", notes)
+    except BadInput as e:
+        return fail(str(e))
+    log_to_mlflow(uri, name, test, rows, folder, None, judge.track.name)
+    return EXIT_ACCEPTED if test.accepted else EXIT_NOT_ACCEPTED
+
+
+# ---- fresh runs -------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from speedrun.data import ShardError
-    from sweeps.records import get_track
     from sweeps.tracking import resolve_uri
-    from sweeps.verdict import judge_runs
 
-    if args.runs < 1:
-        return fail(f"--runs {args.runs}: needs at least 1 (the acceptance test needs 2 or more)")
     uri = resolve_uri(args.tracking_uri)
-    try:
-        cfg, source = config_from_args(args, uri)
-        track = get_track(args.track or ("tiny" if cfg.data.source == "sample" else "track1"), args.target,
-                          args.record_time)
-        overrides = prepare_data(cfg, args)
-    except (ValueError, LookupError, ShardError, OSError) as e:
-        return fail(str(e))
-    overrides["run.target_loss"] = track.target_loss
-    name = args.name or f"record-{datetime.now():%Y%m%d-%H%M%S}"
+    name = args.name or f"record-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
     storage = Path(args.storage).expanduser().resolve()
     folder = storage / name
-    seeds = [args.first_seed + i for i in range(args.runs)]
-    print(f"record attempt {name}: {args.runs} runs of {source}; track {track.name} "
-          f"(target {track.target_loss}, record {track.record_time_s:g}s); logs in {folder / 'logs'}")
+    if args.logs:
+        training = [f for f in ("run_id", "space", "config", "preset", "baseline", "steps", "torchrun")
+                    if getattr(args, f)] + (["set"] if args.sets else [])
+        if training:
+            return fail(f"--logs judges existing runs: drop --{training[0].replace('_', '-')} (it configures fresh runs)")
+        return verdict_from_logs(args, uri, name, folder)
+    if args.runs < 2:
+        return fail(f"--runs {args.runs}: the acceptance test needs at least 2 runs (about 10 are typical)")
+    try:
+        return attempt(args, uri, name, storage, folder)
+    except BadInput as e:
+        return fail(str(e))
+
+
+def attempt(args, uri: str, name: str, storage: Path, folder: Path) -> int:
+    from speedrun.data import ShardError
+    from sweeps.attempts import BASELINE_ARM, CANDIDATE_ARM, interleaved_seeds
+    from sweeps.datasets import BadData, Fingerprints, measured, prepare_data
+    from sweeps.records import choose_track
+    from sweeps.speedrun_logs import LogError
+
+    try:
+        cfg, source = candidate_config(args, uri)
+        configs = {CANDIDATE_ARM: cfg}
+        if args.baseline:
+            configs[BASELINE_ARM], base_source = baseline_config(args, uri)
+        overrides = prepare_data(cfg, args.data)
+        fingerprints = Fingerprints()
+        seen = {arm: measured(c.override(overrides), fingerprints) for arm, c in configs.items()}
+        timed_against_baseline = bool(args.baseline or args.baseline_logs)
+        judge = choose_track(seen[CANDIDATE_ARM], args.track, args.target, args.record_time,
+                             ignore_steps=timed_against_baseline)
+        logged_base = runs_from_logs(args.baseline_logs, "baseline") if args.baseline_logs else None
+    except (ValueError, LookupError, ShardError, BadData, LogError, OSError) as e:
+        raise BadInput(str(e)) from None
+    if not judge.comparable:
+        hint = ("give --target LOSS with --baseline to judge it against baseline runs" if not timed_against_baseline
+                else "give --target LOSS")
+        if not (timed_against_baseline and args.target is not None):
+            raise BadInput(f"{judge.describe().replace('; trials get no record verdict', '')}: run on the track's "
+                           f"data and budget (e.g. --steps {judge.track.step_budget or 'N'}), or {hint}")
+        judge = replace(judge, differences=())
+    if BASELINE_ARM in seen:
+        diffs = judge.track.differences(seen[BASELINE_ARM], ignore_steps=True)
+        if diffs and judge.track.differences(seen[CANDIDATE_ARM], ignore_steps=True) != diffs:
+            raise BadInput(f"the baseline measures something else than the candidate ({'; '.join(diffs)}): "
+                           "both must use the same data and validation set")
+    overrides["run.target_loss"] = judge.track.target_loss
+    order = interleaved_seeds(args.first_seed, args.runs, BASELINE_ARM in configs)
+    print(f"record attempt {name}: {args.runs} runs of {source}"
+          + (f", interleaved with {args.runs} of the baseline ({base_source})" if BASELINE_ARM in configs else "")
+          + f"; {judge.describe()}; logs in {folder / 'logs'}")
     t0 = time.time()
+    parent_id = None
     if args.torchrun:
-        results = run_with_torchrun(cfg.override(overrides), seeds, folder, args)
+        runs = run_with_torchrun(configs, overrides, order, folder, args)
     else:
-        res = local_resources()
-        try:
-            results = run_with_ray(cfg, overrides, seeds, name, storage, track, uri, args, res)
-        except ValueError as e:
-            return fail(str(e))
-    losses = [r["val_loss"] for r in results]
-    times = [r["train_time_s"] for r in results]
-    verdict = judge_runs(losses, times, track.target_loss, track.record_time_s)
-    print()
-    for seed, r in zip(seeds, results):
-        print(f"seed {seed}: val_loss {r['val_loss']:.4f}, train_time {r['train_time_s']:.2f}s, {r['status']}")
-    print()
-    print(verdict.table())
-    (folder / "verdict.json").write_text(json.dumps({"source": source, "track": track.name, "seeds": seeds,
-                                                      "losses": losses, "times": times, **vars(verdict)}, indent=1))
+        runs, parent_id = run_with_ray(configs, overrides, order, name, storage, judge, uri, args)
+    cand = [r for r in runs if r["arm"] == CANDIDATE_ARM]
+    base = [r for r in runs if r["arm"] == BASELINE_ARM] or logged_base
+    notes = []
+    if logged_base is not None:
+        notes.append(f"baseline runs from {args.baseline_logs}, not interleaved with the candidate's: drift between "
+                     "the two sets counts as a difference")
+    elif base is None:
+        notes.append(f"time tested against the track's record time {judge.track.record_time_s:g}s (measured on "
+                     f"{judge.track.hardware or 'unknown hardware'}); --baseline times both on this machine")
+    test, rows = judge_and_report(cand, base, judge, folder, f"Record attempt {name}", notes)
     if not args.torchrun:
-        log_verdict(uri, name, verdict)
-    print(f"\n{args.runs} runs in {time.time() - t0:.0f}s; logs: {folder / 'logs'}")
-    return 0 if verdict.accepted else 1
+        log_to_mlflow(uri, name, test, rows, folder, parent_id, judge.track.name)
+    print(f"\n{len(runs)} runs in {time.time() - t0:.0f}s; logs: {folder / 'logs'}")
+    return EXIT_ACCEPTED if test.accepted else EXIT_NOT_ACCEPTED
 
 
-def attempt_space(cfg, seeds):
-    """The attempt as a Space with one knob, run.seed: trial 0 is the first seed, the rest are 'points'."""
-    from sweeps.spaces import Param, Space
-    base = cfg.override({"run.seed": seeds[0]})
-    return Space(name=EXPERIMENT, description="record attempt", preset="record", fixed=base.to_dict(),
-                 params=(Param("run.seed", "int", 0, 2**31 - 1),),
-                 points=tuple({"run.seed": s} for s in seeds[1:]), trials=len(seeds))
-
-
-def run_with_ray(cfg, overrides, seeds, name, storage, track, uri, args, res: Resources) -> list[dict]:
+def run_with_ray(configs, overrides, order, name, storage, judge, uri, args) -> tuple[list[dict], str]:
+    from sweeps.attempts import make_attempt_spec
+    from sweeps.cluster import concurrency_for, execute, local_resources, ray_env, trial_env, worker_layout
     from sweeps.results import ProgressPrinter, rows_from_grid
-    from sweeps.search import SweepPlan, make_tuner
+    from sweeps.search import SweepPlan
+    from sweeps.search import make_tuner
     from sweeps.tracking import MlflowTracker, code_version
     from sweeps.trial import TrialSpec
 
+    res = local_resources()
     use_gpu, gpus_per_worker, workers = worker_layout(args, "record" if res.gpus else "tiny", res)
     if not use_gpu:
         overrides["run.threads"] = max(1, int(args.cpus_per_worker))
-    space = attempt_space(cfg, seeds)
-    concurrency = concurrency_for(args, use_gpu, gpus_per_worker, workers, res, len(seeds))
-    plan = SweepPlan(space, name, storage, len(seeds), concurrency, 0, "none", cfg.schedule.total_steps)
+    total_steps = configs["candidate"].schedule.total_steps
+    concurrency = concurrency_for(args, use_gpu, gpus_per_worker, workers, res, len(order))
+    folder = storage / name
     ray_env()
-    env = trial_env(plan.folder, args.cpus_per_worker)
-    spec = TrialSpec(space=space, overrides=overrides, steps=0, workers=workers, use_gpu=use_gpu,
+    env = trial_env(folder, args.cpus_per_worker)
+    base = TrialSpec(space=None, overrides=overrides, workers=workers, use_gpu=use_gpu,
                      cpus_per_worker=args.cpus_per_worker, gpus_per_worker=gpus_per_worker,
-                     train_storage=str(plan.folder / "train_runs"), max_failures=1, env=env,
-                     log_dir=str(plan.folder / "logs"), code_version=code_version(),
-                     compile_cache=str(plan.folder / "compile_cache"))
-    tracker = MlflowTracker(uri, EXPERIMENT, name, {"kind": "record attempt", "runs": len(seeds), "seeds": seeds,
-                                                    "workers_per_trial": workers},
-                            track, cfg.schedule.total_steps, spec.config_for)
-    grid = execute(lambda: make_tuner(plan, spec, [ProgressPrinter(cfg.schedule.total_steps, "val_loss"), tracker]),
+                     train_storage=str(folder / "train_runs"), max_failures=1, env=env,
+                     log_dir=str(folder / "logs"), code_version=code_version(),
+                     compile_cache=str(folder / "compile_cache"))
+    spec = make_attempt_spec(base, EXPERIMENT, configs, order)
+    plan = SweepPlan(spec.space, name, storage, len(order), concurrency, 0, "none", total_steps)
+    tracker = MlflowTracker(uri, EXPERIMENT, name, {"kind": "record attempt", "runs": args.runs,
+                                                    "seeds": [s for s, _ in order], "workers_per_trial": workers},
+                            judge, total_steps, spec.config_for, tags_for=spec.tags_for)
+    grid = execute(lambda: make_tuner(plan, spec, [ProgressPrinter(total_steps, "val_loss"), tracker]),
                    args.address, env)
     rows = tracker.annotate(rows_from_grid(grid, ["run.seed"]))
     tracker.finish_sweep(rows, tracker.curves())
-    by_seed = {r["run.seed"]: r for r in rows}
-    return [{"val_loss": by_seed[s]["val_loss"] if by_seed[s]["status"] == "finished" else float("nan"),
-             "train_time_s": by_seed[s]["train_time_s"], "status": by_seed[s]["status"]} for s in seeds]
+    by_seed = {int(r["run.seed"]): r for r in rows}
+    runs = []
+    for seed, arm in order:
+        r = by_seed.get(seed, {"status": "failed", "val_loss": None, "train_time_s": None})
+        finished = r["status"] == "finished" and r.get("val_loss") is not None
+        runs.append({"run": f"seed {seed}", "arm": arm, "status": r["status"] if finished else "failed",
+                     "val_loss": r["val_loss"] if finished else math.nan,
+                     "train_time_s": r.get("train_time_s") or math.nan})
+    return runs, tracker.parent_id
 
 
-def run_with_torchrun(cfg, seeds, folder: Path, args) -> list[dict]:
-    """Without Ray: `torchrun -m speedrun` once per seed, on this node's GPUs (or one CPU process)."""
+def run_with_torchrun(configs, overrides, order, folder: Path, args) -> list[dict]:
+    """Without Ray: `torchrun -m speedrun` once per run, in order, on this node's GPUs (or one CPU process)."""
     import torch
     nproc = args.workers_per_trial or max(1, torch.cuda.device_count())
     out = []
     (folder / "logs").mkdir(parents=True, exist_ok=True)
-    for seed in seeds:
-        run_cfg = cfg.override({"run.seed": seed})
-        cfg_file = folder / f"config_seed{seed}.json"
+    for seed, arm in order:
+        run_cfg = configs[arm].override({**overrides, "run.seed": seed})
+        cfg_file = folder / f"config_{arm}_seed{seed}.json"
         cfg_file.write_text(json.dumps(run_cfg.to_dict()))
-        result_file = folder / f"result_seed{seed}.json"
+        result_file = folder / f"result_{arm}_seed{seed}.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "speedrun", "--config", str(cfg_file), "--json", str(result_file)]
-        with open(folder / "logs" / f"seed{seed}.txt", "w") as log:
+        with open(folder / "logs" / f"{arm}_seed{seed}.txt", "w") as log:
             subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
         r = json.loads(result_file.read_text()) if result_file.exists() else {}
-        out.append({"val_loss": r.get("val_loss", float("nan")), "train_time_s": r.get("train_time_s", float("nan")),
-                    "status": r.get("status", "failed")})
+        out.append({"run": f"seed {seed}", "arm": arm, "val_loss": r.get("val_loss", math.nan),
+                    "train_time_s": r.get("train_time_s", math.nan), "status": r.get("status", "failed")})
     return out
-
-
-def log_verdict(uri: str, name: str, verdict) -> None:
-    from mlflow.entities import Metric, RunTag
-    from mlflow.tracking import MlflowClient
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(EXPERIMENT)
-    (parent,) = client.search_runs([exp.experiment_id], f"tags.sweep_name = '{name}' and tags.kind = 'sweep'")
-    metrics = {"loss_mean": verdict.loss_mean, "loss_std": verdict.loss_std, "time_mean_s": verdict.time_mean,
-               "time_std_s": verdict.time_std, "p_value": verdict.p_value}
-    client.log_batch(parent.info.run_id,
-                     metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items() if v == v],
-                     tags=[RunTag("accepted", str(verdict.accepted).lower()), RunTag("kind", "sweep"),
-                           RunTag("attempt", "record"), RunTag("mlflow.runName", f"record attempt {name}"),
-                           RunTag("runs_needed", str(verdict.runs_needed))])
-    client.log_text(parent.info.run_id, verdict.table(), "verdict.md")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,14 @@
-"""Tracks (target loss, record time, provenance), time to target, and whether a trial beat the record."""
+"""Tracks and the verdict on one run.
+
+A track is a target loss and a record time together with what they were measured on: the data source,
+the validation shards and token count (and a sha256 of those tokens), the step budget where it has one,
+and the record's run-to-run spreads. A run is judged against a track only when it was measured on the same
+things; otherwise it is "not comparable".
+
+A run's time is its training time at the end of its schedule, and it reached the target iff its final
+validation loss is <= the target (mid-run validations come from an un-annealed model and never count).
+One run is at most a `candidate`; only the multi-run acceptance test (sweeps/acceptance.py) says `record`.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +16,28 @@ import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from speedrun.train import time_to_target
-
 TRACKS_FILE = Path(__file__).resolve().parent / "tracks.toml"
+
+# The verdict words, everywhere: MLflow tag `verdict`, results.parquet, the sweep's table, report.py, record.py.
+RECORD = "record"  # only a multi-run acceptance test
+CANDIDATE = "candidate"  # reached the target, faster than the record by more than the track's time noise
+REACHED = "reached"  # reached the target, not clearly faster
+MISSED = "missed"  # ended its schedule above the target
+NOT_COMPARABLE = "not comparable"  # measured on other data, another validation set or another step budget
+DIVERGED = "diverged"
+FAILED = "failed"
+PRUNED = "pruned"  # stopped early by the scheduler: no end-of-run result
+INTERRUPTED = "interrupted"  # cut off by an interrupted sweep
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What a run's loss and time were measured on."""
+    data_source: str  # "fineweb" | "sample"
+    val_pattern: str
+    val_tokens: int
+    steps: int  # the run's step budget (its whole schedule)
+    val_sha256: str = ""  # of the first val_tokens validation tokens; "" when not computed
 
 
 @dataclass(frozen=True)
@@ -17,12 +46,41 @@ class Track:
     description: str
     target_loss: float
     record_time_s: float
-    record_steps: int
-    source: str
+    source: str  # where the record's numbers come from
+    data_source: str
+    val_pattern: str
+    val_tokens: int
+    step_budget: int = 0  # 0: no step budget (the speedrun fixes data and target, not steps)
+    val_sha256: str = ""  # "" = not known: the other fields are still checked
+    time_noise: float | None = None  # run-to-run standard deviation of the record's time (s)
+    record_runs: int | None = None  # runs the record time is the mean of
+    hardware: str = ""  # where the record time was measured (times compare on one kind of machine only)
+    record_steps: int = 0  # the record's own run length (informational)
     exchange_rate: float | None = None  # loss gained per 100 more steps near the end of the schedule
     noise: float | None = None  # seed-to-seed standard deviation of the final val loss
     curve: tuple = ()  # (schedule fraction, val loss) of the control, for the record-curve pruner
-    curve_steps: int = 0  # the step budget that curve was measured at (a curve holds for that budget only)
+    curve_steps: int = 0  # the step budget that curve was measured at
+
+    def differences(self, run: Measured, ignore_steps: bool = False) -> list[str]:
+        """Why this track does not hold for `run` (empty: it does). `ignore_steps`: only the data and the
+        validation set count (a run timed against baseline runs may change the step count)."""
+        out = []
+        if run.data_source != self.data_source:
+            out.append(f"data {run.data_source} (track {self.name}: {self.data_source})")
+        if run.val_pattern != self.val_pattern:
+            out.append(f"validation shards {run.val_pattern} (track {self.name}: {self.val_pattern})")
+        if run.val_tokens != self.val_tokens:
+            out.append(f"{run.val_tokens:,} validation tokens (track {self.name}: {self.val_tokens:,})")
+        if self.step_budget and run.steps != self.step_budget and not ignore_steps:
+            out.append(f"{run.steps} steps (track {self.name}: {self.step_budget})")
+        if self.val_sha256 and run.val_sha256 and run.val_sha256 != self.val_sha256:
+            out.append(f"validation tokens with sha256 {run.val_sha256[:12]}… "
+                       f"(track {self.name}: {self.val_sha256[:12]}…)")
+        return out
+
+    def summary(self) -> str:
+        noise = f" ± {self.time_noise:g}s" if self.time_noise else ""
+        return f"{self.name} ({self.target_loss} in {self.record_time_s:g}s{noise})"
 
 
 def load_tracks(path: Path = TRACKS_FILE) -> dict[str, Track]:
@@ -36,11 +94,7 @@ def load_tracks(path: Path = TRACKS_FILE) -> dict[str, Track]:
     return tracks
 
 
-def get_track(name: str, target: float | None = None, record_time: float | None = None) -> Track:
-    tracks = load_tracks()
-    if name not in tracks:
-        raise ValueError(f"unknown track {name!r}: known tracks are {', '.join(tracks)}")
-    track = tracks[name]
+def with_overrides(track: Track, target: float | None = None, record_time: float | None = None) -> Track:
     if target is not None:
         track = replace(track, target_loss=target, source=track.source + f"; target overridden to {target}")
     if record_time is not None:
@@ -49,33 +103,81 @@ def get_track(name: str, target: float | None = None, record_time: float | None 
     return track
 
 
-def default_track(preset: str) -> str:
-    return "track1" if preset == "record" else "tiny"
+def get_track(name: str, target: float | None = None, record_time: float | None = None) -> Track:
+    tracks = load_tracks()
+    if name not in tracks:
+        raise ValueError(f"unknown track {name!r}: known tracks are {', '.join(tracks)}")
+    return with_overrides(tracks[name], target, record_time)
 
 
 @dataclass(frozen=True)
-class Verdict:
-    time_to_target_s: float | None
-    reached: bool
-    beat_record: bool
+class Judge:
+    """A track and whether it holds for the runs being judged (`differences` empty)."""
+    track: Track
+    differences: tuple[str, ...] = ()
+
+    @property
+    def comparable(self) -> bool:
+        return not self.differences
+
+    def describe(self) -> str:
+        if self.comparable:
+            return f"track {self.track.summary()}"
+        return (f"not comparable with any track: closest is {self.track.name}, which differs in "
+                f"{'; '.join(self.differences)}; trials get no record verdict")
+
+    ignore_steps: bool = False
+
+    def for_run(self, run: Measured) -> "Judge":
+        """The same track, checked against one run (a searched knob may change what a trial measures)."""
+        return Judge(self.track, tuple(self.track.differences(run, self.ignore_steps)), self.ignore_steps)
+
+    def verdict(self, status: str, val_loss: float | None, train_time_s: float | None) -> str:
+        return run_verdict(status, val_loss, train_time_s, self.track, self.comparable)
 
 
-def judge(history: list[dict], track: Track) -> Verdict:
-    """history: validation points (val_loss, train_time_s) in order."""
-    t = time_to_target(history, track.target_loss)
-    return Verdict(t, t is not None, t is not None and t < track.record_time_s)
+def choose_track(run: Measured, name: str | None = None, target: float | None = None,
+                 record_time: float | None = None, tracks: dict[str, Track] | None = None,
+                 ignore_steps: bool = False) -> Judge:
+    """`name` given: that track, refused (ValueError naming the difference) unless it holds for the run.
+    Otherwise the first track that holds, or the closest one marked not comparable."""
+    tracks = load_tracks() if tracks is None else tracks
+    if name is not None:
+        if name not in tracks:
+            raise ValueError(f"unknown track {name!r}: known tracks are {', '.join(tracks)}")
+        diffs = tracks[name].differences(run, ignore_steps)
+        if diffs:
+            raise ValueError(f"--track {name} does not hold for this run: it has {'; '.join(diffs)}: "
+                             f"drop --track (the matching track is chosen) or run on the track's data and budget")
+        return Judge(with_overrides(tracks[name], target, record_time), (), ignore_steps)
+    ranked = sorted(tracks.values(), key=lambda t: (len(t.differences(run, ignore_steps)),
+                                                    t.data_source != run.data_source))
+    best = ranked[0]
+    return Judge(with_overrides(best, target, record_time), tuple(best.differences(run, ignore_steps)), ignore_steps)
 
 
-def projected_time_to_target(history: list[dict], track: Track) -> float:
-    """Time to target for the time objective: measured when the run reached the target; otherwise the time
-    it would have needed, at its own time per step, for the steps that the track's exchange rate (loss per
-    100 steps) says the remaining loss gap costs. Finite for any finite loss, so the searcher can rank misses."""
-    t = time_to_target(history, track.target_loss)
-    if t is not None:
-        return t
+def run_verdict(status: str, val_loss: float | None, train_time_s: float | None, track: Track,
+                comparable: bool = True) -> str:
+    """The word for one run's end: failed / diverged / pruned / interrupted by how it ended; otherwise not
+    comparable, candidate, reached or missed by its final loss and end-of-run time."""
+    if status in (FAILED, DIVERGED, PRUNED, INTERRUPTED):
+        return status
+    if not comparable:
+        return NOT_COMPARABLE
+    if val_loss is None or train_time_s is None or not val_loss <= track.target_loss:
+        return MISSED
+    if train_time_s < track.record_time_s - (track.time_noise or 0.0):
+        return CANDIDATE
+    return REACHED
+
+
+def projected_time_s(val_loss: float, train_time_s: float, steps: int, track: Track) -> float:
+    """An estimate for the time objective, not a measurement: the run's end-of-run time, moved by the steps
+    that its gap to the target is worth at the track's exchange rate (loss per 100 steps). A run that ended
+    below the target could have stopped earlier, one above needed more; both are projected the same way.
+    The projection never goes below half the run (a linear rate is not trusted further out)."""
     if not track.exchange_rate:
-        raise ValueError(f"track {track.name} has no exchange_rate: the time objective cannot project a miss")
-    last = history[-1]
-    steps, seconds = max(1, last["step"]), last["train_time_s"]
-    missing_steps = 100.0 * (last["val_loss"] - track.target_loss) / track.exchange_rate
-    return seconds + missing_steps * seconds / steps
+        raise ValueError(f"track {track.name} has no exchange_rate: the time objective cannot project a run")
+    steps = max(1, steps)
+    needed = steps + 100.0 * (val_loss - track.target_loss) / track.exchange_rate
+    return train_time_s * max(needed, 0.5 * steps) / steps

@@ -1,7 +1,7 @@
 """`python sweeps/report.py --space muon_lr`: the leaderboard of a space's trials, read back from MLflow.
 
 Best first (by final val loss of finished trials, or `--by time`: time to target, projected for misses),
-record-beating trials marked BEAT, trials on a multi-objective sweep's Pareto front marked *. `--sweep NAME` limits it
+each trial's verdict (candidate, reached, missed, not comparable, pruned, ...; sweeps/records.py), trials on a multi-objective sweep's Pareto front marked *. `--sweep NAME` limits it
 to one sweep; `--tracking-uri` / MLFLOW_TRACKING_URI pick the store (default sqlite:///mlflow.db here).
 """
 
@@ -26,7 +26,8 @@ def leaderboard(uri: str, space: str, sweep: str | None = None) -> list[dict]:
         t, m = run.data.tags, run.data.metrics
         rows.append({
             "sweep": t.get("sweep_name"), "trial": int(t.get("trial_index", -1)), "status": t.get("status"),
-            "beat_record": t.get("beat_record") == "true", "val_loss": m.get("val_loss"),
+            "verdict": t.get("verdict") or t.get("status") or "-", "steps": _int(run.data.params.get("schedule.num_scheduled_steps"), run.data.params.get("schedule.extension_steps")),
+            "val_loss": m.get("val_loss"),
             "train_time_s": m.get("train_time_s"), "time_to_target_s": m.get("time_to_target_s"),
             "objective_time_s": m.get("objective_time_s"), "pareto": t.get("pareto") == "true",
             "run_id": run.info.run_id,
@@ -34,6 +35,14 @@ def leaderboard(uri: str, space: str, sweep: str | None = None) -> list[dict]:
         })
     finished = lambda r: r["status"] == "finished" and r["val_loss"] is not None  # noqa: E731
     return sorted(rows, key=lambda r: (not finished(r), r["val_loss"] if r["val_loss"] is not None else math.inf))
+
+
+def _int(*values) -> int | None:
+    """Sum of integer params (a trial's step budget: scheduled + extension steps); None if any is missing."""
+    try:
+        return sum(int(v) for v in values)
+    except (TypeError, ValueError):
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,19 +67,21 @@ def main(argv: list[str] | None = None) -> int:
     except (SpaceError, LookupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    header = ["rank", "sweep", "trial", "status", *[k.split(".", 1)[1] for k in keys], "val_loss", "train_s",
-              "to_target_s", "objective_s", "record", "pareto"]
+    header = ["rank", "sweep", "trial", "steps", "status", *[k.split(".", 1)[1] for k in keys], "val_loss",
+              "train_s", "objective_s", "verdict", "pareto"]
     body = []
     for i, r in enumerate(rows[: args.top], 1):
         fmt = lambda v: "-" if v is None else f"{float(v):.4g}"  # noqa: E731
-        body.append([str(i), r["sweep"] or "", str(r["trial"]), r["status"] or "",
+        body.append([str(i), r["sweep"] or "", str(r["trial"]), str(r["steps"] or "-"), r["status"] or "",
                      *[fmt(r["params"].get(k)) if r["params"].get(k) is not None else "-" for k in keys],
-                     fmt(r["val_loss"]), fmt(r["train_time_s"]), fmt(r["time_to_target_s"]),
-                     fmt(r["objective_time_s"]), "BEAT" if r["beat_record"] else "", "*" if r["pareto"] else ""])
+                     fmt(r["val_loss"]), fmt(r["train_time_s"]), fmt(r["objective_time_s"]), r["verdict"],
+                     "*" if r["pareto"] else ""])
     widths = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(header)]
     for cells in [header, ["-" * w for w in widths], *body]:
         print("  ".join(c.rjust(w) for c, w in zip(cells, widths)))
-    print(f"\n{len(rows)} trial runs of space {args.space} in {uri}; {sum(r['beat_record'] for r in rows)} beat the record")
+    n_cand = sum(r["verdict"] == "candidate" for r in rows)
+    print(f"\n{len(rows)} trial runs of space {args.space} in {uri}; {n_cand} candidate(s): single runs faster than "
+          "the record by more than its time noise; confirm with sweeps/record.py --run-id RUN")
     return 0
 
 

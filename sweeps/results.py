@@ -159,14 +159,13 @@ def format_table(rows: list[dict], param_keys: list[str], top: int = 10) -> str:
         return str(v)
 
     short = [k.split(".", 1)[1] for k in param_keys]
-    header = ["rank", "trial", "status", *short, "val_loss", "train_s", "to_target_s", "objective_s", "record",
+    header = ["rank", "trial", "status", *short, "val_loss", "train_s", "objective_s", "verdict",
               "startup_s", "compile_s", "val_s"]
     body = []
     for i, r in enumerate(rows[:top], 1):
         body.append([str(i), str(r["trial_index"]) + ("*" if r["trial_index"] == 0 else ""), r["status"],
                      *[fmt(r.get(k)) for k in param_keys], fmt(r.get("val_loss")), fmt(r.get("train_time_s"), 3),
-                     fmt(r.get("time_to_target_s"), 3), fmt(r.get("objective_time_s"), 3),
-                     "BEAT" if r.get("beat_record") else "",
+                     fmt(r.get("objective_time_s"), 3), r.get("verdict") or "-",
                      fmt(r.get("trial_startup_s"), 3), fmt(r.get("compile_s"), 3), fmt(r.get("val_time_s"), 3)])
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731

@@ -16,13 +16,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
-EXIT_BAD_INPUT = 2
-
-
-@dataclass
-class Resources:
-    cpus: float
-    gpus: int
+from sweeps.cluster import (EXIT_BAD_INPUT, BadInput, Resources, check_capacity, concurrency_for,  # noqa: F401
+                            execute, fail, local_resources, ray_env, trial_env, worker_layout)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -69,157 +64,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def fail(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return EXIT_BAD_INPUT
-
-
-def local_resources() -> Resources:
-    import torch
-    return Resources(cpus=float(os.cpu_count() or 1), gpus=torch.cuda.device_count())
-
-
-def fineweb_dir(args) -> Path:
-    return Path(args.data or os.environ.get("SPEEDRUN_DATA", "data/fineweb10B")).expanduser().resolve()
-
-
 def choose_preset(args, res: Resources) -> str:
+    """--preset, else record with CUDA and FineWeb shards, else tiny (on CPU; on --data's shards if given)."""
+    from sweeps.datasets import fineweb_dir, has_fineweb
+
     if args.preset:
         return args.preset
-    from speedrun.data import ShardError, find_shards
-    try:
-        has_data = bool(find_shards(fineweb_dir(args), "fineweb_train_*.bin"))
-    except ShardError:
-        has_data = False
-    if res.gpus and has_data:
-        return "record"
-    why = "no CUDA device" if not res.gpus else f"no FineWeb shards in {fineweb_dir(args)}"
-    print(f"notice: {why}: sweeping the tiny preset on CPU with the generated sample corpus "
-          f"(pass --preset record to insist)", file=sys.stderr)
+    if res.gpus and (args.data or has_fineweb(None)):
+        return "record"  # a given --data that is unusable is refused by prepare_data, never swapped
+    if args.data:
+        print(f"notice: no CUDA device: sweeping the tiny model on the FineWeb shards in {fineweb_dir(args.data)} "
+              f"(pass --preset record to insist)", file=sys.stderr)
+    else:
+        why = "no CUDA device" if not res.gpus else f"no FineWeb shards in {fineweb_dir(None)}"
+        print(f"notice: {why}: sweeping the tiny preset on CPU with the generated sample corpus "
+              f"(pass --preset record to insist)", file=sys.stderr)
     return "tiny"
-
-
-def prepare_data(preset_cfg, args) -> dict:
-    """Validate or create the data before any compute is spent; return the config overrides for workers."""
-    from speedrun.data import find_shards, validate_shards
-    from speedrun.sample import ensure_sample_corpus
-    from speedrun.train import data_patterns
-
-    if preset_cfg.data.source == "sample":
-        folder = ensure_sample_corpus(args.data or None)
-    else:
-        folder = fineweb_dir(args)
-    train_pattern, val_pattern = data_patterns(preset_cfg)
-    validate_shards(find_shards(folder, train_pattern))
-    validate_shards(find_shards(folder, val_pattern))
-    return {"data.data_dir": str(Path(folder).resolve())}
-
-
-def ray_env() -> None:
-    """Driver-side settings, before Ray starts."""
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # reports block ~2 s otherwise
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # train-loss reports carry no val_loss
-    # Save the experiment state (trials + searcher) at most a second apart (default: every 10 s or more), so
-    # a driver killed outright loses at most the last second: a trial finished before that is not re-run.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-
-
-def execute(make_tuner_fn, address: str | None, env: dict, need: tuple | None = None):
-    """Start (or join) Ray, run the Tuner, shut down what we started; return Tune's ResultGrid.
-    `need` = (workers, use_gpu, gpus_per_worker, cpus_per_worker) of one trial: refused (BadInput) before
-    any trial starts when the cluster, all nodes together, cannot hold it."""
-    import ray
-
-    own_ray = not ray.is_initialized()  # a caller (a test, a notebook) may have started Ray already
-    runtime_env = {"env_vars": env}
-    if address:  # a remote cluster gets this checkout's code, not whatever its nodes have installed
-        import speedrun
-        import sweeps
-        runtime_env["py_modules"] = [speedrun, sweeps]
-    if own_ray:
-        extra = {} if address else local_ray_options()
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False,
-                 logging_level="WARNING", configure_logging=True, **extra)
-    try:
-        if need:
-            check_capacity(ray.cluster_resources(), "the Ray cluster", *need)
-        return make_tuner_fn().fit()
-    finally:
-        if own_ray:
-            ray.shutdown()
-
-
-def local_ray_options() -> dict:
-    """`ray.init` arguments (and environment) for a Ray this process starts on its own machine, as the CLI, the
-    benchmarks and the tests start it. Ray Train's preemption watcher (one more actor per trial, polling for
-    node drains a cloud autoscaler announces) is off: a single local node is never drained. A set
-    RAY_TRAIN_ENABLE_PREEMPTION_WATCHER wins."""
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    return {"num_cpus": local_ray_cpus()}
-
-
-def local_ray_cpus() -> int:
-    """The logical CPUs a local Ray is started with: twice this machine's. Ray 2.60 can leave a stopped trial's
-    worker reservation held in the raylet after the GCS has removed its placement group (seen after a prune on
-    2 cores: the next trial then waited for ever); the headroom absorbs such a leak. It cannot oversubscribe:
-    the searcher's concurrency limit (concurrency_for, from the real CPUs) caps live trials."""
-    return 2 * (os.cpu_count() or 1)
-
-
-def check_capacity(have: dict, where: str, workers: int, use_gpu: bool, gpus_per_worker: float,
-                   cpus_per_worker: float) -> None:
-    """BadInput unless `have` ({"CPU": n, "GPU": m}: this machine, or the whole Ray cluster) holds one trial."""
-    from sweeps.trial import TRIAL_CPU
-
-    have_gpu, have_cpu = have.get("GPU", 0), have.get("CPU", 0)
-    if use_gpu and workers * gpus_per_worker > have_gpu:
-        raise BadInput(f"a trial needs {workers * gpus_per_worker:g} GPUs (--workers-per-trial {workers} x "
-                       f"--gpus-per-worker {gpus_per_worker:g}); {where} has {have_gpu:g}: lower them or add GPUs")
-    if workers * cpus_per_worker + TRIAL_CPU > have_cpu:
-        raise BadInput(f"a trial needs {workers * cpus_per_worker + TRIAL_CPU:g} CPUs (--workers-per-trial {workers} x "
-                       f"--cpus-per-worker {cpus_per_worker:g}, +{TRIAL_CPU} for the trial itself); {where} has "
-                       f"{have_cpu:g}: lower one of them")
-
-
-def worker_layout(args, preset: str, res: Resources) -> tuple[bool, float, int]:
-    """(use_gpu, gpus_per_worker, workers per trial) from the flags and the machine; BadInput if a trial cannot
-    fit on this machine (on a remote cluster, execute() checks once connected)."""
-    use_gpu = preset == "record" and res.gpus > 0 if args.gpus_per_worker is None else args.gpus_per_worker > 0
-    gpus_per_worker = (1.0 if use_gpu else 0.0) if args.gpus_per_worker is None else args.gpus_per_worker
-    workers = args.workers_per_trial or (max(1, int(res.gpus // gpus_per_worker)) if use_gpu else 1)
-    if not args.address:
-        check_capacity({"CPU": res.cpus, "GPU": res.gpus}, "this machine", workers, use_gpu, gpus_per_worker,
-                       args.cpus_per_worker)
-    return use_gpu, gpus_per_worker, workers
-
-
-def concurrency_for(args, use_gpu: bool, gpus_per_worker: float, workers: int, res: Resources, trials: int) -> int:
-    """--concurrency, else as many trials as this machine's CPUs or GPUs hold (1 on a remote cluster)."""
-    from sweeps.trial import TRIAL_CPU
-
-    if args.concurrency:
-        return args.concurrency
-    if args.address:
-        fit = 1
-    elif use_gpu:
-        fit = int(res.gpus // (workers * gpus_per_worker))
-    else:
-        fit = int(res.cpus // (workers * args.cpus_per_worker + TRIAL_CPU))
-    return max(1, min(fit, trials))
-
-
-def trial_env(folder: Path, cpus_per_worker: float) -> dict:
-    """Environment of every trial and worker process of a sweep or record attempt in `folder`."""
-    from sweeps.compile_cache import cache_env
-    from sweeps.trial import worker_env
-
-    return worker_env({"OMP_NUM_THREADS": str(max(1, int(cpus_per_worker))),
-                       **cache_env(str(folder / "inductor_cache")),
-                       "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]})
-
-
-class BadInput(ValueError):
-    """Input that must be refused before any compute is spent: exit 2 with this one-line message."""
 
 
 SETTINGS_FILE = "sweep.json"  # the sweep's own settings, so that --resume needs only --name
@@ -260,7 +120,7 @@ class Sweep:
     space: object
     spec: object
     plan: object
-    track: object
+    judge: object  # records.Judge: the track and whether it holds for this sweep's runs
     uri: str
     preset: str
     trials: int
@@ -274,14 +134,12 @@ class Sweep:
 
 
 def plan_sweep(args) -> Sweep:
-    """Check every input and resolve the sweep; BadInput on anything that cannot run."""
+    """Check every input and resolve the sweep; BadInput on anything that cannot run. The data is checked
+    first, before the heavy imports (Ray, MLflow, Optuna), so bad data is refused in seconds."""
     from speedrun.__main__ import parse_sets
-    from speedrun.data import ShardError
-    from sweeps.records import default_track, get_track
-    from sweeps.search import SweepPlan
+    from sweeps.datasets import BadData, Fingerprints, measured, prepare_data
+    from sweeps.records import choose_track
     from sweeps.spaces import SpaceError, available_spaces, load_space
-    from sweeps.tracking import code_version, resolve_uri
-    from sweeps.trial import FaultPlan, TrialSpec
 
     if args.resume:
         args = resume_args(args)
@@ -294,33 +152,47 @@ def plan_sweep(args) -> Sweep:
         if args.sets:
             space = replace(space, fixed={**space.fixed, **parse_sets(args.sets)})
             space.base_config()
-        overrides = prepare_data(space.base_config(), args)
+        overrides = prepare_data(space.base_config(), args.data)
+    except (SpaceError, BadData, ValueError) as e:
+        raise BadInput(str(e)) from None
+
+    from sweeps.search import SweepPlan
+    from sweeps.tracking import code_version, resolve_uri
+    from sweeps.trial import FaultPlan, TrialSpec
+
+    try:
         use_gpu, gpus_per_worker, workers = worker_layout(args, preset, res)
-        track = get_track(args.track or default_track(preset), args.target, args.record_time)
         faults = FaultPlan.parse(args.inject_faults) if args.inject_faults else None
-    except (SpaceError, ShardError, ValueError) as e:
+    except ValueError as e:
         raise BadInput(str(e)) from None
     if not use_gpu:
         overrides["run.threads"] = max(1, int(args.cpus_per_worker))
-    overrides["run.target_loss"] = track.target_loss
     steps = args.steps if args.steps is not None else space.steps
     trials = args.trials or space.trials
     if trials < 1 or args.max_failures < 0:
         raise BadInput("--trials must be >= 1 and --max-failures >= 0")
     try:
-        total_steps = space.trial_config(space.control_point(), steps).schedule.total_steps
+        control = space.trial_config(space.control_point(), steps).override(overrides)
+        judge = choose_track(measured(control, Fingerprints()), args.track, args.target, args.record_time)
+    except BadData as e:
+        raise BadInput(str(e)) from None
     except ValueError as e:
-        raise BadInput(f"--steps {steps}: {e}") from None
+        raise BadInput(f"--steps {steps}: {e}" if str(e).startswith("--steps") else str(e)) from None
+    track = judge.track
+    overrides["run.target_loss"] = track.target_loss
+    total_steps = control.schedule.total_steps
     concurrency = concurrency_for(args, use_gpu, gpus_per_worker, workers, res, trials)
     args.name = args.name or f"{space.name}-{datetime.now():%Y%m%d-%H%M%S}"
     storage = storage_root(args)
     objective = args.objective or space.objective
-    if objective == "time" and not track.exchange_rate:
-        raise BadInput(f"--objective time needs the track's exchange_rate; track {track.name} has none "
-                       f"(add it in sweeps/tracks.toml)")
-    if args.scheduler == "curve" and not track.noise:
-        raise BadInput(f"--scheduler curve needs the track's seed-to-seed noise; track {track.name} has none "
-                       f"(add `noise` in sweeps/tracks.toml)")
+    if objective == "time" and not (judge.comparable and track.exchange_rate):
+        why = f"track {track.name} has no exchange_rate" if judge.comparable else judge.describe()
+        raise BadInput(f"--objective time projects times through a track that holds for the run: {why}; "
+                       f"use --objective loss")
+    if args.scheduler == "curve" and not (judge.comparable and track.noise):
+        why = f"track {track.name} has no noise" if judge.comparable else judge.describe()
+        raise BadInput(f"--scheduler curve needs the seed-to-seed noise of a track that holds for the run: {why}; "
+                       f"use --scheduler asha")
     plan = SweepPlan(space, args.name, storage, trials, concurrency, args.seed, args.scheduler, total_steps,
                      objective, track)
     folder = plan.folder
@@ -334,10 +206,11 @@ def plan_sweep(args) -> Sweep:
                      cpus_per_worker=args.cpus_per_worker, gpus_per_worker=gpus_per_worker,
                      train_storage=str(folder / "train_runs"), max_failures=args.max_failures, env=env,
                      log_dir=str(folder / "logs"), code_version=code_version(), faults=faults,
-                     done_dir=str(folder / "done"), track=track, compile_cache=str(folder / "compile_cache"))
+                     done_dir=str(folder / "done"), track=track if judge.comparable else None,
+                     compile_cache=str(folder / "compile_cache"))
     uri = resolve_uri(args.tracking_uri)
     check_tracking_uri(uri)
-    return Sweep(args, space, spec, plan, track, uri, preset, trials, total_steps, workers, use_gpu,
+    return Sweep(args, space, spec, plan, judge, uri, preset, trials, total_steps, workers, use_gpu,
                  gpus_per_worker, concurrency, env, restore)
 
 
@@ -405,7 +278,7 @@ def open_tracker(sweep: Sweep):
             "objective": s.plan.objective,
             "workers_per_trial": s.workers, "gpus_per_worker": s.gpus_per_worker if s.use_gpu else 0,
             "params": ", ".join(p.key for p in s.space.params), "storage": str(s.plan.folder)},
-            s.track, s.total_steps, s.spec.config_for, s.space.metric)
+            s.judge, s.total_steps, s.spec.config_for, s.space.metric)
     except Exception as e:  # an unusable store: say so before any compute is spent
         raise BadInput(f"MLflow tracking URI {s.uri} is not usable ({type(e).__name__}: "
                        f"{str(e).splitlines()[0][:200]}): check --tracking-uri / MLFLOW_TRACKING_URI") from None
@@ -427,6 +300,7 @@ def run_sweep(sweep: Sweep, tracker) -> int:
     print(f"{verb} {s.plan.name}: space {space.name} ({', '.join(p.key for p in space.params)}), preset {s.preset}, "
           f"{s.trials} trials of {s.total_steps} steps, {s.concurrency} at a time, {s.workers} "
           f"{'GPU' if s.use_gpu else 'CPU'} worker(s) each, scheduler {args.scheduler}; folder {folder}")
+    print(f"verdicts: {s.judge.describe()}")
     if s.use_gpu and s.spec.config_for(space.control_point()).run.compile:
         shaping = [p.key for p in space.params if recompiles(p.key)]
         print(f"compile caches: {folder / 'inductor_cache'} and {s.spec.compile_cache}; "
@@ -459,56 +333,85 @@ def run_sweep(sweep: Sweep, tracker) -> int:
     if objective == "pareto":
         print(f"\nPareto front (val_loss vs training time; {len(front)} of {len(rows)} trials):")
         print(format_table(front, keys, top=len(front)))
-    n_beat = sum(bool(r.get("beat_record")) for r in rows)
     n_failed = sum(r["status"] == "failed" for r in rows)
     print(f"\n{len(rows)} trials in {time.time() - t0:.0f}s ({n_failed} failed); * = trial 0, the {s.preset} preset's "
-          f"values (control); {n_beat} beat the record of track {s.track.name} ({s.track.target_loss} in "
-          f"{s.track.record_time_s:g}s)")
+          f"values (control)")
+    print(verdict_line(rows, s.judge))
     print(split.format("GPU" if s.use_gpu else "worker"))
     print(f"results: {path}")
     if n_failed:
         print(f"logs of failed trials: {folder}/trial_*/error.txt and {folder / 'logs'}")
     if args.confirm_top:
-        confirm_top(rows, keys, space, s.spec, s.plan, s.track, s.uri, args, s.total_steps, s.env)
+        confirm_top(rows, keys, space, s.spec, s.plan, s.judge, s.uri, args, s.total_steps, s.env)
     print(f"MLflow:  {tracker.ui_hint()}")
     return 0
 
 
-def confirm_top(rows, keys, space, spec, plan, track, uri, args, total_steps, env) -> list[dict]:
-    """Winner's-curse guard: re-run the K best finished trials with M fresh seeds each; rank by the mean."""
-    import statistics
-    from dataclasses import replace as dc_replace
+def verdict_line(rows: list[dict], judge) -> str:
+    """The sweep's headline about the record: counts of each verdict word, and what a candidate is worth."""
+    from collections import Counter
 
-    from sweeps.record import attempt_space
+    from sweeps.records import CANDIDATE
+
+    if not judge.comparable:
+        return f"verdicts: {judge.describe()}"
+    counts = Counter(r.get("verdict") or "-" for r in rows)
+    line = (f"verdicts against track {judge.track.summary()}: "
+            + ", ".join(f"{n} {word}" for word, n in counts.most_common()))
+    if counts.get(CANDIDATE):
+        line += ("\n  a candidate is one run: confirm it with several seeds "
+                 "(--confirm-top, or sweeps/record.py --run-id RUN --runs 10)")
+    return line
+
+
+def confirm_top(rows, keys, space, spec, plan, judge, uri, args, total_steps, env) -> list[dict]:
+    """Winner's-curse guard: re-run the K best finished trials with M fresh seeds each, rank them by the mean,
+    and give each the multi-run verdict (record only when the acceptance test passes on a comparable track)."""
+    import math
+
+    from sweeps.acceptance import acceptance_test
+    from sweeps.attempts import CANDIDATE_ARM, interleaved_seeds, make_attempt_spec
+    from sweeps.records import MISSED, NOT_COMPARABLE, REACHED, RECORD
     from sweeps.results import ProgressPrinter, ranked, rows_from_grid
     from sweeps.search import SweepPlan, make_tuner
     from sweeps.tracking import MlflowTracker
 
     best = [r for r in ranked(rows, space.metric, space.mode) if r["status"] == "finished"][: args.confirm_top]
+    track = judge.track
     confirmed = []
     for r in best:
         cfg = spec.config_for({k: r[k] for k in keys})
-        seeds = [10_000 + 100 * r["trial_index"] + i for i in range(args.confirm_runs)]
-        sub = attempt_space(cfg, seeds)
-        sub_plan = SweepPlan(sub, f"{plan.name}-confirm-{r['trial_index']}", plan.storage, len(seeds),
-                             plan.concurrency, 0, "none", total_steps)
-        sub_spec = dc_replace(spec, space=sub, overrides={}, steps=0, log_dir=str(sub_plan.folder / "logs"))
-        tracker = MlflowTracker(uri, space.name, plan.name, {}, track, total_steps, sub_spec.config_for,
+        order = interleaved_seeds(10_000 + 100 * r["trial_index"], args.confirm_runs, False)
+        sub_name = f"{plan.name}-confirm-{r['trial_index']}"
+        sub_spec = make_attempt_spec(spec, sub_name, {CANDIDATE_ARM: cfg}, order)
+        sub_spec = replace(sub_spec, overrides={}, log_dir=str(plan.storage / sub_name / "logs"))
+        sub_plan = SweepPlan(sub_spec.space, sub_name, plan.storage, len(order), plan.concurrency, 0, "none",
+                             total_steps)
+        tracker = MlflowTracker(uri, space.name, plan.name, {}, judge, total_steps, sub_spec.config_for,
                                 child_kind="confirm", child_tags={"of": str(r["trial_index"])})
-        print(f"confirming trial {r['trial_index']} ({r['val_loss']:.4f}) with seeds {seeds}")
+        print(f"confirming trial {r['trial_index']} ({r['val_loss']:.4f}) with seeds {[s for s, _ in order]}")
         grid = execute(lambda: make_tuner(sub_plan, sub_spec, [ProgressPrinter(total_steps, space.metric), tracker]),
                        args.address, env)
-        losses = [x["val_loss"] for x in rows_from_grid(grid, ["run.seed"]) if x["status"] == "finished"]
-        confirmed.append({"trial_index": r["trial_index"], "sweep_val_loss": r["val_loss"], "runs": len(losses),
-                          "mean_val_loss": statistics.fmean(losses) if losses else float("nan"),
-                          "std_val_loss": statistics.stdev(losses) if len(losses) > 1 else 0.0,
-                          "losses": losses, **{k: r[k] for k in keys}})
+        done = [x for x in rows_from_grid(grid, ["run.seed"]) if x["status"] == "finished"]
+        losses, times = [x["val_loss"] for x in done], [x["train_time_s"] for x in done]
+        test = acceptance_test(losses, times, track.target_loss, record_time_s=track.record_time_s,
+                               time_noise=track.time_noise, record_runs=track.record_runs) if len(done) > 1 else None
+        mean = test.loss.mean if test else (losses[0] if losses else math.nan)
+        verdict = (NOT_COMPARABLE if not judge.comparable else RECORD if test and test.accepted
+                   else REACHED if mean <= track.target_loss else MISSED)
+        confirmed.append({"trial_index": r["trial_index"], "sweep_val_loss": r["val_loss"], "runs": len(done),
+                          "mean_val_loss": mean, "std_val_loss": test.loss.std if test else 0.0,
+                          "mean_train_time_s": test.time.mean if test else math.nan,
+                          "loss_p": test.loss_p if test else math.nan, "verdict": verdict,
+                          "losses": losses, "times": times, **{k: r[k] for k in keys}})
     confirmed.sort(key=lambda c: c["mean_val_loss"] if space.mode == "min" else -c["mean_val_loss"])
-    print("\nconfirmed ranking (mean over fresh seeds):")
-    print(f"{'rank':>4}  {'trial':>5}  {'sweep val_loss':>14}  {'mean val_loss':>13}  {'std':>7}  runs")
+    print("\nconfirmed ranking (mean over fresh seeds; verdict of the multi-run test):")
+    print(f"{'rank':>4}  {'trial':>5}  {'sweep val_loss':>14}  {'mean val_loss':>13}  {'std':>7}  {'p':>8}  "
+          f"{'mean train_s':>12}  runs  verdict")
     for i, c in enumerate(confirmed, 1):
         print(f"{i:>4}  {c['trial_index']:>5}  {c['sweep_val_loss']:>14.4f}  {c['mean_val_loss']:>13.4f}  "
-              f"{c['std_val_loss']:>7.4f}  {c['runs']}")
+              f"{c['std_val_loss']:>7.4f}  {c['loss_p']:>8.3g}  {c['mean_train_time_s']:>12.2f}  {c['runs']:>4}  "
+              f"{c['verdict']}")
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
     client = MlflowClient(uri)
@@ -516,6 +419,8 @@ def confirm_top(rows, keys, space, spec, plan, track, uri, args, total_steps, en
     client.log_text(parent, json.dumps(confirmed, indent=1), "confirm.json")
     client.log_batch(parent, metrics=[Metric(f"confirm_mean_val_loss_trial_{c['trial_index']}", c["mean_val_loss"],
                                              0, 0) for c in confirmed if c["mean_val_loss"] == c["mean_val_loss"]])
+    for c in confirmed:
+        client.set_tag(parent, f"confirm_verdict_trial_{c['trial_index']}", c["verdict"])
     return confirmed
 
 

@@ -1,4 +1,4 @@
-"""MLflow: one experiment per space, a parent run per sweep, a nested child run per trial, record flags.
+"""MLflow: one experiment per space, a parent run per sweep, a nested child run per trial, its verdict.
 
 Only the sweep driver writes MLflow (this Tune callback); workers never import it. Runs are addressed by
 id through an MlflowClient, so nothing depends on MLflow's global "active run".
@@ -19,7 +19,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from .records import Track, judge
+from .datasets import Fingerprints, measured
+from .records import CANDIDATE, INTERRUPTED, Judge, Track
 from .results import error_summary, trial_index
 from .trial import FINISHED
 
@@ -79,11 +80,14 @@ def _value(v) -> str:
 
 
 class MlflowTracker(tune.Callback):
-    def __init__(self, uri: str, experiment: str, sweep_name: str, sweep_params: dict, track: Track,
+    def __init__(self, uri: str, experiment: str, sweep_name: str, sweep_params: dict, judge: Judge,
                  total_steps: int, config_for, metric: str = "val_loss", child_kind: str = "trial",
-                 child_tags: dict | None = None):
+                 child_tags: dict | None = None, tags_for=None):
         self.client = MlflowClient(tracking_uri=uri)
-        self.uri, self.track, self.total_steps, self.config_for, self.metric = uri, track, total_steps, config_for, metric
+        self.uri, self.judge, self.total_steps, self.config_for, self.metric = uri, judge, total_steps, config_for, metric
+        self.track: Track = judge.track
+        self.tags_for = tags_for  # params -> extra tags of a trial's run (a record attempt's arm and seed)
+        self.fingerprints = Fingerprints()
         exp = self.client.get_experiment_by_name(experiment)
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
             experiment, artifact_location=artifact_location(uri, experiment),
@@ -93,10 +97,15 @@ class MlflowTracker(tune.Callback):
             self.parent_id = found[0].info.run_id
         else:
             run = self.client.create_run(self.experiment_id, run_name=sweep_name,
-                                         tags={"kind": "sweep", "sweep_name": sweep_name, "track": track.name})
+                                         tags={"kind": "sweep", "sweep_name": sweep_name, "track": judge.track.name,
+                                               "track_comparable": str(judge.comparable).lower(),
+                                               **({"not_comparable": "; ".join(judge.differences)}
+                                                  if judge.differences else {})})
             self.parent_id = run.info.run_id
+            track = judge.track
             params = {**sweep_params, "track": track.name, "target_loss": track.target_loss,
-                      "record_time_s": track.record_time_s, "track_source": track.source,
+                      "record_time_s": track.record_time_s, "track_time_noise_s": track.time_noise,
+                      "track_source": track.source,
                       "code_version": code_version(), "hardware": hardware()}
             self.client.log_batch(self.parent_id, params=[Param(k, _value(v)) for k, v in params.items()])
         self.sweep_name, self.child_kind, self.child_tags = sweep_name, child_kind, dict(child_tags or {})
@@ -120,14 +129,17 @@ class MlflowTracker(tune.Callback):
         for run in existing:  # a trial cut off by an interruption starts its record afresh
             self.client.delete_run(run.info.run_id)
         prefix = "trial" if self.child_kind == "trial" else f"{self.child_kind}-{self.child_tags.get('of', '')}"
-        run = self.client.create_run(self.experiment_id, run_name=f"{prefix}-{index:03d}", tags={
+        params = {k: trial.config[k] for k in trial.config if "." in k}
+        extra = self.tags_for(params) if self.tags_for else {}
+        if extra.get("arm"):
+            prefix = f"{extra['arm']}-seed{extra.get('seed', '')}"
+        run = self.client.create_run(self.experiment_id, run_name=f"{prefix}-{index:03d}", tags={**extra,
             "mlflow.parentRunId": self.parent_id, "kind": self.child_kind, "sweep_name": self.sweep_name,
             "trial_id": trial.trial_id, "trial_index": str(index), "status": "running",
             "control": str(index == 0 and self.child_kind == "trial").lower(), **self.child_tags})
         self.runs[trial.trial_id] = run.info.run_id
         self.history[trial.trial_id] = []
-        params = [p for p in trial.config if "." in p]
-        cfg = self.config_for({k: trial.config[k] for k in params})
+        cfg = self.config_for(params)
         flat = [Param(k, _value(v)) for k, v in sorted(cfg.to_dict().items())]
         for chunk in _chunks(flat):
             self.client.log_batch(run.info.run_id, params=chunk)
@@ -165,7 +177,6 @@ class MlflowTracker(tune.Callback):
             return
         last = trial.last_result or {}
         history = self.history.pop(trial.trial_id, [])
-        verdict = judge(history, self.track)
         if error:
             status, reason = "failed", "failed"
         elif last.get(FINISHED):
@@ -175,22 +186,33 @@ class MlflowTracker(tune.Callback):
             status, reason = "pruned", "pruned"
         finals = {k: float(last[k]) for k in FINAL_KEYS
                   if isinstance(last.get(k), (int, float)) and math.isfinite(float(last[k]))}
-        if verdict.time_to_target_s is not None:
-            finals["time_to_target_s"] = verdict.time_to_target_s
+        judge = self.judge_trial(trial.config)
+        verdict = judge.verdict(status, finals.get("val_loss"), finals.get("train_time_s"))
+        reached = status == "finished" and finals.get("val_loss", math.inf) <= self.track.target_loss
+        if reached:  # the run's end-of-run time (records.py): never a mid-run crossing
+            finals["time_to_target_s"] = finals["train_time_s"]
         step = self.last_step.get(trial.trial_id, 0)
-        self.client.log_batch(run_id, metrics=[Metric(k, v, 0, step) for k, v in finals.items()], tags=[
-            RunTag("status", status), RunTag("stop_reason", reason),
-            RunTag("beat_record", str(verdict.beat_record).lower()),
-            RunTag("reached_target", str(verdict.reached).lower())])
+        tags = [RunTag("status", status), RunTag("stop_reason", reason), RunTag("verdict", verdict),
+                RunTag("reached_target", str(reached).lower()), RunTag("track", self.track.name),
+                RunTag("comparable", str(judge.comparable).lower())]
+        if judge.differences:
+            tags.append(RunTag("not_comparable", "; ".join(judge.differences)))
+        self.client.log_batch(run_id, metrics=[Metric(k, v, 0, step) for k, v in finals.items()], tags=tags)
         if error and trial.error_file and Path(trial.error_file).exists():
             self.client.set_tag(run_id, "error", error_summary(Path(trial.error_file).read_text(), 500))
-        self.done[trial_index(trial)] = {"history": history, "verdict": verdict, "status": status, "run_id": run_id}
-        self._trial_artifacts(run_id, trial, history, last, verdict)
+        self.done[trial_index(trial)] = {"history": history, "verdict": verdict, "status": status, "run_id": run_id,
+                                         "reached": reached}
+        self._trial_artifacts(run_id, trial, history, last)
         self.client.set_terminated(run_id, "FAILED" if error else "FINISHED")
         if os.environ.get(KILL_DRIVER_ENV) == str(trial_index(trial)):  # test-only: the worst moment to die
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def _trial_artifacts(self, run_id, trial, history, last, verdict) -> None:
+    def judge_trial(self, config: dict) -> Judge:
+        """The sweep's track, checked against what this trial measured (a searched knob may change it)."""
+        cfg = self.config_for({k: config[k] for k in config if "." in k})
+        return self.judge.for_run(measured(cfg, self.fingerprints))
+
+    def _trial_artifacts(self, run_id, trial, history, last) -> None:
         params = {k: trial.config[k] for k in trial.config if "." in k}
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
@@ -231,8 +253,9 @@ class MlflowTracker(tune.Callback):
                     history = json.loads(Path(local).read_text())
             except Exception:  # no curve recorded (a run that failed before its first validation)
                 history = []
-            self.done[index] = {"history": history, "verdict": judge(history, self.track),
-                                "status": tags["status"], "run_id": run.info.run_id}
+            self.done[index] = {"history": history, "verdict": tags.get("verdict", tags["status"]),
+                                "status": tags["status"], "run_id": run.info.run_id,
+                                "reached": tags.get("reached_target") == "true"}
 
     def mark_interrupted(self) -> None:
         """The driver stopped before the sweep ended: trials it left running are KILLED, the parent too."""
@@ -256,7 +279,7 @@ class MlflowTracker(tune.Callback):
         import pyarrow as pa
         import pyarrow.csv as pacsv
 
-        beat = [r for r in rows if r.get("beat_record")]
+        candidates = [r for r in rows if r.get("verdict") == CANDIDATE]
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             if rows:
@@ -272,7 +295,7 @@ class MlflowTracker(tune.Callback):
                 if r.get("mlflow_run_id"):
                     self.client.set_tag(r["mlflow_run_id"], "pareto", "true")
         self.client.log_batch(self.parent_id, metrics=[
-            Metric("n_trials", len(rows), 0, 0), Metric("n_beat_record", len(beat), 0, 0)] + [
+            Metric("n_trials", len(rows), 0, 0), Metric("n_candidates", len(candidates), 0, 0)] + [
             Metric("best_val_loss", min(r["val_loss"] for r in rows if r.get("val_loss") is not None), 0, 0)]
             if any(r.get("val_loss") is not None for r in rows) else [])
         if split is not None:  # device-seconds by use (results.TimeSplit)
@@ -284,16 +307,16 @@ class MlflowTracker(tune.Callback):
         self.client.set_terminated(self.parent_id, "FINISHED")
 
     def annotate(self, rows: list[dict]) -> list[dict]:
-        """Add the track's verdict and the MLflow run id to each results row."""
+        """Add each trial's verdict (records.py's words) and its MLflow run id to its results row."""
         for r in rows:
             d = self.done.get(r["trial_index"])
             if d:
                 r["status"] = d["status"]  # the driver saw how it ended; the grid cannot tell pruned from cut off
-                v = d["verdict"]
-                r.update(time_to_target_s=v.time_to_target_s, reached_target=v.reached, beat_record=v.beat_record,
-                         mlflow_run_id=d["run_id"])
+                reached = d["reached"]
+                r.update(verdict=d["verdict"], reached_target=reached, mlflow_run_id=d["run_id"],
+                         time_to_target_s=r.get("train_time_s") if reached else None)
             else:  # it never ended while a driver watched: cut off by an interruption, or never started
-                r.update(status="interrupted", reached_target=False, beat_record=False, mlflow_run_id=None)
+                r.update(status=INTERRUPTED, verdict=INTERRUPTED, reached_target=False, mlflow_run_id=None)
         return rows
 
     def curves(self) -> dict[str, list[dict]]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 
 from speedrun.config import TrainConfig
 
-from .records import Track, projected_time_to_target
+from .records import Track, projected_time_s
 from .spaces import Space
 
 FINISHED = "finished_training"
@@ -53,7 +53,8 @@ class TrialSpec:
 
 def final_metrics(result, cfg: TrainConfig, track: Track | None = None) -> dict:
     """The last report of a trial. A diverged run reports its step-0 loss, so the searcher learns it was bad.
-    With a track, `objective_time_s` is the time objective: time to target, or its projection for a miss."""
+    `time_to_target_s` is the end-of-run time of a run that ended at or below the target. With a track,
+    `objective_time_s` is the time objective: that time projected through the track's exchange rate."""
     first = result.history[0]["val_loss"] if result.history else math.log(cfg.model.vocab_size)
     val = result.val_loss if result.status == "finished" else first
     out = {
@@ -65,10 +66,9 @@ def final_metrics(result, cfg: TrainConfig, track: Track | None = None) -> dict:
     }
     if result.floor is not None:
         out["floor"] = result.floor
-    if track is not None and track.exchange_rate:
-        last = {"step": result.steps, "val_loss": val, "train_time_s": result.train_time_s}
-        history = result.history if result.status == "finished" else [last]
-        out["objective_time_s"] = projected_time_to_target(history or [last], replace(track, target_loss=cfg.run.target_loss))
+    if track is not None and track.exchange_rate:  # an estimate (records.projected_time_s), never a verdict
+        out["objective_time_s"] = projected_time_s(val, result.train_time_s, result.steps,
+                                                   replace(track, target_loss=cfg.run.target_loss))
     return out
 
 

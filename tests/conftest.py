@@ -77,7 +77,7 @@ def local_ray():
     import ray
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"  # Ray Train reports block ~2 s otherwise
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    from sweeps.run import local_ray_options
+    from sweeps.cluster import local_ray_options
     ray.init(log_to_driver=False, logging_level="WARNING", **local_ray_options())
     yield ray
     ray.shutdown()

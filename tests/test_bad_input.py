@@ -137,3 +137,47 @@ def test_an_existing_sweep_name_needs_resume(capsys, tmp_path):
 def test_bad_fault_spec(capsys):
     line = refused(capsys, "--space", "muon_lr", "--preset", "tiny", "--inject-faults", "x:sometimes")
     assert "--inject-faults" in line
+
+
+def folder_digest(folder: Path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        h.update(str(p.relative_to(folder)).encode() + (p.read_bytes() if p.is_file() else b"/"))
+    return h.hexdigest()
+
+
+def test_corrupt_data_without_a_preset_is_refused_fast_and_left_untouched(capsys, tmp_path, monkeypatch):
+    """No --preset on a CPU machine: --data still means the user's FineWeb shards, never the sample corpus."""
+    import subprocess
+    import sys
+    import time
+
+    tokens = np.arange(1000) % 50257
+    write_shard(tmp_path / "fineweb_val_000000.bin", tokens)
+    bad = write_shard(tmp_path / "fineweb_train_000001.bin", tokens)
+    bad.write_bytes(bad.read_bytes()[:-10])
+    before = folder_digest(tmp_path)
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, str(Path(sweep_cli.__file__)), "--space", "muon_lr", "--data",
+                           str(tmp_path)], capture_output=True, text=True, timeout=60,
+                          env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
+    elapsed = time.time() - t0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr
+    assert "fineweb_train_000001.bin" in errors[0] and "truncated" in errors[0]
+    assert elapsed < 10, f"took {elapsed:.1f}s"
+    assert folder_digest(tmp_path) == before  # nothing written into the user's folder
+    assert not list(tmp_path.glob("sample_*"))
+
+
+def test_track1_on_the_sample_corpus_is_refused(capsys, tmp_path):
+    line = refused(capsys, "--space", "muon_lr", "--preset", "tiny", "--track", "track1",
+                   "--storage", str(tmp_path))
+    assert "--track track1 does not hold" in line and "data sample" in line
+
+
+def test_time_objective_needs_a_comparable_track(capsys, tmp_path):
+    line = refused(capsys, "--space", "muon_lr", "--preset", "tiny", "--steps", "30", "--objective", "time",
+                   "--storage", str(tmp_path))
+    assert "not comparable" in line and "30 steps" in line

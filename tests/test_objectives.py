@@ -7,29 +7,25 @@ import pytest
 from ray.tune.schedulers import TrialScheduler
 
 from sweeps.pruner import RecordCurvePruner
-from sweeps.records import Track, get_track, projected_time_to_target
+from sweeps.records import Track, get_track, projected_time_s
 from sweeps.results import pareto_front
 from sweeps.search import OBJECTIVES, SweepPlan, make_searcher
 from sweeps.spaces import load_space
 
-TRACK = Track("t", "test", target_loss=3.28, record_time_s=73.8, record_steps=1285, source="test",
-              exchange_rate=0.0045, noise=0.0013)
+TRACK = Track("t", "test", target_loss=3.28, record_time_s=73.8, source="test", data_source="fineweb",
+              val_pattern="fineweb_val_*.bin", val_tokens=10_485_760, exchange_rate=0.0045, noise=0.0013)
 
 
-def test_time_to_target_when_reached_is_measured():
-    history = [{"step": 0, "val_loss": 10.0, "train_time_s": 0.0}, {"step": 100, "val_loss": 3.38, "train_time_s": 50},
-               {"step": 200, "val_loss": 3.18, "train_time_s": 100}]
-    assert projected_time_to_target(history, TRACK) == pytest.approx(75.0)  # linear between validations
-
-
-def test_a_miss_is_projected_at_the_tracks_exchange_rate():
+def test_hits_and_misses_are_projected_the_same_way_through_the_exchange_rate():
     # 0.009 above target = 200 more steps at 0.0045 per 100 steps; at 0.5 s per step that is 100 s more
-    history = [{"step": 0, "val_loss": 10.0, "train_time_s": 0.0}, {"step": 100, "val_loss": 3.289, "train_time_s": 50.0}]
-    assert projected_time_to_target(history, TRACK) == pytest.approx(150.0)
-    worse = [history[0], {"step": 100, "val_loss": 3.298, "train_time_s": 50.0}]
-    assert projected_time_to_target(worse, TRACK) == pytest.approx(250.0)  # twice the gap, twice the extra steps
+    assert projected_time_s(3.289, 50.0, 100, TRACK) == pytest.approx(150.0)
+    assert projected_time_s(3.298, 50.0, 100, TRACK) == pytest.approx(250.0)  # twice the gap, twice the steps
+    # a run that ended 0.0009 below the target could have stopped 20 steps earlier: 10 s less
+    assert projected_time_s(3.2791, 50.0, 100, TRACK) == pytest.approx(40.0)
+    assert projected_time_s(3.28, 50.0, 100, TRACK) == pytest.approx(50.0)  # on the target: its own end time
+    assert projected_time_s(2.0, 50.0, 100, TRACK) == pytest.approx(25.0)  # never below half the run
     with pytest.raises(ValueError, match="exchange_rate"):
-        projected_time_to_target(history, Track("x", "", 3.28, 1.0, 1, ""))
+        projected_time_s(3.3, 50.0, 100, Track("x", "", 3.28, 1.0, "", "fineweb", "v", 1))
 
 
 def test_shipped_tracks_carry_what_the_objectives_need():

@@ -33,12 +33,11 @@ def test_tiny_learns_and_reports():
     assert sum(bool(pat.match(line)) for line in lines) == 4
 
 
-def test_time_to_target_interpolates():
-    hist = [{"val_loss": 5.0, "train_time_s": 0.0}, {"val_loss": 4.0, "train_time_s": 10.0},
-            {"val_loss": 3.0, "train_time_s": 20.0}]
-    assert time_to_target(hist, 3.5) == pytest.approx(15.0)
-    assert time_to_target(hist, 4.0) == pytest.approx(10.0)
-    assert time_to_target(hist, 2.0) is None
+def test_time_to_target_is_the_end_of_run_time_or_none():
+    assert time_to_target(3.27, 73.8, 3.28) == 73.8  # ended below the target: the run's own end time
+    assert time_to_target(3.28, 73.8, 3.28) == 73.8
+    assert time_to_target(3.2801, 73.8, 3.28) is None  # whatever happened mid-run
+    assert time_to_target(float("nan"), 10.0, 3.28) is None  # diverged
 
 
 def test_micro_batch_split():

@@ -1,0 +1,136 @@
+"""Where trials run: this machine's or the Ray cluster's resources, the worker layout of a trial, how many
+trials fit at once, the environment of every trial process, and starting (or joining) Ray around a Tuner.
+Also the one way the CLIs refuse bad input (BadInput -> one `error:` line, exit code 2)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+EXIT_BAD_INPUT = 2
+
+
+@dataclass
+class Resources:
+    cpus: float
+    gpus: int
+
+
+def fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def local_resources() -> Resources:
+    import torch
+    return Resources(cpus=float(os.cpu_count() or 1), gpus=torch.cuda.device_count())
+
+
+def ray_env() -> None:
+    """Driver-side settings, before Ray starts."""
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # reports block ~2 s otherwise
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # train-loss reports carry no val_loss
+    # Save the experiment state (trials + searcher) at most a second apart (default: every 10 s or more), so
+    # a driver killed outright loses at most the last second: a trial finished before that is not re-run.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+
+
+def execute(make_tuner_fn, address: str | None, env: dict, need: tuple | None = None):
+    """Start (or join) Ray, run the Tuner, shut down what we started; return Tune's ResultGrid.
+    `need` = (workers, use_gpu, gpus_per_worker, cpus_per_worker) of one trial: refused (BadInput) before
+    any trial starts when the cluster, all nodes together, cannot hold it."""
+    import ray
+
+    own_ray = not ray.is_initialized()  # a caller (a test, a notebook) may have started Ray already
+    runtime_env = {"env_vars": env}
+    if address:  # a remote cluster gets this checkout's code, not whatever its nodes have installed
+        import speedrun
+        import sweeps
+        runtime_env["py_modules"] = [speedrun, sweeps]
+    if own_ray:
+        extra = {} if address else local_ray_options()
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False,
+                 logging_level="WARNING", configure_logging=True, **extra)
+    try:
+        if need:
+            check_capacity(ray.cluster_resources(), "the Ray cluster", *need)
+        return make_tuner_fn().fit()
+    finally:
+        if own_ray:
+            ray.shutdown()
+
+
+def local_ray_options() -> dict:
+    """`ray.init` arguments (and environment) for a Ray this process starts on its own machine, as the CLI, the
+    benchmarks and the tests start it. Ray Train's preemption watcher (one more actor per trial, polling for
+    node drains a cloud autoscaler announces) is off: a single local node is never drained. A set
+    RAY_TRAIN_ENABLE_PREEMPTION_WATCHER wins."""
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    return {"num_cpus": local_ray_cpus()}
+
+
+def local_ray_cpus() -> int:
+    """The logical CPUs a local Ray is started with: twice this machine's. Ray 2.60 can leave a stopped trial's
+    worker reservation held in the raylet after the GCS has removed its placement group (seen after a prune on
+    2 cores: the next trial then waited for ever); the headroom absorbs such a leak. It cannot oversubscribe:
+    the searcher's concurrency limit (concurrency_for, from the real CPUs) caps live trials."""
+    return 2 * (os.cpu_count() or 1)
+
+
+def check_capacity(have: dict, where: str, workers: int, use_gpu: bool, gpus_per_worker: float,
+                   cpus_per_worker: float) -> None:
+    """BadInput unless `have` ({"CPU": n, "GPU": m}: this machine, or the whole Ray cluster) holds one trial."""
+    from sweeps.trial import TRIAL_CPU
+
+    have_gpu, have_cpu = have.get("GPU", 0), have.get("CPU", 0)
+    if use_gpu and workers * gpus_per_worker > have_gpu:
+        raise BadInput(f"a trial needs {workers * gpus_per_worker:g} GPUs (--workers-per-trial {workers} x "
+                       f"--gpus-per-worker {gpus_per_worker:g}); {where} has {have_gpu:g}: lower them or add GPUs")
+    if workers * cpus_per_worker + TRIAL_CPU > have_cpu:
+        raise BadInput(f"a trial needs {workers * cpus_per_worker + TRIAL_CPU:g} CPUs (--workers-per-trial {workers} x "
+                       f"--cpus-per-worker {cpus_per_worker:g}, +{TRIAL_CPU} for the trial itself); {where} has "
+                       f"{have_cpu:g}: lower one of them")
+
+
+def worker_layout(args, preset: str, res: Resources) -> tuple[bool, float, int]:
+    """(use_gpu, gpus_per_worker, workers per trial) from the flags and the machine; BadInput if a trial cannot
+    fit on this machine (on a remote cluster, execute() checks once connected)."""
+    use_gpu = preset == "record" and res.gpus > 0 if args.gpus_per_worker is None else args.gpus_per_worker > 0
+    gpus_per_worker = (1.0 if use_gpu else 0.0) if args.gpus_per_worker is None else args.gpus_per_worker
+    workers = args.workers_per_trial or (max(1, int(res.gpus // gpus_per_worker)) if use_gpu else 1)
+    if not args.address:
+        check_capacity({"CPU": res.cpus, "GPU": res.gpus}, "this machine", workers, use_gpu, gpus_per_worker,
+                       args.cpus_per_worker)
+    return use_gpu, gpus_per_worker, workers
+
+
+def concurrency_for(args, use_gpu: bool, gpus_per_worker: float, workers: int, res: Resources, trials: int) -> int:
+    """--concurrency, else as many trials as this machine's CPUs or GPUs hold (1 on a remote cluster)."""
+    from sweeps.trial import TRIAL_CPU
+
+    if args.concurrency:
+        return args.concurrency
+    if args.address:
+        fit = 1
+    elif use_gpu:
+        fit = int(res.gpus // (workers * gpus_per_worker))
+    else:
+        fit = int(res.cpus // (workers * args.cpus_per_worker + TRIAL_CPU))
+    return max(1, min(fit, trials))
+
+
+def trial_env(folder, cpus_per_worker: float) -> dict:
+    """Environment of every trial and worker process of a sweep or record attempt in `folder`."""
+    from sweeps.compile_cache import cache_env
+    from sweeps.trial import worker_env
+
+    return worker_env({"OMP_NUM_THREADS": str(max(1, int(cpus_per_worker))),
+                       **cache_env(str(folder / "inductor_cache")),
+                       "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]})
+
+
+class BadInput(ValueError):
+    """Input that must be refused before any compute is spent: exit 2 with this one-line message."""
+
+
