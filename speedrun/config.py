@@ -263,7 +263,24 @@ def _tiny() -> TrainConfig:
     )
 
 
-PRESETS = {"record": _record, "tiny": _tiny}
+def _record_sample() -> TrainConfig:
+    """The record model on the generated sample corpus, every stage at stage 3's shape (one compiled graph),
+    50 steps: a GPU demo whose losses and times have a track of their own (`record-sample`), never track1's."""
+    rec = _record()
+    s = rec.schedule
+    n = s.num_stages
+    cfg = replace(
+        rec,
+        schedule=replace(s, tokens_per_step=(s.tokens_per_step[2],) * n, max_seq_lens=(s.max_seq_lens[2],) * n,
+                         short_windows=(s.short_windows[2],) * n, long_windows=(s.long_windows[2],) * n,
+                         mtp_start=((1.0,),) * n, mtp_end=((1.0,),) * n, final_long_window=s.long_windows[2]),
+        data=replace(rec.data, source="sample", bos_id=SAMPLE_BOS_ID, val_tokens=196_608,
+                     val_micro_batch_tokens=rec.data.max_micro_batch_tokens),
+    )
+    return cfg.with_total_steps(50)
+
+
+PRESETS = {"record": _record, "tiny": _tiny, "record-sample": _record_sample}
 
 
 # ---- validation --------------------------------------------------------------------------------

@@ -1,55 +1,90 @@
-"""`python sweeps/calibrate.py --track tiny`: measure what the time objective and the record-curve pruner
-need to know about a track, and print it as TOML for sweeps/tracks.toml.
+"""`python sweeps/calibrate.py --preset tiny --steps 100 --name tiny`: measure a track and print it as TOML
+for sweeps/tracks.toml.
 
-- `noise`: the seed-to-seed standard deviation of the control's final validation loss at the step budget;
-- `exchange_rate`: loss gained per 100 more steps near the end of the schedule (budget vs budget + delta,
-  the whole schedule compressed to each length, averaged over the seeds);
-- `curve`: the control's mean validation loss against the schedule fraction.
-Runs `speedrun.train` in this process, one run after another (no Ray: nothing else competes for the cores).
+Runs the preset's control `--seeds` times at the step budget, in this process, one run after another
+(no Ray: nothing else competes for the device), and prints what the track binds and what it holds:
+- what it was measured on: data source, validation shards and token count, their sha256, the step budget;
+- `record_time_s`, `time_noise`, `record_runs`: the mean, standard deviation and count of the runs'
+  end-of-run training times (a run's time, sweeps/records.py); `hardware`: where;
+- `noise`: the seed-to-seed standard deviation of the final validation loss; `target_loss`: `--target`, or
+  the mean final loss plus three of those, rounded up (the control reaches it in nearly every run);
+- `exchange_rate` (with `--delta D`): loss gained per 100 more steps near the end (budget vs budget + D);
+- `curve`: the control's mean validation loss against the schedule fraction, for the record-curve pruner.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from datetime import date
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python sweeps/calibrate.py", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny")
-    p.add_argument("--steps", type=int, default=100, help="the step budget the track's sweeps use (default 100)")
-    p.add_argument("--delta", type=int, default=30, help="extra steps for the exchange rate (default 30)")
+    p.add_argument("--name", help="the track's name (default: the preset's)")
+    p.add_argument("--steps", type=int, help="the step budget the track's runs use (default: the preset's own)")
+    p.add_argument("--delta", type=int, default=0, help="extra steps for the exchange rate (0: not measured)")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--target", type=float, help="the track's target loss (default: mean + 3 x noise, rounded up)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
 
     from speedrun.__main__ import build_config
     from speedrun.train import train
+    from sweeps.datasets import Fingerprints, measured, prepare_data
+    from sweeps.tracking import hardware
 
-    finals: dict[int, list[float]] = {args.steps: [], args.steps + args.delta: []}
+    if args.seeds < 2:
+        print("error: --seeds must be >= 2 (a track needs its run-to-run spread)", file=sys.stderr)
+        return 2
+    base = build_config(args.preset, args.sets, None, args.steps)
+    base = base.override(prepare_data(base, None))
+    seen = measured(base, Fingerprints())
+    budgets = [seen.steps] + ([seen.steps + args.delta] if args.delta else [])
+    finals: dict[int, list[float]] = {b: [] for b in budgets}
+    times: list[float] = []
     curves: list[list[tuple[float, float]]] = []
-    for steps in finals:
+    for steps in budgets:
         for seed in range(args.seeds):
-            cfg = build_config(args.preset, args.sets + [f"run.seed={seed}"], None, steps)
+            cfg = base.override({"run.seed": seed}) if steps == seen.steps else (
+                build_config(args.preset, args.sets + [f"run.seed={seed}"], None, steps).override(
+                    {"data.data_dir": base.data.data_dir}))
             result = train(cfg)
             finals[steps].append(result.val_loss)
-            if steps == args.steps:
+            if steps == seen.steps:
+                times.append(result.train_time_s)
                 curves.append([(h["step"] / steps, h["val_loss"]) for h in result.history])
-            print(f"{steps} steps, seed {seed}: val_loss {result.val_loss:.4f} in {result.train_time_s:.1f}s",
-                  file=sys.stderr)
-    base, longer = (statistics.fmean(v) for v in finals.values())
-    noise = statistics.stdev(finals[args.steps]) if args.seeds > 1 else float("nan")
-    rate = 100.0 * (base - longer) / args.delta
-    curve = [(f, statistics.fmean(c[i][1] for c in curves)) for i, (f, _) in enumerate(curves[0])]
-    print(f"# {args.preset}, {args.seeds} seeds: final val loss {base:.4f} at {args.steps} steps, {longer:.4f} at "
-          f"{args.steps + args.delta}")
+            print(f"{steps} steps, seed {seed}: val_loss {result.val_loss:.4f} in {result.train_time_s:.2f}s "
+                  f"({result.status})", file=sys.stderr)
+    losses = finals[seen.steps]
+    mean, noise = statistics.fmean(losses), statistics.stdev(losses)
+    target = args.target if args.target is not None else math.ceil((mean + 3 * noise) * 1000) / 1000
+    print(f"[{args.name or args.preset}]")
+    print(f'description = "preset {args.preset}{" with " + ", ".join(args.sets) if args.sets else ""}, '
+          f'{seen.steps} steps"')
+    print(f'data_source = "{seen.data_source}"')
+    print(f'val_pattern = "{seen.val_pattern}"')
+    print(f"val_tokens = {seen.val_tokens}")
+    print(f"step_budget = {seen.steps}")
+    print(f'val_sha256 = "{seen.val_sha256}"')
+    print(f"target_loss = {target}")
+    print(f"record_time_s = {statistics.fmean(times):.3f}")
+    print(f"time_noise = {statistics.stdev(times):.3f}")
+    print(f"record_runs = {len(times)}")
+    print(f"record_steps = {seen.steps}")
+    print(f'hardware = "{hardware()}"')
+    print(f'source = "python sweeps/calibrate.py --preset {args.preset} --seeds {args.seeds}'
+          f'{" --steps " + str(args.steps) if args.steps else ""}, {date.today()}: final val loss {mean:.4f} ± '
+          f'{noise:.4f}, times {", ".join(f"{t:.2f}" for t in times)} s"')
     print(f"noise = {noise:.4f}")
-    print(f"exchange_rate = {rate:.4f}")
-    print(f"curve_steps = {args.steps}")
+    if args.delta:
+        rate = 100.0 * (mean - statistics.fmean(finals[seen.steps + args.delta])) / args.delta
+        print(f"exchange_rate = {rate:.4f}")
+    curve = [(f, statistics.fmean(c[i][1] for c in curves)) for i, (f, _) in enumerate(curves[0])]
+    print(f"curve_steps = {seen.steps}")
     print("curve = [" + ", ".join(f"[{f:.3f}, {v:.4f}]" for f, v in curve) + "]")
     return 0
 

@@ -12,6 +12,7 @@ One run is at most a `candidate`; only the multi-run acceptance test (sweeps/acc
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -73,7 +74,7 @@ class Track:
             out.append(f"{run.val_tokens:,} validation tokens (track {self.name}: {self.val_tokens:,})")
         if self.step_budget and run.steps != self.step_budget and not ignore_steps:
             out.append(f"{run.steps} steps (track {self.name}: {self.step_budget})")
-        if self.val_sha256 and run.val_sha256 and run.val_sha256 != self.val_sha256:
+        if self.val_sha256 and run.val_sha256 and run.val_sha256 != self.val_sha256 and not out:
             out.append(f"validation tokens with sha256 {run.val_sha256[:12]}… "
                        f"(track {self.name}: {self.val_sha256[:12]}…)")
         return out
@@ -83,8 +84,20 @@ class Track:
         return f"{self.name} ({self.target_loss} in {self.record_time_s:g}s{noise})"
 
 
-def load_tracks(path: Path = TRACKS_FILE) -> dict[str, Track]:
-    raw = tomllib.loads(path.read_text())
+def track_files() -> list[Path]:
+    """The shipped tracks.toml, then the files named in $SPEEDRUN_TRACKS (os.pathsep-separated): a
+    contributor's own tracks, measured with sweeps/calibrate.py; a later file's track replaces an earlier one."""
+    extra = [Path(p).expanduser() for p in os.environ.get("SPEEDRUN_TRACKS", "").split(os.pathsep) if p]
+    return [TRACKS_FILE, *extra]
+
+
+def load_tracks(paths: list[Path] | None = None) -> dict[str, Track]:
+    raw = {}
+    for path in paths or track_files():
+        try:
+            raw.update(tomllib.loads(path.read_text()))
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ValueError(f"tracks file {path}: {e}: fix it or SPEEDRUN_TRACKS") from None
     fields = set(Track.__dataclass_fields__) - {"name"}
     tracks = {}
     for name, t in raw.items():

@@ -29,7 +29,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial (default: all GPUs, or 1)")
     p.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker (default 1 with GPUs)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker (default 1)")
-    p.add_argument("--preset", choices=["record", "tiny"], help="default: record with CUDA + FineWeb, else tiny")
+    p.add_argument("--preset", choices=["record", "tiny", "record-sample"],
+                   help="default: record with CUDA + FineWeb, else tiny; record-sample: the record model on the "
+                        "generated corpus (a GPU demo with a track of its own)")
     p.add_argument("--data", help="folder of FineWeb .bin shards (default $SPEEDRUN_DATA or data/fineweb10B)")
     p.add_argument("--steps", type=int, help="compress each trial's schedule into N steps (default: the space's)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -53,8 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-failures", type=int, default=1, help="Ray Train retries of a failed trial (default 1)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else "
                    "sqlite:///mlflow.db in the working folder)")
-    p.add_argument("--track", help="target loss and record time to judge trials by (default: track1 for the "
-                   "record preset, tiny for tiny; see sweeps/tracks.toml)")
+    p.add_argument("--track", help="target loss and record time to judge trials by (default: the track of "
+                   "sweeps/tracks.toml that holds for the trials' data, validation set and step budget; a track that "
+                   "does not hold is refused)")
     p.add_argument("--record-time", type=float, help="override the track's record time (seconds)")
     p.add_argument("--target", type=float, help="override the track's target validation loss")
     p.add_argument("--confirm-top", type=int, default=0, metavar="K",

@@ -69,6 +69,39 @@ def sample_cache(tmp_path_factory):
     return path
 
 
+QUICK_STEPS = 12
+
+
+@pytest.fixture(scope="session", autouse=True)
+def quick_track(sample_cache, tmp_path_factory):
+    """A track for the Ray tests' short trials (the tiny preset, 12 steps, 4,096 validation tokens of the
+    sample corpus this session makes), added through $SPEEDRUN_TRACKS as a contributor's own track would be.
+    Its target (3.8) is reached within 12 steps and its record time (1e6 s) by every run: trials are candidates
+    unless a test overrides it."""
+    from speedrun.data import find_shards, val_fingerprint
+    from speedrun.sample import SAMPLE_VAL_PATTERN, ensure_sample_corpus
+
+    sha = val_fingerprint(find_shards(ensure_sample_corpus(None), SAMPLE_VAL_PATTERN), 4096)
+    path = tmp_path_factory.mktemp("tracks") / "tracks.toml"
+    path.write_text(f"""[quick]
+description = "tests: tiny preset, {QUICK_STEPS} steps, 4,096 validation tokens"
+data_source = "sample"
+val_pattern = "{SAMPLE_VAL_PATTERN}"
+val_tokens = 4096
+step_budget = {QUICK_STEPS}
+val_sha256 = "{sha}"
+target_loss = 3.8
+record_time_s = 1e6
+time_noise = 0.5
+record_runs = 3
+source = "tests/conftest.py"
+exchange_rate = 0.2658
+noise = 0.01
+""")
+    os.environ["SPEEDRUN_TRACKS"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """A real local Ray as the sweep CLI starts one (sweeps.run.execute): the machine's CPUs doubled as logical

@@ -1,5 +1,6 @@
-"""MLflow records of real sweeps: parent and child runs, params, per-step metrics, tags, record flags both
-ways, artifacts, the leaderboard read back, and the MLflow UI (a real server, headless Chromium)."""
+"""MLflow records of real sweeps: parent and child runs, params, per-step metrics, tags, verdicts both ways
+(candidate and reached), artifacts, the leaderboard read back, and the MLflow UI (a real server, headless
+Chromium). The trials are comparable with the tests' `quick` track (conftest.quick_track)."""
 
 import os
 import shutil
@@ -50,7 +51,8 @@ def test_parent_children_params_metrics_tags(store):
     parent = parents[0]
     for key in ("space", "searcher", "scheduler", "trials", "preset", "track", "code_version", "hardware"):
         assert key in parent.data.params
-    assert parent.data.params["preset"] == "tiny" and parent.data.params["track"] == "tiny"
+    assert parent.data.params["preset"] == "tiny" and parent.data.params["track"] == "quick"
+    assert parent.data.tags["track_comparable"] == "true"
     children = trial_runs(client, exp.experiment_id, "beats")
     assert len(children) == 2
     n_knobs = len(TrainConfig.preset("tiny").to_dict())
@@ -58,7 +60,7 @@ def test_parent_children_params_metrics_tags(store):
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.info.status == "FINISHED"
         assert len(run.data.params) == n_knobs  # every config value as a flat dotted param
-        for tag in ("trial_id", "status", "beat_record", "stop_reason"):
+        for tag in ("trial_id", "status", "verdict", "stop_reason", "comparable"):
             assert tag in run.data.tags
         history = client.get_metric_history(run.info.run_id, "val_loss")
         assert len({m.step for m in history}) >= 5  # one point per validation, keyed by training step
@@ -68,7 +70,8 @@ def test_parent_children_params_metrics_tags(store):
         assert {"config.json", "train.log", "loss_vs_time.png"} <= arts
     control = next(r for r in children if r.data.tags["trial_index"] == "0")
     assert control.data.params["optim.muon_lr"] == str(TrainConfig.preset("tiny").optim.muon_lr)
-    assert control.data.tags["beat_record"] == "true"  # reached 3.8 long before 1e6 s
+    assert control.data.tags["verdict"] == "candidate"  # ended below 3.8, long before 1e6 s
+    assert control.data.metrics["time_to_target_s"] == control.data.metrics["train_time_s"]  # its end-of-run time
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"leaderboard.csv", "all_trials.png"}
     log = Path(client.download_artifacts(control.info.run_id, "train.log", str(root))).read_text()
     assert "step:12/12 val_loss:" in log
@@ -83,18 +86,18 @@ def test_record_time_nobody_beats(store, tmp_path):
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("muon_lr")
     (run,) = trial_runs(client, exp.experiment_id, "misses")
-    assert run.data.tags["reached_target"] == "true" and run.data.tags["beat_record"] == "false"
-    assert run.data.metrics["time_to_target_s"] > 0.001
+    assert run.data.tags["reached_target"] == "true" and run.data.tags["verdict"] == "reached"
+    assert run.data.metrics["time_to_target_s"] == run.data.metrics["train_time_s"] > 0.001
 
 
 def test_report_reads_the_leaderboard_back(store, capsys):
     root, uri = store
     rows = report_cli.leaderboard(uri, "muon_lr", "beats")
     assert len(rows) == 2 and rows[0]["val_loss"] <= rows[1]["val_loss"]
-    assert all(r["beat_record"] for r in rows)
+    assert [r["verdict"] for r in rows] == ["candidate", "candidate"] and [r["steps"] for r in rows] == [12, 12]
     assert report_cli.main(["--space", "muon_lr", "--sweep", "beats", "--tracking-uri", uri]) == 0
     out = capsys.readouterr().out
-    assert out.count("BEAT") == 2
+    assert out.count("candidate") >= 2 and "2 candidate(s)" in out
 
 
 def free_port():

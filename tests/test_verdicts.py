@@ -87,3 +87,23 @@ def test_fingerprint_covers_exactly_the_first_val_tokens(tmp_path):
     expected = hashlib.sha256(tokens[:4000].astype("<u2").tobytes()).hexdigest()
     assert val_fingerprint(paths, 4000) == expected  # spans both shards
     assert val_fingerprint(paths, 3999) != expected
+
+
+def test_given_fineweb_shards_run_the_tiny_model_on_them(tmp_path):
+    """No GPU, no --preset, --data DIR: the tiny model reads the user's FineWeb-format shards (GPT-2 vocabulary
+    and BOS), never the sample corpus, and trains on them."""
+    from conftest import fast_tiny
+    from speedrun.train import train
+
+    rng = np.random.default_rng(0)
+    for name, n in (("fineweb_train_000001.bin", 200_000), ("fineweb_val_000000.bin", 20_000)):
+        tokens = np.where(rng.random(n) < 0.01, 50256, (np.arange(n) * 7) % 500)  # learnable, with BOS
+        write_shard(tmp_path / name, tokens)
+    cfg = fast_tiny(steps=16)
+    overrides = prepare_data(cfg, str(tmp_path))
+    assert overrides["data.data_dir"] == str(tmp_path) and overrides["data.source"] == "fineweb"
+    cfg = cfg.override(overrides)
+    assert cfg.model.vocab_size == 50257 and cfg.data.bos_id == 50256
+    result = train(cfg)
+    assert result.history[-1]["val_loss"] < result.history[0]["val_loss"] - 1.0  # it learned the shards
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fineweb_train_000001.bin", "fineweb_val_000000.bin"]
