@@ -93,10 +93,17 @@ def check_capacity(have: dict, where: str, workers: int, use_gpu: bool, gpus_per
                        f"{have_cpu:g}: lower one of them")
 
 
-def worker_layout(args, preset: str, res: Resources) -> tuple[bool, float, int]:
-    """(use_gpu, gpus_per_worker, workers per trial) from the flags and the machine; BadInput if a trial cannot
-    fit on this machine (on a remote cluster, execute() checks once connected)."""
-    use_gpu = preset == "record" and res.gpus > 0 if args.gpus_per_worker is None else args.gpus_per_worker > 0
+def worker_layout(args, device: str, res: Resources, gpu_by_default: bool = True) -> tuple[bool, float, int]:
+    """(use_gpu, gpus_per_worker, workers per trial) from the flags, the trial config's `run.device` and the
+    machine; BadInput if a trial cannot fit on this machine (on a remote cluster, execute() checks once
+    connected). Workers without a GPU reservation must train on the CPU (the caller sets run.device=cpu):
+    Ray does not hide the GPUs from them, and trials would share a GPU that none of them reserved."""
+    if args.gpus_per_worker is not None:
+        use_gpu = args.gpus_per_worker > 0
+    else:
+        use_gpu = res.gpus > 0 and (device == "cuda" or (device == "auto" and gpu_by_default))
+    if device == "cuda" and not use_gpu:
+        raise BadInput("run.device=cuda needs GPU workers: drop --gpus-per-worker 0, or run on a machine with GPUs")
     gpus_per_worker = (1.0 if use_gpu else 0.0) if args.gpus_per_worker is None else args.gpus_per_worker
     workers = args.workers_per_trial or (max(1, int(res.gpus // gpus_per_worker)) if use_gpu else 1)
     if not args.address:

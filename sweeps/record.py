@@ -349,9 +349,9 @@ def run_with_ray(configs, overrides, order, name, storage, judge, uri, args) -> 
     from sweeps.trial import TrialSpec
 
     res = local_resources()
-    use_gpu, gpus_per_worker, workers = worker_layout(args, "record" if res.gpus else "tiny", res)
-    if not use_gpu:
-        overrides["run.threads"] = max(1, int(args.cpus_per_worker))
+    use_gpu, gpus_per_worker, workers = worker_layout(args, configs["candidate"].run.device, res)
+    if not use_gpu:  # CPU reservations train on the CPU, never on a GPU no trial reserved
+        overrides.update({"run.threads": max(1, int(args.cpus_per_worker)), "run.device": "cpu"})
     total_steps = configs["candidate"].schedule.total_steps
     concurrency = concurrency_for(args, use_gpu, gpus_per_worker, workers, res, len(order))
     folder = storage / name

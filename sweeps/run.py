@@ -164,12 +164,13 @@ def plan_sweep(args) -> Sweep:
     from sweeps.trial import FaultPlan, TrialSpec
 
     try:
-        use_gpu, gpus_per_worker, workers = worker_layout(args, preset, res)
+        device = space.base_config().run.device
+        use_gpu, gpus_per_worker, workers = worker_layout(args, device, res, gpu_by_default=preset != "tiny")
         faults = FaultPlan.parse(args.inject_faults) if args.inject_faults else None
     except ValueError as e:
         raise BadInput(str(e)) from None
-    if not use_gpu:
-        overrides["run.threads"] = max(1, int(args.cpus_per_worker))
+    if not use_gpu:  # CPU reservations train on the CPU, never on a GPU no trial reserved
+        overrides.update({"run.threads": max(1, int(args.cpus_per_worker)), "run.device": "cpu"})
     steps = args.steps if args.steps is not None else space.steps
     trials = args.trials or space.trials
     if trials < 1 or args.max_failures < 0:
