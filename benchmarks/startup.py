@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def child(spec: dict) -> None:
@@ -100,11 +99,11 @@ def main() -> None:
         child(json.loads(args.child))
         return
 
-    from speedrun.__main__ import parse_sets
+    from speedrun.config import parse_overrides
     from speedrun.config import TrainConfig
 
     cfg = TrainConfig.preset("tiny" if args.tiny else "record").with_total_steps(args.steps)
-    cfg = cfg.override({"data.source": "sample", "data.bos_id": 127, "run.val_every": 10 ** 6, **parse_sets(args.set)})
+    cfg = cfg.override({"data.source": "sample", "data.bos_id": 127, "run.val_every": 10 ** 6, **parse_overrides(args.set)})
     if args.cache_dir and set(args.runs) != {"node"}:
         sys.exit("startup: --cache-dir measures warm runs against an existing cache: pass --runs node with it")
     if not args.cache_dir and args.runs[0] != "cold":

@@ -10,37 +10,23 @@ import json
 import os
 import sys
 
-from .config import TrainConfig
+from .config import TrainConfig, parse_overrides
 from .data import ShardError
 from .train import train
 
 
-def parse_sets(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected key=value, like optim.muon_lr=0.03")
-        key, value = item.split("=", 1)
-        out[key.strip()] = value.strip()
-    return out
-
-
 def build_config(preset: str, sets: list[str], data: str | None, steps: int | None,
                  config_file: str | None = None) -> TrainConfig:
+    base = None
     if config_file:
         try:
-            flat = json.loads(open(config_file).read())
+            base = TrainConfig.from_dict(json.loads(open(config_file).read()))
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"--config {config_file}: {e}") from None
-        cfg = TrainConfig.from_dict(flat)
-    else:
-        cfg = TrainConfig.preset(preset)
-    if steps is not None:
-        cfg = cfg.with_total_steps(steps)
-    overrides = parse_sets(sets)
+    overrides = parse_overrides(sets)
     if data:
         overrides["data.data_dir"] = data
-    return cfg.override(overrides)
+    return TrainConfig.resolve(preset, overrides, steps, base=base)
 
 
 def main(argv: list[str] | None = None) -> int:

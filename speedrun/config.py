@@ -181,6 +181,18 @@ class TrainConfig:
         return flat
 
     @staticmethod
+    def resolve(preset: str | None = None, sets: dict[str, Any] | None = None, steps: int | None = None,
+                base: "TrainConfig | None" = None) -> "TrainConfig":
+        """The one order every entry point builds a run's config in (`python -m speedrun`, sweeps, record runs,
+        calibration, benchmarks): the preset (or `base`), then the whole schedule compressed to `steps` (None
+        or 0: the preset's own), then `sets` exactly as given. A --set value is the value the run gets; it is
+        never rescaled by --steps."""
+        cfg = base if base is not None else TrainConfig.preset(preset or "tiny")
+        if steps:
+            cfg = cfg.with_total_steps(steps)
+        return cfg.override(sets) if sets else cfg
+
+    @staticmethod
     def from_dict(flat: dict[str, Any]) -> "TrainConfig":
         return TrainConfig().override(flat)
 
@@ -212,6 +224,17 @@ class TrainConfig:
             model=replace(self.model, untie_step=scaled(self.model.untie_step)),
             run=replace(r, val_every=scaled(r.val_every), log_every=max(1, scaled(r.log_every))),
         )
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """`--set key=value` items as a dict (values stay text; `override` coerces them to the field's type)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected key=value, like optim.muon_lr=0.03")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
 
 
 # ---- presets -----------------------------------------------------------------------------------

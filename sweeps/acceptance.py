@@ -344,43 +344,57 @@ def acceptance_test(losses: Sequence[float], times: Sequence[float], target: flo
         loss_welch_p = (float(stats.ttest_ind(losses, baseline_losses, equal_var=False).pvalue)
                         if len(losses) >= 2 and len(baseline_losses) >= 2 else math.nan)
 
-    time_t = time_p = time_p2 = reference = None
-    if baseline_times is not None:
-        time_test, reference = TIME_VS_BASELINE, base_time.mean
-        if len(times) >= 2 and len(baseline_times) >= 2:
-            res = stats.ttest_ind(times, baseline_times, equal_var=False, alternative="less")
-            time_t, time_p = float(res.statistic), float(res.pvalue)
-            time_p2 = float(stats.ttest_ind(times, baseline_times, equal_var=False).pvalue)
-        else:
-            time_t = time_p = time_p2 = math.nan
-    elif record_time_s is not None:
-        reference = float(record_time_s)
-        if time_noise is not None and record_runs is not None and record_runs >= 2:
-            time_test = TIME_VS_RECORD_STATS
-            args = (time.mean, time.std, time.n, reference, float(time_noise), int(record_runs))
-            if time.n >= 2:
-                res = stats.ttest_ind_from_stats(*args, equal_var=False, alternative="less")
-                time_t, time_p = float(res.statistic), float(res.pvalue)
-                time_p2 = float(stats.ttest_ind_from_stats(*args, equal_var=False).pvalue)
-            else:
-                time_t = time_p = time_p2 = math.nan
-        else:
-            time_test = TIME_VS_RECORD_TIME
-            if time.n >= 2:
-                res = stats.ttest_1samp(times, reference, alternative="less")
-                time_t, time_p = float(res.statistic), float(res.pvalue)
-                time_p2 = float(stats.ttest_1samp(times, reference).pvalue)
-            else:
-                time_t = time_p = time_p2 = math.nan
-    else:
-        time_test = TIME_NOT_TESTED
-
+    time_test, time_t, time_p, time_p2, reference = _time_test(times, time, baseline_times, base_time,
+                                                               record_time_s, time_noise, record_runs)
     speedup = reference / time.mean if reference is not None else None
     saved = reference - time.mean if reference is not None else None
 
+    mean_ok, loss_p_ok = loss.mean <= target, loss_p < alpha  # False for nan
+    time_ok = time_test == TIME_NOT_TESTED or time_p < alpha
+    reasons = _reasons(losses, loss, loss_p, needed, target, alpha, time, time_test, time_p, reference,
+                       base_time, record_runs)
+    return AcceptanceTest(
+        target=float(target), alpha=float(alpha), losses=losses, times=times, loss=loss, time=time,
+        loss_p=loss_p, runs_needed=needed, time_test=time_test, time_t=time_t, time_p=time_p,
+        time_p_two_sided=time_p2, reference_time_s=reference, speedup=speedup, time_saved_s=saved,
+        baseline_losses=baseline_losses, baseline_times=baseline_times, baseline_loss=base_loss,
+        baseline_time=base_time, baseline_loss_p=base_loss_p, loss_welch_p=loss_welch_p,
+        slowest_run_s=time.max, fastest_baseline_s=base_time.min if base_time is not None else None,
+        record_time_s=None if record_time_s is None else float(record_time_s),
+        time_noise=None if time_noise is None else float(time_noise), record_runs=record_runs,
+        accepted=bool(mean_ok and loss_p_ok and time_ok), reasons=reasons)
+
+
+def _time_test(times, time: "Runs", baseline_times, base_time, record_time_s, time_noise, record_runs):
+    """(which test, t, one-sided p, two-sided p, reference mean time) for the time side of the claim."""
+    if baseline_times is not None:
+        if len(times) < 2 or len(baseline_times) < 2:
+            return TIME_VS_BASELINE, math.nan, math.nan, math.nan, base_time.mean
+        res = stats.ttest_ind(times, baseline_times, equal_var=False, alternative="less")
+        two = stats.ttest_ind(times, baseline_times, equal_var=False).pvalue
+        return TIME_VS_BASELINE, float(res.statistic), float(res.pvalue), float(two), base_time.mean
+    if record_time_s is None:
+        return TIME_NOT_TESTED, None, None, None, None
+    reference = float(record_time_s)
+    if time_noise is not None and record_runs is not None and record_runs >= 2:
+        if time.n < 2:
+            return TIME_VS_RECORD_STATS, math.nan, math.nan, math.nan, reference
+        args = (time.mean, time.std, time.n, reference, float(time_noise), int(record_runs))
+        res = stats.ttest_ind_from_stats(*args, equal_var=False, alternative="less")
+        two = stats.ttest_ind_from_stats(*args, equal_var=False).pvalue
+        return TIME_VS_RECORD_STATS, float(res.statistic), float(res.pvalue), float(two), reference
+    if time.n < 2:
+        return TIME_VS_RECORD_TIME, math.nan, math.nan, math.nan, reference
+    res = stats.ttest_1samp(times, reference, alternative="less")
+    return (TIME_VS_RECORD_TIME, float(res.statistic), float(res.pvalue),
+            float(stats.ttest_1samp(times, reference).pvalue), reference)
+
+
+def _reasons(losses, loss: "Runs", loss_p, needed, target, alpha, time: "Runs", time_test, time_p, reference,
+             base_time, record_runs) -> tuple[str, ...]:
+    """One line for every condition of the claim that failed."""
     reasons = []
-    mean_ok = loss.mean <= target
-    loss_p_ok = loss_p < alpha  # False for nan
+    mean_ok, loss_p_ok = loss.mean <= target, loss_p < alpha  # False for nan
     bad = sum(not math.isfinite(x) for x in losses)
     if bad:
         reasons.append(f"{bad} of {loss.n} runs ended with a non-finite val loss (diverged): the claim cannot pass")
@@ -393,35 +407,18 @@ def acceptance_test(losses: Sequence[float], times: Sequence[float], target: flo
             reasons.append(f"loss p = {_p(loss_p)} is not below {alpha:g}")
         if mean_ok and loss.n >= 2 and needed is not None:
             reasons.append(f"with this spread (std {loss.std:.2g}) about {needed} runs would give p < {alpha:g}")
-    time_ok = True
     if time_test == TIME_NOT_TESTED:
         reasons.append("no baseline runs or record time given: the time is not tested, acceptance rests on the "
                        "loss alone")
-    else:
-        time_ok = time_p < alpha
-        if not time_ok:
-            kind = "one-sample" if time_test == TIME_VS_RECORD_TIME else "Welch"
-            if math.isnan(time_p):
-                sides = " on each side" if time_test != TIME_VS_RECORD_TIME else ""
-                reasons.append(f"time: the {kind} t-test needs at least 2 runs{sides}")
-            else:
-                if time_test == TIME_VS_BASELINE:
-                    against, ref = f"vs the baseline's {base_time.n} runs", "baseline"
-                elif time_test == TIME_VS_RECORD_STATS:
-                    against, ref = f"vs the record's {record_runs} runs", "record"
-                else:
-                    against, ref = "vs the record time", "record"
-                reasons.append(f"time: {kind} p = {_p(time_p)} {against} is not below {alpha:g} "
-                               f"(mean {time.mean:.3f} s vs {ref} {reference:.3f} s)")
-
-    return AcceptanceTest(
-        target=float(target), alpha=float(alpha), losses=losses, times=times, loss=loss, time=time,
-        loss_p=loss_p, runs_needed=needed, time_test=time_test, time_t=time_t, time_p=time_p,
-        time_p_two_sided=time_p2, reference_time_s=reference, speedup=speedup, time_saved_s=saved,
-        baseline_losses=baseline_losses, baseline_times=baseline_times, baseline_loss=base_loss,
-        baseline_time=base_time, baseline_loss_p=base_loss_p, loss_welch_p=loss_welch_p,
-        slowest_run_s=time.max, fastest_baseline_s=base_time.min if base_time is not None else None,
-        record_time_s=None if record_time_s is None else float(record_time_s),
-        time_noise=None if time_noise is None else float(time_noise), record_runs=record_runs,
-        accepted=bool(mean_ok and loss_p_ok and time_ok), reasons=tuple(reasons))
-
+    elif math.isnan(time_p):
+        kind = "one-sample" if time_test == TIME_VS_RECORD_TIME else "Welch"
+        sides = " on each side" if time_test != TIME_VS_RECORD_TIME else ""
+        reasons.append(f"time: the {kind} t-test needs at least 2 runs{sides}")
+    elif not time_p < alpha:
+        kind = "one-sample" if time_test == TIME_VS_RECORD_TIME else "Welch"
+        against, ref = {TIME_VS_BASELINE: (f"vs the baseline's {base_time.n if base_time else 0} runs", "baseline"),
+                        TIME_VS_RECORD_STATS: (f"vs the record's {record_runs} runs", "record"),
+                        }.get(time_test, ("vs the record time", "record"))
+        reasons.append(f"time: {kind} p = {_p(time_p)} {against} is not below {alpha:g} "
+                       f"(mean {time.mean:.3f} s vs {ref} {reference:.3f} s)")
+    return tuple(reasons)

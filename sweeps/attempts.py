@@ -56,3 +56,61 @@ def make_attempt_spec(base: TrialSpec, name: str, configs: dict[str, TrainConfig
                   arms=tuple((arm, cfg.to_dict()) for arm, cfg in configs.items()),
                   arm_of_seed=tuple(order))
     return AttemptSpec(**fields)
+
+
+def confirm_top(sweep, rows: list[dict], tracker) -> list[dict]:
+    """Winner's-curse guard after a sweep: re-run its K best finished trials with M fresh seeds each, rank them by
+    the mean, and give each the multi-run verdict (record only when the acceptance test passes on a comparable
+    track). Recorded under the sweep's parent run, through its tracker."""
+    import math
+    from dataclasses import replace
+
+    from sweeps.acceptance import acceptance_test
+    from sweeps.cluster import execute
+    from sweeps.protocol import TrialStatus
+    from sweeps.records import MISSED, NOT_COMPARABLE, REACHED, RECORD
+    from sweeps.results import ProgressPrinter, ranked, rows_from_grid
+    from sweeps.search import SweepPlan, make_tuner
+
+    s, space, plan, spec, judge = sweep.settings, sweep.space, sweep.plan, sweep.spec, sweep.judge
+    keys, track = [p.key for p in space.params], judge.track
+    finished = [r for r in ranked(rows, space.metric, space.mode) if r["status"] == TrialStatus.FINISHED]
+    confirmed = []
+    for r in finished[: s.confirm_top]:
+        order = interleaved_seeds(10_000 + 100 * r["trial_index"], s.confirm_runs, False)
+        name = f"{plan.name}-confirm-{r['trial_index']}"
+        sub_spec = replace(make_attempt_spec(spec, name, {CANDIDATE_ARM: spec.config_for({k: r[k] for k in keys})},
+                                             order), overrides={}, log_dir=str(plan.storage / name / "logs"))
+        sub_plan = SweepPlan(sub_spec.space, name, plan.storage, len(order), plan.concurrency, 0, "none",
+                             plan.total_steps)
+        sub_tracker = tracker.for_reruns(sub_spec.config_for, of=r["trial_index"])
+        print(f"confirming trial {r['trial_index']} ({r['val_loss']:.4f}) with seeds {[x for x, _ in order]}")
+        callbacks = [ProgressPrinter(plan.total_steps, space.metric), sub_tracker]
+        grid = execute(lambda: make_tuner(sub_plan, sub_spec, callbacks), s.address, spec.env)
+        done = [x for x in rows_from_grid(grid, ["run.seed"]) if x["status"] == TrialStatus.FINISHED]
+        losses, times = [x["val_loss"] for x in done], [x["train_time_s"] for x in done]
+        test = acceptance_test(losses, times, track.target_loss, record_time_s=track.record_time_s,
+                               time_noise=track.time_noise, record_runs=track.record_runs) if len(done) > 1 else None
+        mean = test.loss.mean if test else (losses[0] if losses else math.nan)
+        verdict = (NOT_COMPARABLE if not judge.comparable else RECORD if test and test.accepted
+                   else REACHED if mean <= track.target_loss else MISSED)
+        confirmed.append({"trial_index": r["trial_index"], "sweep_val_loss": r["val_loss"], "runs": len(done),
+                          "mean_val_loss": mean, "std_val_loss": test.loss.std if test else 0.0,
+                          "mean_train_time_s": test.time.mean if test else math.nan,
+                          "loss_p": test.loss_p if test else math.nan, "verdict": verdict,
+                          "losses": losses, "times": times, **{k: r[k] for k in keys}})
+    confirmed.sort(key=lambda c: c["mean_val_loss"] if space.mode == "min" else -c["mean_val_loss"])
+    print(confirmed_table(confirmed))
+    tracker.log_confirmed(confirmed)
+    return confirmed
+
+
+def confirmed_table(confirmed: list[dict]) -> str:
+    lines = ["\nconfirmed ranking (mean over fresh seeds; verdict of the multi-run test):",
+             f"{'rank':>4}  {'trial':>5}  {'sweep val_loss':>14}  {'mean val_loss':>13}  {'std':>7}  {'p':>8}  "
+             f"{'mean train_s':>12}  runs  verdict"]
+    for i, c in enumerate(confirmed, 1):
+        lines.append(f"{i:>4}  {c['trial_index']:>5}  {c['sweep_val_loss']:>14.4f}  {c['mean_val_loss']:>13.4f}  "
+                     f"{c['std_val_loss']:>7.4f}  {c['loss_p']:>8.3g}  {c['mean_train_time_s']:>12.2f}  "
+                     f"{c['runs']:>4}  {c['verdict']}")
+    return "\n".join(lines)

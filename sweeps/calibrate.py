@@ -32,15 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
 
-    from speedrun.__main__ import build_config
+    from speedrun.config import TrainConfig, parse_overrides
     from speedrun.train import train
-    from sweeps.datasets import Fingerprints, measured, prepare_data
-    from sweeps.tracking import hardware
+    from sweeps.sweep_data import Fingerprints, measured, prepare_data
 
     if args.seeds < 2:
         print("error: --seeds must be >= 2 (a track needs its run-to-run spread)", file=sys.stderr)
         return 2
-    base = build_config(args.preset, args.sets, None, args.steps)
+    sets = parse_overrides(args.sets)
+    base = TrainConfig.resolve(args.preset, sets, args.steps)
     base = base.override(prepare_data(base, None))
     seen = measured(base, Fingerprints())
     budgets = [seen.steps] + ([seen.steps + args.delta] if args.delta else [])
@@ -49,9 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     curves: list[list[tuple[float, float]]] = []
     for steps in budgets:
         for seed in range(args.seeds):
-            cfg = base.override({"run.seed": seed}) if steps == seen.steps else (
-                build_config(args.preset, args.sets + [f"run.seed={seed}"], None, steps).override(
-                    {"data.data_dir": base.data.data_dir}))
+            cfg = base.override({"run.seed": seed}) if steps == seen.steps else TrainConfig.resolve(
+                args.preset, {**sets, "run.seed": seed, "data.data_dir": base.data.data_dir}, steps)
             result = train(cfg)
             finals[steps].append(result.val_loss)
             if steps == seen.steps:
@@ -59,34 +58,43 @@ def main(argv: list[str] | None = None) -> int:
                 curves.append([(h["step"] / steps, h["val_loss"]) for h in result.history])
             print(f"{steps} steps, seed {seed}: val_loss {result.val_loss:.4f} in {result.train_time_s:.2f}s "
                   f"({result.status})", file=sys.stderr)
+    print(track_toml(args, seen, finals, times, curves))
+    return 0
+
+
+def track_toml(args, seen, finals: dict[int, list[float]], times: list[float], curves: list) -> str:
+    """The measured track as a [name] table for tracks.toml."""
+    from sweeps.tracking import hardware
+
+    out = []
     losses = finals[seen.steps]
     mean, noise = statistics.fmean(losses), statistics.stdev(losses)
     target = args.target if args.target is not None else math.ceil((mean + 3 * noise) * 1000) / 1000
-    print(f"[{args.name or args.preset}]")
-    print(f'description = "preset {args.preset}{" with " + ", ".join(args.sets) if args.sets else ""}, '
+    out.append(f"[{args.name or args.preset}]")
+    out.append(f'description = "preset {args.preset}{" with " + ", ".join(args.sets) if args.sets else ""}, '
           f'{seen.steps} steps"')
-    print(f'data_source = "{seen.data_source}"')
-    print(f'val_pattern = "{seen.val_pattern}"')
-    print(f"val_tokens = {seen.val_tokens}")
-    print(f"step_budget = {seen.steps}")
-    print(f'val_sha256 = "{seen.val_sha256}"')
-    print(f"target_loss = {target}")
-    print(f"record_time_s = {statistics.fmean(times):.3f}")
-    print(f"time_noise = {statistics.stdev(times):.3f}")
-    print(f"record_runs = {len(times)}")
-    print(f"record_steps = {seen.steps}")
-    print(f'hardware = "{hardware()}"')
-    print(f'source = "python sweeps/calibrate.py --preset {args.preset} --seeds {args.seeds}'
+    out.append(f'data_source = "{seen.data_source}"')
+    out.append(f'val_pattern = "{seen.val_pattern}"')
+    out.append(f"val_tokens = {seen.val_tokens}")
+    out.append(f"step_budget = {seen.steps}")
+    out.append(f'val_sha256 = "{seen.val_sha256}"')
+    out.append(f"target_loss = {target}")
+    out.append(f"record_time_s = {statistics.fmean(times):.3f}")
+    out.append(f"time_noise = {statistics.stdev(times):.3f}")
+    out.append(f"record_runs = {len(times)}")
+    out.append(f"record_steps = {seen.steps}")
+    out.append(f'hardware = "{hardware()}"')
+    out.append(f'source = "python sweeps/calibrate.py --preset {args.preset} --seeds {args.seeds}'
           f'{" --steps " + str(args.steps) if args.steps else ""}, {date.today()}: final val loss {mean:.4f} ± '
           f'{noise:.4f}, times {", ".join(f"{t:.2f}" for t in times)} s"')
-    print(f"noise = {noise:.4f}")
+    out.append(f"noise = {noise:.4f}")
     if args.delta:
         rate = 100.0 * (mean - statistics.fmean(finals[seen.steps + args.delta])) / args.delta
-        print(f"exchange_rate = {rate:.4f}")
+        out.append(f"exchange_rate = {rate:.4f}")
     curve = [(f, statistics.fmean(c[i][1] for c in curves)) for i, (f, _) in enumerate(curves[0])]
-    print(f"curve_steps = {seen.steps}")
-    print("curve = [" + ", ".join(f"[{f:.3f}, {v:.4f}]" for f, v in curve) + "]")
-    return 0
+    out.append(f"curve_steps = {seen.steps}")
+    out.append("curve = [" + ", ".join(f"[{f:.3f}, {v:.4f}]" for f, v in curve) + "]")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Also the one way the CLIs refuse bad input (BadInput -> one `error:` line, exit 
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -34,6 +35,16 @@ def ray_env() -> None:
     # Save the experiment state (trials + searcher) at most a second apart (default: every 10 s or more), so
     # a driver killed outright loses at most the last second: a trial finished before that is not re-run.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    # Tune's own console output (its experiment box, the TensorBoard hint, status tables) is replaced by
+    # results.ProgressPrinter and the sweep's summary; with the legacy reporter at verbose=0 it prints nothing.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+
+class _NoTuneResumeHint(logging.Filter):
+    """Drops Tune's "Resume experiment with: Tuner.restore(...)": the sweep prints its own resume command."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Resume experiment with" not in record.getMessage()
 
 
 def execute(make_tuner_fn, address: str | None, env: dict, need: tuple | None = None):
@@ -52,6 +63,7 @@ def execute(make_tuner_fn, address: str | None, env: dict, need: tuple | None = 
         extra = {} if address else local_ray_options()
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False,
                  logging_level="WARNING", configure_logging=True, **extra)
+    logging.getLogger("ray.tune.tune").addFilter(_NoTuneResumeHint())
     try:
         if need:
             check_capacity(ray.cluster_resources(), "the Ray cluster", *need)
@@ -81,7 +93,7 @@ def local_ray_cpus() -> int:
 def check_capacity(have: dict, where: str, workers: int, use_gpu: bool, gpus_per_worker: float,
                    cpus_per_worker: float) -> None:
     """BadInput unless `have` ({"CPU": n, "GPU": m}: this machine, or the whole Ray cluster) holds one trial."""
-    from sweeps.trial import TRIAL_CPU
+    from sweeps.protocol import TRIAL_CPU
 
     have_gpu, have_cpu = have.get("GPU", 0), have.get("CPU", 0)
     if use_gpu and workers * gpus_per_worker > have_gpu:
@@ -114,7 +126,7 @@ def worker_layout(args, device: str, res: Resources, gpu_by_default: bool = True
 
 def concurrency_for(args, use_gpu: bool, gpus_per_worker: float, workers: int, res: Resources, trials: int) -> int:
     """--concurrency, else as many trials as this machine's CPUs or GPUs hold (1 on a remote cluster)."""
-    from sweeps.trial import TRIAL_CPU
+    from sweeps.protocol import TRIAL_CPU
 
     if args.concurrency:
         return args.concurrency

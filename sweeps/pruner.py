@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from .results import trial_index
-from .trial import FINISHED
+from .protocol import FINISHED, trial_index
 
 
 @dataclass(frozen=True)

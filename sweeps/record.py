@@ -27,7 +27,8 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
-from sweeps.cluster import EXIT_BAD_INPUT, BadInput, fail
+from sweeps.cluster import BadInput, fail
+from sweeps.protocol import TrialStatus
 
 EXPERIMENT = "record-attempts"
 EXIT_ACCEPTED, EXIT_NOT_ACCEPTED = 0, 1
@@ -91,29 +92,37 @@ def config_from_file(path: str):
 
 def candidate_config(args, uri: str):
     """The config to attempt, and a line saying where it came from."""
-    from speedrun.__main__ import parse_sets
-    from speedrun.config import TrainConfig
+    from speedrun.config import TrainConfig, parse_overrides
 
+    ranked_from = ""
     if args.space and not args.run_id:
-        from sweeps.report import leaderboard
-        rows = [r for r in leaderboard(uri, args.space, args.sweep) if r["status"] == "finished"]
+        from sweeps.report import latest_sweep, leaderboard
+        try:
+            rows = leaderboard(uri, args.space, args.sweep)
+        except LookupError as e:
+            raise BadInput(str(e)) from None
+        sweep = args.sweep or latest_sweep(rows)
+        rows = [r for r in rows if r["sweep"] == sweep and r["status"] == TrialStatus.FINISHED]
         if len(rows) < args.rank:
-            raise BadInput(f"space {args.space} has {len(rows)} finished trials in {uri}; --rank {args.rank} "
-                           "does not exist")
-        args.run_id = rows[args.rank - 1]["run_id"]
+            raise BadInput(f"sweep {sweep} of space {args.space} has {len(rows)} finished trials in {uri}; "
+                           f"--rank {args.rank} does not exist (--sweep NAME picks another sweep)")
+        row = rows[args.rank - 1]
+        args.run_id = row["run_id"]
+        ranked_from = (f"rank {args.rank} of sweep {sweep}{'' if args.sweep else ' (the latest of this space)'}: "
+                       f"trial {row['trial']}, {row['steps']} steps, val_loss {row['val_loss']:.4f}; ")
     if args.run_id:
         cfg, source = config_from_run(uri, args.run_id)
+        source = ranked_from + source
     elif args.config:
         cfg, source = config_from_file(args.config)
     else:
         import torch
         preset = args.preset or ("record" if torch.cuda.is_available() else "tiny")
         cfg, source = TrainConfig.preset(preset), f"preset {preset}"
+    cfg = TrainConfig.resolve(sets=parse_overrides(args.sets), steps=args.steps, base=cfg)
     if args.steps:
-        cfg = cfg.with_total_steps(args.steps)
         source += f", compressed to {args.steps} steps"
     if args.sets:
-        cfg = cfg.override(parse_sets(args.sets))
         source += " with " + ", ".join(args.sets)
     return cfg, source
 
@@ -155,7 +164,7 @@ def judge_and_report(cand: list[dict], base: list[dict] | None, judge, folder: P
     """The acceptance test over finished runs, printed, and written to folder/statistics.md and verdict.json."""
     from sweeps.acceptance import acceptance_test
 
-    ok = lambda rs: [r for r in rs if r["status"] == "finished" and math.isfinite(r["val_loss"])]  # noqa: E731
+    ok = lambda rs: [r for r in rs if r["status"] == TrialStatus.FINISHED and math.isfinite(r["val_loss"])]  # noqa: E731
     c, b = ok(cand), ok(base) if base is not None else None
     dropped = len(cand) - len(c) + ((len(base) - len(b)) if base is not None else 0)
     if dropped:
@@ -191,26 +200,17 @@ def judge_and_report(cand: list[dict], base: list[dict] | None, judge, folder: P
     return test, rows
 
 
-def log_to_mlflow(uri: str, name: str, test, rows: list[dict], folder: Path, parent_id: str | None,
-                  track_name: str) -> None:
-    from mlflow.entities import Metric, RunTag
-    from mlflow.tracking import MlflowClient
-
-    from sweeps.tracking import artifact_location
-    client = MlflowClient(uri)
-    if parent_id is None:  # from logs: no sweep made a parent run
-        exp = client.get_experiment_by_name(EXPERIMENT)
-        exp_id = exp.experiment_id if exp else client.create_experiment(
-            EXPERIMENT, artifact_location=artifact_location(uri, EXPERIMENT))
-        parent_id = client.create_run(exp_id, run_name=f"record attempt {name}", tags={
-            "kind": "sweep", "sweep_name": name, "attempt": "record", "source": "logs", "track": track_name}).info.run_id
+def log_to_mlflow(tracker, name: str, test, folder: Path) -> None:
+    """The attempt's statistics on its MLflow parent run, through the tracker (the one MLflow writer)."""
     numbers = {k: v for k, v in flat_numbers(test.to_dict()).items() if math.isfinite(v)}
-    client.log_batch(parent_id, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in numbers.items()],
-                     tags=[RunTag("accepted", str(test.accepted).lower()), RunTag("verdict", attempt_verdict(test)),
-                           RunTag("attempt", "record"), RunTag("mlflow.runName", f"record attempt {name}")])
-    client.log_artifact(parent_id, str(folder / "statistics.md"))
-    client.log_artifact(parent_id, str(folder / "verdict.json"))
-    client.set_terminated(parent_id, "FINISHED")
+    tracker.log_attempt(name, test.accepted, attempt_verdict(test), numbers,
+                        [folder / "statistics.md", folder / "verdict.json"])
+
+
+def logs_tracker(uri: str, name: str, judge):
+    """An MLflow parent run for a verdict from logs (no trials): experiment record-attempts, source=logs."""
+    from sweeps.tracking import MlflowTracker
+    return MlflowTracker(uri, EXPERIMENT, name, {"kind": "record verdict from logs"}, judge, 0, None)
 
 
 def flat_numbers(d: dict, prefix: str = "") -> dict[str, float]:
@@ -227,7 +227,7 @@ def flat_numbers(d: dict, prefix: str = "") -> dict[str, float]:
 def runs_from_logs(folder: str, arm: str) -> list[dict]:
     from sweeps.speedrun_logs import read_log_dir
     return [{"run": Path(r.path).name, "arm": arm, "val_loss": r.val_loss, "train_time_s": r.train_time_s,
-             "status": "finished" if r.complete else "failed"} for r in read_log_dir(folder)]
+             "status": TrialStatus.FINISHED if r.complete else TrialStatus.FAILED} for r in read_log_dir(folder)]
 
 
 def verdict_from_logs(args, uri: str, name: str, folder: Path) -> int:
@@ -252,7 +252,7 @@ def verdict_from_logs(args, uri: str, name: str, folder: Path) -> int:
         test, rows = judge_and_report(cand, base, judge, folder, f"Record verdict {name} (from logs)", notes)
     except BadInput as e:
         return fail(str(e))
-    log_to_mlflow(uri, name, test, rows, folder, None, judge.track.name)
+    log_to_mlflow(logs_tracker(uri, name, judge), name, test, folder)
     return EXIT_ACCEPTED if test.accepted else EXIT_NOT_ACCEPTED
 
 
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
 def attempt(args, uri: str, name: str, storage: Path, folder: Path) -> int:
     from speedrun.data import ShardError
     from sweeps.attempts import BASELINE_ARM, CANDIDATE_ARM, interleaved_seeds
-    from sweeps.datasets import BadData, Fingerprints, measured, prepare_data
+    from sweeps.sweep_data import BadData, Fingerprints, measured, prepare_data
     from sweeps.records import choose_track
     from sweeps.speedrun_logs import LogError
 
@@ -318,11 +318,11 @@ def attempt(args, uri: str, name: str, storage: Path, folder: Path) -> int:
           + (f", interleaved with {args.runs} of the baseline ({base_source})" if BASELINE_ARM in configs else "")
           + f"; {judge.describe()}; logs in {folder / 'logs'}")
     t0 = time.time()
-    parent_id = None
+    tracker = None
     if args.torchrun:
         runs = run_with_torchrun(configs, overrides, order, folder, args)
     else:
-        runs, parent_id = run_with_ray(configs, overrides, order, name, storage, judge, uri, args)
+        runs, tracker = run_with_ray(configs, overrides, order, name, storage, judge, uri, args)
     cand = [r for r in runs if r["arm"] == CANDIDATE_ARM]
     base = [r for r in runs if r["arm"] == BASELINE_ARM] or logged_base
     notes = []
@@ -333,13 +333,13 @@ def attempt(args, uri: str, name: str, storage: Path, folder: Path) -> int:
         notes.append(f"time tested against the track's record time {judge.track.record_time_s:g}s (measured on "
                      f"{judge.track.hardware or 'unknown hardware'}); --baseline times both on this machine")
     test, rows = judge_and_report(cand, base, judge, folder, f"Record attempt {name}", notes)
-    if not args.torchrun:
-        log_to_mlflow(uri, name, test, rows, folder, parent_id, judge.track.name)
+    if tracker is not None:
+        log_to_mlflow(tracker, name, test, folder)
     print(f"\n{len(runs)} runs in {time.time() - t0:.0f}s; logs: {folder / 'logs'}")
     return EXIT_ACCEPTED if test.accepted else EXIT_NOT_ACCEPTED
 
 
-def run_with_ray(configs, overrides, order, name, storage, judge, uri, args) -> tuple[list[dict], str]:
+def run_with_ray(configs, overrides, order, name, storage, judge, uri, args) -> tuple[list[dict], object]:
     from sweeps.attempts import make_attempt_spec
     from sweeps.cluster import concurrency_for, execute, local_resources, ray_env, trial_env, worker_layout
     from sweeps.results import ProgressPrinter, rows_from_grid
@@ -374,12 +374,12 @@ def run_with_ray(configs, overrides, order, name, storage, judge, uri, args) -> 
     by_seed = {int(r["run.seed"]): r for r in rows}
     runs = []
     for seed, arm in order:
-        r = by_seed.get(seed, {"status": "failed", "val_loss": None, "train_time_s": None})
-        finished = r["status"] == "finished" and r.get("val_loss") is not None
-        runs.append({"run": f"seed {seed}", "arm": arm, "status": r["status"] if finished else "failed",
+        r = by_seed.get(seed, {"status": TrialStatus.FAILED, "val_loss": None, "train_time_s": None})
+        finished = r["status"] == TrialStatus.FINISHED and r.get("val_loss") is not None
+        runs.append({"run": f"seed {seed}", "arm": arm, "status": r["status"] if finished else TrialStatus.FAILED,
                      "val_loss": r["val_loss"] if finished else math.nan,
                      "train_time_s": r.get("train_time_s") or math.nan})
-    return runs, tracker.parent_id
+    return runs, tracker
 
 
 def run_with_torchrun(configs, overrides, order, folder: Path, args) -> list[dict]:
@@ -399,7 +399,7 @@ def run_with_torchrun(configs, overrides, order, folder: Path, args) -> list[dic
             subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
         r = json.loads(result_file.read_text()) if result_file.exists() else {}
         out.append({"run": f"seed {seed}", "arm": arm, "val_loss": r.get("val_loss", math.nan),
-                    "train_time_s": r.get("train_time_s", math.nan), "status": r.get("status", "failed")})
+                    "train_time_s": r.get("train_time_s", math.nan), "status": r.get("status", TrialStatus.FAILED)})
     return out
 
 

@@ -12,23 +12,35 @@ One run is at most a `candidate`; only the multi-run acceptance test (sweeps/acc
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .protocol import TrialStatus
+
 TRACKS_FILE = Path(__file__).resolve().parent / "tracks.toml"
 
 # The verdict words, everywhere: MLflow tag `verdict`, results.parquet, the sweep's table, report.py, record.py.
+# A run that did not end its schedule is called by how it ended (protocol.TrialStatus).
 RECORD = "record"  # only a multi-run acceptance test
 CANDIDATE = "candidate"  # reached the target, faster than the record by more than the track's time noise
 REACHED = "reached"  # reached the target, not clearly faster
 MISSED = "missed"  # ended its schedule above the target
 NOT_COMPARABLE = "not comparable"  # measured on other data, another validation set or another step budget
-DIVERGED = "diverged"
-FAILED = "failed"
-PRUNED = "pruned"  # stopped early by the scheduler: no end-of-run result
-INTERRUPTED = "interrupted"  # cut off by an interrupted sweep
+DIVERGED, FAILED = TrialStatus.DIVERGED.value, TrialStatus.FAILED.value
+PRUNED, INTERRUPTED = TrialStatus.PRUNED.value, TrialStatus.INTERRUPTED.value
+
+
+# Two runs whose final losses differ by less than this many seed-to-seed standard deviations (the track's
+# `noise`) are not told apart: 2 sigma of the difference of two runs, 2 * sqrt(2) ~ 2.83.
+NOISE_SIGMAS = 2 * math.sqrt(2)
+
+
+def within_noise(gap: float, noise: float | None) -> bool:
+    """Whether a loss gap between two single runs is one that seeds alone make (False when noise is unknown)."""
+    return bool(noise) and abs(gap) <= NOISE_SIGMAS * noise
 
 
 @dataclass(frozen=True)

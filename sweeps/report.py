@@ -1,6 +1,6 @@
-"""`python sweeps/report.py --space muon_lr`: the leaderboard of a space's trials, read back from MLflow.
+"""`speedrun-report --space muon_lr`: the leaderboard of a space's trials, read back from MLflow.
 
-Best first (by final val loss of finished trials, or `--by time`: time to target, projected for misses),
+Ranked within each step budget (trials of different budgets are different jobs), best first (by final val loss of finished trials, or `--by time`: time to target, projected for misses),
 each trial's verdict (candidate, reached, missed, not comparable, pruned, ...; sweeps/records.py), trials on a multi-objective sweep's Pareto front marked *. `--sweep NAME` limits it
 to one sweep; `--tracking-uri` / MLFLOW_TRACKING_URI pick the store (default sqlite:///mlflow.db here).
 """
@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
+
+from sweeps.protocol import TrialStatus
 
 
 def leaderboard(uri: str, space: str, sweep: str | None = None) -> list[dict]:
@@ -26,15 +27,22 @@ def leaderboard(uri: str, space: str, sweep: str | None = None) -> list[dict]:
         t, m = run.data.tags, run.data.metrics
         rows.append({
             "sweep": t.get("sweep_name"), "trial": int(t.get("trial_index", -1)), "status": t.get("status"),
-            "verdict": t.get("verdict") or t.get("status") or "-", "steps": _int(run.data.params.get("schedule.num_scheduled_steps"), run.data.params.get("schedule.extension_steps")),
-            "val_loss": m.get("val_loss"),
+            "verdict": t.get("verdict") or t.get("status") or "-",
+            "steps": _int(run.data.params.get("schedule.num_scheduled_steps"),
+                          run.data.params.get("schedule.extension_steps")),
+            "started": run.info.start_time, "val_loss": m.get("val_loss"),
             "train_time_s": m.get("train_time_s"), "time_to_target_s": m.get("time_to_target_s"),
             "objective_time_s": m.get("objective_time_s"), "pareto": t.get("pareto") == "true",
             "run_id": run.info.run_id,
             "params": {k: v for k, v in run.data.params.items()},
         })
-    finished = lambda r: r["status"] == "finished" and r["val_loss"] is not None  # noqa: E731
+    finished = lambda r: r["status"] == TrialStatus.FINISHED and r["val_loss"] is not None  # noqa: E731
     return sorted(rows, key=lambda r: (not finished(r), r["val_loss"] if r["val_loss"] is not None else math.inf))
+
+
+def latest_sweep(rows: list[dict]) -> str | None:
+    """The sweep whose trials started last: the one `record.py --space S --rank K` re-runs by default."""
+    return max(rows, key=lambda r: r["started"] or 0)["sweep"] if rows else None
 
 
 def _int(*values) -> int | None:
@@ -46,7 +54,6 @@ def _int(*values) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from sweeps.spaces import SpaceError, load_space
     from sweeps.tracking import resolve_uri
 
@@ -63,16 +70,21 @@ def main(argv: list[str] | None = None) -> int:
         keys = [q.key for q in load_space(args.space, "record").params]
         rows = leaderboard(uri, args.space, args.sweep)
         if args.by == "time":
-            rows.sort(key=lambda r: (r["status"] != "finished", r["objective_time_s"] or math.inf))
+            rows.sort(key=lambda r: (r["status"] != TrialStatus.FINISHED, r["objective_time_s"] or math.inf))
     except (SpaceError, LookupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     header = ["rank", "sweep", "trial", "steps", "status", *[k.split(".", 1)[1] for k in keys], "val_loss",
               "train_s", "objective_s", "verdict", "pareto"]
-    body = []
-    for i, r in enumerate(rows[: args.top], 1):
+    rows.sort(key=lambda r: -(r["steps"] or 0))  # stable: the ranking holds within one step budget
+    body, rank, budget = [], 0, object()
+    for r in rows:
+        rank = 1 if r["steps"] != budget else rank + 1
+        budget = r["steps"]
+        if rank > args.top:
+            continue
         fmt = lambda v: "-" if v is None else f"{float(v):.4g}"  # noqa: E731
-        body.append([str(i), r["sweep"] or "", str(r["trial"]), str(r["steps"] or "-"), r["status"] or "",
+        body.append([str(rank), r["sweep"] or "", str(r["trial"]), str(r["steps"] or "-"), r["status"] or "",
                      *[fmt(r["params"].get(k)) if r["params"].get(k) is not None else "-" for k in keys],
                      fmt(r["val_loss"]), fmt(r["train_time_s"]), fmt(r["objective_time_s"]), r["verdict"],
                      "*" if r["pareto"] else ""])

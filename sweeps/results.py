@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray import tune
 
-from .trial import FINISHED, REPLAYED, index_from_dirname
+from .protocol import TrialStatus, FINISHED, REPLAYED, index_from_dirname, trial_index, trial_status
 
 METRIC_COLUMNS = ("val_loss", "final_val_loss", "train_time_s", "time_to_target_s", "objective_time_s", "tokens", "step",
                   "startup_s", "trial_startup_s", "compile_s", "val_time_s", "peak_mem_bytes", "floor", "time_total_s",
@@ -25,15 +25,6 @@ EARLIER_REPORT_COLUMNS = ("trial_startup_s", "startup_s", "compile_s", "val_time
                           "worker_start_s", "init_s", "compile_artifacts_load_s")
 
 
-def trial_index(trial) -> int:
-    """0-based creation order (trial 0 is the control); Tune's experiment_tag starts with a 1-based counter."""
-    return int(trial.experiment_tag.split("_", 1)[0]) - 1
-
-
-def trial_dirname(trial) -> str:
-    return f"trial_{trial_index(trial):04d}_{trial.trial_id}"
-
-
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -41,14 +32,6 @@ def error_summary(text: str, limit: int = 300) -> str:
     """The line of a Ray error that says what happened (its last), without colour codes."""
     lines = [line.strip() for line in ANSI.sub("", text).splitlines() if line.strip()]
     return (lines[-1] if lines else "unknown error")[:limit]
-
-
-def trial_status(metrics: dict, error) -> str:
-    if error is not None:
-        return "failed"
-    if metrics.get(FINISHED):
-        return metrics.get("status", "finished")
-    return "pruned" if metrics else "failed"
 
 
 def rows_from_grid(grid, param_keys: list[str]) -> list[dict]:
@@ -68,7 +51,7 @@ def rows_from_grid(grid, param_keys: list[str]) -> list[dict]:
                 if len(vals):
                     m[k] = float(vals.iloc[-1])
         row = {"trial_index": index, "trial_id": trial_id,
-               "status": trial_status(m, res.error), "error": error_summary(str(res.error)) if res.error else None}
+               "status": str(trial_status(m, res.error)), "error": error_summary(str(res.error)) if res.error else None}
         for k in param_keys:
             row[k] = res.config.get(k)
         for k in METRIC_COLUMNS:
@@ -87,17 +70,14 @@ def write_parquet(rows: list[dict], path: Path) -> Path:
 def ranked(rows: list[dict], metric: str = "val_loss", mode: str = "min") -> list[dict]:
     def key(r):
         v = r.get(metric)
-        bad = v is None or (isinstance(v, float) and math.isnan(v)) or r["status"] != "finished"
+        bad = v is None or (isinstance(v, float) and math.isnan(v)) or r["status"] != TrialStatus.FINISHED
         return (bad, 0.0 if v is None or math.isnan(v) else v if mode == "min" else -v)
     return sorted(rows, key=key)
 
 
-RANKING = {"loss": ("val_loss", "min"), "time": ("objective_time_s", "min"), "pareto": ("val_loss", "min")}
-
-
 def pareto_front(rows: list[dict], x: str = "val_loss", y: str = "train_time_s") -> list[dict]:
     """Finished trials that no other finished trial beats in both x and y (both minimised), by x."""
-    ok = [r for r in rows if r["status"] == "finished" and r.get(x) is not None and r.get(y) is not None]
+    ok = [r for r in rows if r["status"] == TrialStatus.FINISHED and r.get(x) is not None and r.get(y) is not None]
     front = [r for r in ok if not any(o[x] <= r[x] and o[y] <= r[y] and (o[x] < r[x] or o[y] < r[y]) for o in ok)]
     return sorted(front, key=lambda r: r[x])
 
@@ -159,12 +139,13 @@ def format_table(rows: list[dict], param_keys: list[str], top: int = 10) -> str:
         return str(v)
 
     short = [k.split(".", 1)[1] for k in param_keys]
-    header = ["rank", "trial", "status", *short, "val_loss", "train_s", "objective_s", "verdict",
+    header = ["rank", "trial", "status", *short, "val_loss", "vs_best", "train_s", "objective_s", "verdict",
               "startup_s", "compile_s", "val_s"]
     body = []
     for i, r in enumerate(rows[:top], 1):
         body.append([str(i), str(r["trial_index"]) + ("*" if r["trial_index"] == 0 else ""), r["status"],
-                     *[fmt(r.get(k)) for k in param_keys], fmt(r.get("val_loss")), fmt(r.get("train_time_s"), 3),
+                     *[fmt(r.get(k)) for k in param_keys], fmt(r.get("val_loss")), r.get("vs_best") or "-",
+                     fmt(r.get("train_time_s"), 3),
                      fmt(r.get("objective_time_s"), 3), r.get("verdict") or "-",
                      fmt(r.get("trial_startup_s"), 3), fmt(r.get("compile_s"), 3), fmt(r.get("val_time_s"), 3)])
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]

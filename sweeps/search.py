@@ -20,17 +20,10 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from .pruner import RecordCurvePruner
-from .records import Track
+from .records import NOISE_SIGMAS, Track
 from .spaces import Param, Space
-from .results import trial_dirname, trial_index
-from .trial import FINISHED, TRIAL_CPU, TrialSpec, run_trial
-
-
-OBJECTIVES = {  # name -> (searcher metric(s), mode(s))
-    "loss": ("val_loss", "min"),  # final validation loss at the fixed step budget
-    "time": ("objective_time_s", "min"),  # time to the track's target; misses projected (records.py)
-    "pareto": (["val_loss", "train_time_s"], ["min", "min"]),  # both: Optuna's multi-objective TPE
-}
+from .protocol import FINISHED, OBJECTIVES, TRIAL_CPU, trial_dirname, trial_index
+from .trial import TrialSpec, run_trial
 
 
 class SpeedrunOptunaSearch(OptunaSearch):
@@ -79,6 +72,7 @@ def make_searcher(plan: SweepPlan) -> ConcurrencyLimiter:
     space = plan.space
     points = space.points_by_graphs(plan.total_steps)
     metric, mode = OBJECTIVES[plan.objective]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # its per-trial INFO lines repeat ProgressPrinter's
     searcher = SpeedrunOptunaSearch(
         space={p.key: optuna_distribution(p) for p in space.params},
         metric=metric, mode=mode, points_to_evaluate=points,
@@ -88,12 +82,23 @@ def make_searcher(plan: SweepPlan) -> ConcurrencyLimiter:
 
 
 class ControlKeepingASHA(ASHAScheduler):
-    """ASHA on val_loss against training steps that never stops trial 0: the control's full curve is the
-    reference every other trial is read against. Its results still fill the rungs."""
+    """ASHA on val_loss against training steps that never stops trial 0 (the control's full curve is the
+    reference every other trial is read against; its results still fill the rungs), nor a trial whose loss is
+    within the noise margin of the best loss any trial reported at the same step: a gap that seeds alone make
+    is no reason to stop. The margin is `margin_sigmas` x the track's seed-to-seed noise (0: plain ASHA)."""
+
+    def __init__(self, *args, noise: float = 0.0, margin_sigmas: float = NOISE_SIGMAS, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.margin = margin_sigmas * noise
+        self.best_at: dict[int, float] = {}  # step -> best val_loss reported there
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         action = super().on_trial_result(tune_controller, trial, result)
-        if action == TrialScheduler.STOP and trial_index(trial) == 0:
+        step, loss = result.get("step"), result.get("val_loss")
+        if step is None or loss is None or not math.isfinite(loss):
+            return action
+        best = self.best_at[step] = min(self.best_at.get(step, math.inf), loss)
+        if action == TrialScheduler.STOP and (trial_index(trial) == 0 or loss - best <= self.margin):
             return TrialScheduler.CONTINUE
         return action
 
@@ -109,8 +114,9 @@ def make_scheduler(plan: SweepPlan):
         return RecordCurvePruner(noise=(track.noise if track else None) or 0.0, stored_curve=stored)
     grace = max(1, round(plan.space.grace_fraction * plan.total_steps))
     # stop_last_trials=False: a trial that reaches max_t still sends its final summary report.
+    noise = (plan.track.noise or 0.0) if plan.track else 0.0
     return ControlKeepingASHA(time_attr="step", metric="val_loss", mode="min", max_t=plan.total_steps,
-                              grace_period=grace, reduction_factor=2, stop_last_trials=False)
+                              grace_period=grace, reduction_factor=2, stop_last_trials=False, noise=noise)
 
 
 def make_tuner(plan: SweepPlan, spec: TrialSpec, callbacks: list, restore: bool = False) -> tune.Tuner:

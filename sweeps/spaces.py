@@ -156,6 +156,12 @@ def parse_space(raw: dict, name: str, preset: str, path: Path | None = None) -> 
         grace_fraction=float(defaults.get("grace_fraction", 0.25)),
         compile_cost=_compile_cost(raw.get("compile_cost"), params, fail), objective=objective, path=path,
     )
+    _check_space(space, preset, fail)
+    return space
+
+
+def _check_space(space: Space, preset: str, fail) -> None:
+    """A parsed space's defaults, control point and points make sense for the preset."""
     if space.trials < 1:
         raise fail("defaults.trials must be >= 1")
     if not 0 < space.grace_fraction <= 1:
@@ -176,7 +182,6 @@ def parse_space(raw: dict, name: str, preset: str, path: Path | None = None) -> 
         space.trial_config(control)
     except ValueError as e:
         raise fail(f"defaults.steps={space.steps}: {e}") from None
-    return space
 
 
 def _compile_cost(declared: str | None, params: list[Param], fail) -> str:

@@ -1,6 +1,7 @@
 """MLflow: one experiment per space, a parent run per sweep, a nested child run per trial, its verdict.
 
-Only the sweep driver writes MLflow (this Tune callback); workers never import it. Runs are addressed by
+Every MLflow write of the project goes through MlflowTracker (sweeps, --confirm-top re-runs, record attempts),
+and only the driver makes one; workers never import MLflow. Runs are addressed by
 id through an MlflowClient, so nothing depends on MLflow's global "active run".
 """
 
@@ -19,19 +20,21 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from .datasets import Fingerprints, measured
+from .sweep_data import Fingerprints, measured
 from .records import CANDIDATE, INTERRUPTED, Judge, Track
-from .results import error_summary, trial_index
-from .trial import FINISHED
+from .protocol import ENDED, FINISHED, TrialStatus, trial_index
+from .results import error_summary
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+# MLflow's run status per trial status, so that the run list shows at a glance which trials ran their schedule
+RUN_STATUS = {TrialStatus.FINISHED: "FINISHED", TrialStatus.PRUNED: "KILLED", TrialStatus.DIVERGED: "FAILED",
+              TrialStatus.FAILED: "FAILED"}
 # test-only: SIGKILL the driver right after trial N is recorded, before Tune saves the experiment state
 KILL_DRIVER_ENV = "SPEEDRUN_SWEEPS_TEST_KILL_DRIVER_AFTER_TRIAL"
 REPORT_KEYS = ("train_loss", "val_loss", "train_time_s", "tokens", "compile_s", "startup_s", "trial_startup_s",
                "val_time_s", "compile_graphs", "compile_fx_cache_hits", "compile_fx_cache_misses",
                "compile_artifacts_loaded", "compile_artifacts_saved_bytes",
                "compile_artifacts_load_s", "worker_start_s", "init_s")
-ENDED = ("finished", "diverged", "pruned")  # status tags of a trial whose record is complete
 FINAL_KEYS = ("val_loss", "final_val_loss", "objective_time_s", "train_time_s", "tokens", "compile_s", "startup_s", "val_time_s",
               "peak_mem_bytes", "floor")
 
@@ -85,6 +88,7 @@ class MlflowTracker(tune.Callback):
                  child_tags: dict | None = None, tags_for=None):
         self.client = MlflowClient(tracking_uri=uri)
         self.uri, self.judge, self.total_steps, self.config_for, self.metric = uri, judge, total_steps, config_for, metric
+        self.experiment_name = experiment
         self.track: Track = judge.track
         self.tags_for = tags_for  # params -> extra tags of a trial's run (a record attempt's arm and seed)
         self.fingerprints = Fingerprints()
@@ -122,7 +126,8 @@ class MlflowTracker(tune.Callback):
         existing = self.client.search_runs(
             [self.experiment_id], f"tags.sweep_name = '{self.sweep_name}' and tags.trial_id = '{trial.trial_id}' "
                                   f"and tags.kind = '{self.child_kind}'")
-        ended = [r for r in existing if r.info.status == "FINISHED" and r.data.tags.get("status") in ENDED]
+        ended = [r for r in existing if r.info.status in ("FINISHED", "FAILED", "KILLED")
+                 and r.data.tags.get("status") in ENDED]
         if ended:  # it ended before a driver crash; Tune only replays its end (trial.REPLAYED): keep the record
             self.replayed.add(trial.trial_id)
             return
@@ -135,7 +140,7 @@ class MlflowTracker(tune.Callback):
             prefix = f"{extra['arm']}-seed{extra.get('seed', '')}"
         run = self.client.create_run(self.experiment_id, run_name=f"{prefix}-{index:03d}", tags={**extra,
             "mlflow.parentRunId": self.parent_id, "kind": self.child_kind, "sweep_name": self.sweep_name,
-            "trial_id": trial.trial_id, "trial_index": str(index), "status": "running",
+            "trial_id": trial.trial_id, "trial_index": str(index), "status": TrialStatus.RUNNING.value,
             "control": str(index == 0 and self.child_kind == "trial").lower(), **self.child_tags})
         self.runs[trial.trial_id] = run.info.run_id
         self.history[trial.trial_id] = []
@@ -178,17 +183,17 @@ class MlflowTracker(tune.Callback):
         last = trial.last_result or {}
         history = self.history.pop(trial.trial_id, [])
         if error:
-            status, reason = "failed", "failed"
+            status = TrialStatus.FAILED
         elif last.get(FINISHED):
-            status = last.get("status", "finished")
-            reason = status  # finished | diverged
+            status = TrialStatus(last.get("status", "finished"))  # finished | diverged
         else:
-            status, reason = "pruned", "pruned"
+            status = TrialStatus.PRUNED
+        status = reason = status.value
         finals = {k: float(last[k]) for k in FINAL_KEYS
                   if isinstance(last.get(k), (int, float)) and math.isfinite(float(last[k]))}
         judge = self.judge_trial(trial.config)
         verdict = judge.verdict(status, finals.get("val_loss"), finals.get("train_time_s"))
-        reached = status == "finished" and finals.get("val_loss", math.inf) <= self.track.target_loss
+        reached = status == TrialStatus.FINISHED and finals.get("val_loss", math.inf) <= self.track.target_loss
         if reached:  # the run's end-of-run time (records.py): never a mid-run crossing
             finals["time_to_target_s"] = finals["train_time_s"]
         step = self.last_step.get(trial.trial_id, 0)
@@ -203,7 +208,7 @@ class MlflowTracker(tune.Callback):
         self.done[trial_index(trial)] = {"history": history, "verdict": verdict, "status": status, "run_id": run_id,
                                          "reached": reached}
         self._trial_artifacts(run_id, trial, history, last)
-        self.client.set_terminated(run_id, "FAILED" if error else "FINISHED")
+        self.client.set_terminated(run_id, RUN_STATUS.get(status, "FINISHED"))
         if os.environ.get(KILL_DRIVER_ENV) == str(trial_index(trial)):  # test-only: the worst moment to die
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -242,7 +247,7 @@ class MlflowTracker(tune.Callback):
         ended in an earlier driver are known only there."""
         for run in self._children():
             tags = run.data.tags
-            if tags.get("status") in (None, "running", "interrupted") or "trial_index" not in tags:
+            if tags.get("status") in (None, TrialStatus.RUNNING, TrialStatus.INTERRUPTED) or "trial_index" not in tags:
                 continue
             index = int(tags["trial_index"])
             if index in self.done:
@@ -260,17 +265,17 @@ class MlflowTracker(tune.Callback):
     def mark_interrupted(self) -> None:
         """The driver stopped before the sweep ended: trials it left running are KILLED, the parent too."""
         for run in self._children():
-            if run.data.tags.get("status") == "running":
-                self.client.set_tag(run.info.run_id, "status", "interrupted")
-                self.client.set_tag(run.info.run_id, "stop_reason", "interrupted")
+            if run.data.tags.get("status") == TrialStatus.RUNNING:
+                self.client.set_tag(run.info.run_id, "status", TrialStatus.INTERRUPTED.value)
+                self.client.set_tag(run.info.run_id, "stop_reason", TrialStatus.INTERRUPTED.value)
                 self.client.set_terminated(run.info.run_id, "KILLED")
-        self.client.set_tag(self.parent_id, "status", "interrupted")
+        self.client.set_tag(self.parent_id, "status", TrialStatus.INTERRUPTED.value)
         self.client.set_terminated(self.parent_id, "KILLED")
 
     def reopen(self) -> None:
         """--resume: the parent run is running again."""
         self.client.update_run(self.parent_id, status="RUNNING")
-        self.client.set_tag(self.parent_id, "status", "running")
+        self.client.set_tag(self.parent_id, "status", TrialStatus.RUNNING.value)
         self.client.set_tag(self.parent_id, "resumed", "true")
 
     # ---- the end of the sweep ----------------------------------------------------------------------
@@ -303,7 +308,7 @@ class MlflowTracker(tune.Callback):
                 Metric(f"device_s_{k}", v, 0, 0) for k, v in split.parts().items()] + [
                 Metric("device_s_total", split.total, 0, 0),
                 Metric("training_share", split.training / split.total if split.total else 0.0, 0, 0)])
-        self.client.set_tag(self.parent_id, "status", "finished")
+        self.client.set_tag(self.parent_id, "status", TrialStatus.FINISHED.value)
         self.client.set_terminated(self.parent_id, "FINISHED")
 
     def annotate(self, rows: list[dict]) -> list[dict]:
@@ -319,13 +324,51 @@ class MlflowTracker(tune.Callback):
                 r.update(status=INTERRUPTED, verdict=INTERRUPTED, reached_target=False, mlflow_run_id=None)
         return rows
 
+    def for_reruns(self, config_for, of: int) -> "MlflowTracker":
+        """A tracker of the same sweep for --confirm-top's re-runs of trial `of` (child runs kind=confirm)."""
+        return MlflowTracker(self.uri, self.experiment_name, self.sweep_name, {}, self.judge, self.total_steps,
+                             config_for, self.metric, child_kind="confirm", child_tags={"of": str(of)})
+
+    def log_confirmed(self, confirmed: list[dict]) -> None:
+        """--confirm-top's ranking on the sweep's parent run: confirm.json, mean losses, verdict words."""
+        self.client.log_text(self.parent_id, json.dumps(confirmed, indent=1), "confirm.json")
+        self.client.log_batch(self.parent_id, metrics=[
+            Metric(f"confirm_mean_val_loss_trial_{c['trial_index']}", c["mean_val_loss"], _now_ms(), 0)
+            for c in confirmed if math.isfinite(c["mean_val_loss"])], tags=[
+            RunTag(f"confirm_verdict_trial_{c['trial_index']}", c["verdict"]) for c in confirmed])
+
+    def log_attempt(self, name: str, accepted: bool, verdict: str, numbers: dict[str, float],
+                    files: list[Path]) -> None:
+        """A record attempt's acceptance test on its parent run (record.py): metrics, verdict tags, files."""
+        self.client.log_batch(self.parent_id, metrics=[Metric(k, v, _now_ms(), 0) for k, v in numbers.items()],
+                              tags=[RunTag("accepted", str(accepted).lower()), RunTag("verdict", verdict),
+                                    RunTag("attempt", "record"), RunTag("mlflow.runName", f"record attempt {name}")])
+        for f in files:
+            self.client.log_artifact(self.parent_id, str(f))
+        self.client.set_terminated(self.parent_id, "FINISHED")
+
     def curves(self) -> dict[str, list[dict]]:
         return {f"trial {i}" + (" (control)" if i == 0 else ""): d["history"]
                 for i, d in sorted(self.done.items()) if d["history"]}
 
     def ui_hint(self) -> str:
-        return (f"mlflow ui --backend-store-uri {self.uri}   # then open "
-                f"http://127.0.0.1:5000/#/experiments/{self.experiment_id}")
+        """The command that opens this sweep in MLflow's UI, pasteable as printed: the mlflow beside this
+        interpreter, the small-machine settings (one worker, no job runner), the runs table of this sweep."""
+        import shlex
+        import sys
+        import urllib.parse
+
+        mlflow_bin = Path(sys.executable).parent / "mlflow"
+        cmd = f"{mlflow_bin if mlflow_bin.exists() else 'mlflow'}"
+        query = urllib.parse.quote(f"tags.sweep_name = '{self.sweep_name}'")
+        return (f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false {cmd} ui --workers 1 --backend-store-uri "
+                f"{shlex.quote(self.uri)}\n  then open http://127.0.0.1:5000/#/experiments/{self.experiment_id}"
+                f"/runs?searchFilter={query}")
+
+
+def _now_ms() -> int:
+    import time
+    return int(time.time() * 1000)
 
 
 def plot_curves(curves: dict[str, list[dict]], track: Track, path: Path) -> Path:

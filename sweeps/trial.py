@@ -18,12 +18,10 @@ from dataclasses import dataclass, field, replace
 
 from speedrun.config import TrainConfig
 
+from .protocol import TrialStatus, FINISHED, REPLAYED, index_from_dirname
 from .records import Track, projected_time_s
 from .spaces import Space
 
-FINISHED = "finished_training"
-REPLAYED = "replayed"  # the final report of a trial that had already ended before a driver crash
-TRIAL_CPU = 0.01  # what a Tune trial itself holds: tune rejects 0, and its workers hold the real CPUs/GPUs
 
 
 @dataclass(frozen=True)
@@ -56,7 +54,7 @@ def final_metrics(result, cfg: TrainConfig, track: Track | None = None) -> dict:
     `time_to_target_s` is the end-of-run time of a run that ended at or below the target. With a track,
     `objective_time_s` is the time objective: that time projected through the track's exchange rate."""
     first = result.history[0]["val_loss"] if result.history else math.log(cfg.model.vocab_size)
-    val = result.val_loss if result.status == "finished" else first
+    val = result.val_loss if result.status == TrialStatus.FINISHED else first
     out = {
         "step": result.steps, "val_loss": val, "final_val_loss": result.val_loss, "status": result.status,
         "train_time_s": result.train_time_s, "tokens": result.tokens, "peak_mem_bytes": result.peak_mem_bytes,
@@ -279,13 +277,6 @@ def run_trial(config: dict, spec: TrialSpec) -> None:
         ),
     )
     trainer.fit()
-
-
-def index_from_dirname(path: str) -> int:
-    """Trial index from a trial folder named trial_NNNN_<id> (see results.trial_dirname); -1 otherwise."""
-    name = os.path.basename(os.path.normpath(path))
-    parts = name.split("_")
-    return int(parts[1]) if len(parts) > 2 and parts[0] == "trial" and parts[1].isdigit() else -1
 
 
 @dataclass(frozen=True)

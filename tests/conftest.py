@@ -3,7 +3,7 @@
 The suite runs on two pytest-xdist workers (`pytest -n 2`, README and .ci/run). Every test module that starts Ray
 (the local_ray fixture, or sweep drivers in subprocesses) is listed in RAY_MODULES: their tests run first, one
 after another on one worker, so that there is never more than one Ray cluster on the machine (two stall each
-other's trials, DESIGN.md); the other tests run on the other worker meanwhile. (pytest-xdist's own
+other's trials, docs/ARCHITECTURE.md); the other tests run on the other worker meanwhile. (pytest-xdist's own
 `--dist loadgroup` cannot be used: it renames node ids in a way pytest 9.2 no longer honours.)"""
 
 import os

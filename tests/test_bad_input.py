@@ -11,6 +11,8 @@ import ray
 
 from speedrun.data import write_shard
 from sweeps import run as sweep_cli
+from sweeps.cluster import BadInput, check_capacity
+from sweeps.plan import check_tracking_uri
 
 
 def refused(capsys, *argv) -> str:
@@ -96,7 +98,7 @@ def test_tracking_server_that_answers_is_accepted_by_the_check():
     server = http.server.HTTPServer(("127.0.0.1", 0), Health)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        sweep_cli.check_tracking_uri(f"http://127.0.0.1:{server.server_port}")  # no BadInput
+        check_tracking_uri(f"http://127.0.0.1:{server.server_port}")  # no BadInput
     finally:
         server.shutdown()
 
@@ -108,9 +110,9 @@ def test_more_gpus_per_trial_than_the_machine_has(capsys):
 
 
 def test_more_gpus_per_trial_than_the_cluster_has():
-    with pytest.raises(sweep_cli.BadInput, match="the Ray cluster has 8 GPUs|the Ray cluster has 8"):
-        sweep_cli.check_capacity({"CPU": 128, "GPU": 8}, "the Ray cluster", 16, True, 1.0, 1.0)
-    sweep_cli.check_capacity({"CPU": 128, "GPU": 8}, "the Ray cluster", 8, True, 1.0, 1.0)
+    with pytest.raises(BadInput, match="the Ray cluster has 8 GPUs|the Ray cluster has 8"):
+        check_capacity({"CPU": 128, "GPU": 8}, "the Ray cluster", 16, True, 1.0, 1.0)
+    check_capacity({"CPU": 128, "GPU": 8}, "the Ray cluster", 8, True, 1.0, 1.0)
 
 
 def test_resume_of_a_sweep_that_does_not_exist(capsys, tmp_path):
@@ -181,3 +183,47 @@ def test_time_objective_needs_a_comparable_track(capsys, tmp_path):
     line = refused(capsys, "--space", "muon_lr", "--preset", "tiny", "--steps", "30", "--objective", "time",
                    "--storage", str(tmp_path))
     assert "not comparable" in line and "30 steps" in line
+
+
+@pytest.mark.parametrize("flag, value, words", [("--trials", "0", "at least 1 trial"),
+                                                 ("--max-failures", "-1", "must be >= 0")])
+def test_zero_and_negative_counts_are_refused(capsys, tmp_path, flag, value, words):
+    line = refused(capsys, "--space", "muon_lr", "--preset", "tiny", flag, value, "--storage", str(tmp_path))
+    assert flag in line and words in line
+
+
+def test_a_searched_knob_cannot_also_be_set(capsys, tmp_path):
+    line = refused(capsys, "--space", "muon_lr", "--preset", "tiny", "--set", "optim.muon_lr=0.01",
+                   "--storage", str(tmp_path))
+    assert "--set optim.muon_lr" in line and "searches that knob" in line
+
+
+def test_a_second_driver_on_one_sweep_folder_is_refused(capsys, tmp_path):
+    import json
+    import os
+    import socket
+
+    folder = tmp_path / "s"
+    folder.mkdir()
+    (folder / "driver.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    line = refused(capsys, "--space", "muon_lr", "--preset", "tiny", "--name", "s", "--storage", str(tmp_path),
+                   "--tracking-uri", f"sqlite:///{tmp_path}/m.db")
+    assert "another driver runs sweep folder" in line and str(os.getpid()) in line
+
+
+def test_a_dead_drivers_lock_is_taken_over(tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from sweeps.driver_lock import DriverLock
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (tmp_path / "driver.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead)}))
+    with DriverLock(tmp_path):
+        assert json.loads((tmp_path / "driver.lock").read_text())["pid"] != int(dead)
+        with pytest.raises(BadInput, match="another driver"):
+            DriverLock(tmp_path).__enter__()
+    assert not (tmp_path / "driver.lock").exists()

@@ -118,7 +118,7 @@ def test_graphs_with_custom_autograd_functions_are_cached(tmp_path):
 
 
 def test_every_process_of_a_sweep_shares_its_inductor_and_triton_caches(tmp_path, monkeypatch):
-    from sweeps.run import trial_env
+    from sweeps.cluster import trial_env
 
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     env = trial_env(tmp_path / "sweep", cpus_per_worker=2)

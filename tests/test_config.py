@@ -81,3 +81,24 @@ def test_with_total_steps_scales_the_schedule():
     assert c.model.untie_step == s.stage_starts[2]  # untying still coincides with stage 3
     with pytest.raises(ValueError, match="too short"):
         TrainConfig.preset("record").with_total_steps(3)
+
+
+def test_one_resolution_order_for_steps_and_sets(tmp_path):
+    """--steps 100 --set optim.muon_momentum_warmup_steps=50 on the tiny preset: the run gets 50 whether it is
+    started by `python -m speedrun`, as a sweep trial or by record.py (the --set value is never rescaled)."""
+    from speedrun.__main__ import build_config
+    from sweeps import record as record_cli
+    from sweeps.plan import plan_sweep
+    from sweeps.settings import parse_settings
+
+    key, sets = "optim.muon_momentum_warmup_steps", ["--set", "optim.muon_momentum_warmup_steps=50"]
+    assert TrainConfig.resolve("tiny", {key: 50}, 100).optim.muon_momentum_warmup_steps == 50
+    assert TrainConfig.resolve("tiny", None, 100).optim.muon_momentum_warmup_steps == 19  # the preset's 50, scaled
+    assert build_config("tiny", [f"{key}=50"], None, 100).optim.muon_momentum_warmup_steps == 50
+    sweep = plan_sweep(parse_settings(["--space", "muon_lr", "--preset", "tiny", "--steps", "100", *sets,
+                                       "--storage", str(tmp_path), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]))
+    trial = sweep.spec.config_for({"optim.muon_lr": 0.03, "optim.muon_wd": 0.5})
+    assert trial.optim.muon_momentum_warmup_steps == 50 and trial.schedule.total_steps == 100
+    args = record_cli.parse_args(["--preset", "tiny", "--steps", "100", *sets])
+    cfg, _ = record_cli.candidate_config(args, f"sqlite:///{tmp_path}/m.db")
+    assert cfg.optim.muon_momentum_warmup_steps == 50

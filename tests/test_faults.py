@@ -59,6 +59,7 @@ def test_killed_worker_is_retried_then_failed_and_divergence_is_learned(local_ra
     assert "died" in failed.data.tags["error"] or "dead" in failed.data.tags["error"]
     assert by_index[3]["error"] and "\x1b" not in by_index[3]["error"]
     assert diverged.data.tags["status"] == "diverged" and diverged.data.tags["stop_reason"] == "diverged"
+    assert diverged.info.status == "FAILED" and diverged.data.tags["verdict"] == "diverged"  # red in the run list
     # the searcher learned the diverged arm's (bad) value and was told the failed one failed
     study = {t.params["optim.adam_lr"]: t for t in saved_study(tmp_path / "s").trials}
     assert study[1e8].state.name == "COMPLETE" and study[1e8].value == pytest.approx(by_index[1]["val_loss"])
@@ -66,6 +67,7 @@ def test_killed_worker_is_retried_then_failed_and_divergence_is_learned(local_ra
     assert study[0.02].state.name == "FAIL"
 
 
+@pytest.mark.long
 def test_soak_twenty_trials_with_random_failures(local_ray, tmp_path):
     faults = "rate=0.1,seed=8"
     plan = FaultPlan.parse(faults)

@@ -9,7 +9,8 @@ from ray.tune.schedulers import TrialScheduler
 from sweeps.pruner import RecordCurvePruner
 from sweeps.records import Track, get_track, projected_time_s
 from sweeps.results import pareto_front
-from sweeps.search import OBJECTIVES, SweepPlan, make_searcher
+from sweeps.protocol import OBJECTIVES
+from sweeps.search import SweepPlan, make_searcher
 from sweeps.spaces import load_space
 
 TRACK = Track("t", "test", target_loss=3.28, record_time_s=73.8, source="test", data_source="fineweb",
@@ -107,3 +108,37 @@ def test_searcher_takes_the_objectives_metrics(objective):
     searcher = make_searcher(plan).searcher
     assert searcher.metric == OBJECTIVES[objective][0]
     assert len(searcher._ot_study.directions) == (2 if objective == "pareto" else 1)
+
+
+def asha(noise: float):
+    from sweeps.search import ControlKeepingASHA
+    s = ControlKeepingASHA(time_attr="step", metric="val_loss", mode="min", max_t=12, grace_period=4,
+                           reduction_factor=2, stop_last_trials=False, noise=noise)
+    for i in range(4):
+        s.on_trial_add(None, trial(i))
+    return s
+
+
+def asha_feed(s, index, points):
+    return [s.on_trial_result(None, trial(index), {"step": st, "val_loss": v, "training_iteration": k + 1})
+            for k, (st, v) in enumerate(points)]
+
+
+@pytest.mark.parametrize("noise, stopped", [(0.0, True), (0.01, False)])
+def test_asha_never_stops_a_trial_within_the_noise_of_the_best(noise, stopped):
+    """Trials 0.02 apart at a rung: plain ASHA stops the worse one; with a seed noise of 0.01 (margin 2.83 x 0.01)
+    the gap is one that seeds alone make, and it runs on. A gap far beyond the noise is still stopped."""
+    s = asha(noise)
+    asha_feed(s, 0, [(4, 2.00)])
+    asha_feed(s, 1, [(4, 1.99)])
+    assert (asha_feed(s, 2, [(4, 2.01)])[-1] == TrialScheduler.STOP) is stopped
+    assert asha_feed(s, 3, [(4, 2.50)])[-1] == TrialScheduler.STOP
+
+
+def test_the_summary_says_when_no_trial_wins_beyond_noise():
+    from sweeps.summary import mark_noise
+    rows = [{"trial_index": i, "status": "finished", "val_loss": v} for i, v in enumerate([1.3812, 1.3800, 1.3900])]
+    line = mark_noise(rows, 0.0011)
+    assert "no winner beyond noise" in line and "trial(s) 0 within" in line and "trial 1" in line
+    assert [r["vs_best"] for r in rows] == ["+0.0012~", "best", "+0.0100"]
+    assert mark_noise(rows, 0.0001) is None  # 0.0012 is 12 sigma apart: a winner

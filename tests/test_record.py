@@ -116,7 +116,9 @@ def test_fresh_runs_on_another_budget_than_the_tracks_are_refused(tmp_path, caps
 def test_candidate_interleaved_with_a_baseline_through_ray(local_ray, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     baseline = tmp_path / "baseline.json"
-    baseline.write_text(json.dumps(TrainConfig.preset("tiny").with_total_steps(12).to_dict()))
+    # the same validation set as the candidate's (4,096 tokens, conftest.QUICK), else it is refused
+    baseline.write_text(json.dumps(TrainConfig.resolve("tiny", {"data.val_tokens": 4096, "run.warmup_steps": 0},
+                                                       12).to_dict()))
     rc = record_cli.main(["--preset", "tiny", "--steps", "12", "--set", "optim.muon_lr=0.03", "--runs", "2",
                           "--baseline", str(baseline), "--target", "3.9", *conftest.QUICK, "--cpus-per-worker", "0.5",
                           "--storage", str(tmp_path), "--name", "att", "--tracking-uri", uri])
@@ -137,3 +139,47 @@ def test_candidate_interleaved_with_a_baseline_through_ray(local_ray, tmp_path, 
     (parent,) = client.search_runs([exp.experiment_id], "tags.kind = 'sweep' and tags.sweep_name = 'att'")
     assert parent.data.tags["verdict"] in ("record", "reached", "missed")
     assert "statistics.md" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+
+
+def test_rank_takes_the_latest_sweeps_trial_at_its_own_budget(tmp_path, capsys):
+    """Two sweeps of one space at two step budgets in one store: --space S --rank 1 re-runs the latest sweep's
+    best trial, at that trial's budget, and says which sweep, trial and budget it is."""
+    import time as clock
+
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("muon_lr")
+    for sweep, steps, losses in (("long", 40, [1.9, 1.8]), ("short", 12, [3.7, 3.6])):
+        for i, loss in enumerate(losses):
+            cfg = TrainConfig.preset("tiny").with_total_steps(steps).override({"optim.muon_lr": 0.02 + 0.01 * i})
+            run = client.create_run(exp, tags={"kind": "trial", "sweep_name": sweep, "trial_index": str(i),
+                                               "status": "finished", "verdict": "not comparable"})
+            client.log_batch(run.info.run_id, metrics=[Metric("val_loss", loss, 0, steps)],
+                             params=[Param(k, json.dumps(v) if isinstance(v, list) else str(v))
+                                     for k, v in cfg.to_dict().items()])
+            client.set_terminated(run.info.run_id)
+        clock.sleep(0.05)
+    args = record_cli.parse_args(["--space", "muon_lr", "--rank", "1"])
+    cfg, source = record_cli.candidate_config(args, uri)
+    assert cfg.schedule.total_steps == 12 and cfg.optim.muon_lr == pytest.approx(0.03)
+    assert source.startswith("rank 1 of sweep short (the latest of this space): trial 1, 12 steps")
+    args = record_cli.parse_args(["--space", "muon_lr", "--rank", "1", "--sweep", "long"])
+    cfg, source = record_cli.candidate_config(args, uri)
+    assert cfg.schedule.total_steps == 40 and "rank 1 of sweep long: trial 1, 40 steps" in source
+    from sweeps import report as report_cli
+    assert report_cli.main(["--space", "muon_lr", "--tracking-uri", uri]) == 0
+    lines = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln.strip()[:1].isdigit() and "runs of" not in ln]
+    assert [(ln[0], ln[1], ln[3]) for ln in lines] == [("1", "long", "40"), ("2", "long", "40"), ("1", "short", "12"),
+                                                       ("2", "short", "12")]  # ranked within each budget
+
+
+def test_a_baseline_on_another_validation_set_is_refused(tmp_path, capsys):
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps(TrainConfig.resolve("tiny", None, 12).to_dict()))  # 32,768 validation tokens
+    rc = record_cli.main(["--preset", "tiny", "--steps", "12", "--runs", "2", "--baseline", str(baseline),
+                          "--target", "3.9", *conftest.QUICK, "--storage", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "the baseline measures something else" in err and "32,768 validation tokens" in err

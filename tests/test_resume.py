@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from sweeps.search import SweepPlan, make_searcher
 from sweeps.spaces import load_space
 from sweeps.tracking import KILL_DRIVER_ENV
-from sweeps.trial import FINISHED
+from sweeps.protocol import FINISHED
 
 pytestmark = pytest.mark.slow
 RUN = str(Path(__file__).resolve().parent.parent / "sweeps" / "run.py")

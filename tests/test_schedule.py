@@ -1,4 +1,4 @@
-"""The stage table, lr and momentum schedules against DESIGN.md's numbers."""
+"""The stage table, lr and momentum schedules against the record's numbers (modded-nanogpt record #89, speedrun/config.py)."""
 
 import pytest
 
@@ -7,7 +7,7 @@ from speedrun.config import TrainConfig
 
 REC = TrainConfig.preset("record")
 
-# DESIGN.md's stage table: (first step, last step, tokens/step, max seq len, short, long, MTP weights at start)
+# The record's stage table: (first step, last step, tokens/step, max seq len, short, long, MTP weights at start)
 TABLE = [
     (0, 422, 131072, 896, 1, 3, (1, 0.5, 0.25)),
     (423, 846, 262144, 2048, 3, 7, (1, 0.5)),

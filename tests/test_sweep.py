@@ -37,6 +37,7 @@ def muon_sweep(local_ray, tmp_path_factory):
     with contextlib.redirect_stdout(out):
         rows = sweep(tmp, "--space", "muon_lr", "--trials", "2", "--steps", "12", "--scheduler", "none",
                      "--objective", "time", "--cpus-per-worker", "0.5", "--confirm-top", "2", "--confirm-runs", "2",
+                     "--set", "optim.muon_momentum_warmup_steps=5",
                      *QUICK)
     return tmp, rows, out.getvalue()
 
@@ -83,6 +84,7 @@ def test_asha_stops_the_poor_arm_and_results_match_tune(local_ray, tmp_path, cap
     assert control["status"] == "finished" and control["step"] == 12
     assert poor["optim.muon_lr"] == pytest.approx(0.00002)
     assert poor["status"] == "pruned" and poor["step"] < 12  # ASHA stopped it at its first rung
+    assert poor["verdict"] == "pruned"
     assert poor["val_loss"] > control["val_loss"] + 0.5
     assert third["status"] in ("finished", "pruned")  # it ran after the stop
     # one row per trial, equal to what Tune recorded as each trial's last result
@@ -139,6 +141,17 @@ def test_time_objective_reaches_the_searcher(muon_sweep):
         assert r["objective_time_s"] == pytest.approx(
             projected_time_s(r["val_loss"], r["train_time_s"], int(r["step"]), track), rel=1e-6)
         assert r["verdict"] in ("candidate", "missed")  # the quick track's record time is 1e6 s
+
+
+def test_a_set_value_reaches_every_trial_as_given(muon_sweep):
+    """--steps 12 --set optim.muon_momentum_warmup_steps=5: the trials' logged configs hold 5 (a --set value is
+    applied after the compression, never rescaled; tests/test_config.py checks the same order elsewhere)."""
+    tmp_path, _, _ = muon_sweep
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("muon_lr")
+    trials = client.search_runs([exp.experiment_id], "tags.kind = 'trial' and tags.sweep_name = 's'")
+    assert trials and {r.data.params["optim.muon_momentum_warmup_steps"] for r in trials} == {"5"}
+    assert {r.data.params["schedule.num_scheduled_steps"] for r in trials} != {"260"}  # compressed to 12 steps
 
 
 def test_confirm_top_reranks_by_the_mean(muon_sweep):

@@ -8,7 +8,7 @@ import pytest
 from speedrun.config import TrainConfig
 from speedrun.data import val_fingerprint, write_shard
 from speedrun.train import time_to_target
-from sweeps.datasets import Fingerprints, measured, prepare_data
+from sweeps.sweep_data import Fingerprints, measured, prepare_data
 from sweeps.records import (CANDIDATE, DIVERGED, FAILED, MISSED, NOT_COMPARABLE, PRUNED, REACHED, Measured, Track,
                             choose_track, get_track, load_tracks, run_verdict)
 
