@@ -55,6 +55,7 @@ def test_muon_lr_space_runs_its_trials(muon_sweep):
         assert_one_trained_trial(row)
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("space", ["adam_lr", "softcap", "windows", "schedule"])  # muon_lr: muon_sweep above
 def test_every_space_runs_a_trial(space, local_ray, tmp_path):
     rows = sweep(tmp_path, "--space", space, "--trials", "1", "--steps", "12", "--scheduler", "none", *QUICK)
