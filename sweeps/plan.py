@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,14 +167,20 @@ def open_tracker(sweep: Sweep):
 
     w = sweep
     s = w.settings
-    try:
-        return MlflowTracker(w.uri, w.space.name, w.plan.name, {
-            "space": w.space.name, "searcher": f"optuna TPE seed {s.seed}", "scheduler": s.scheduler,
-            "trials": w.plan.trials, "concurrency": w.plan.concurrency, "preset": w.preset,
-            "steps": w.plan.total_steps, "objective": w.plan.objective, "workers_per_trial": w.workers,
-            "gpus_per_worker": w.spec.gpus_per_worker if w.use_gpu else 0,
-            "params": ", ".join(p.key for p in w.space.params), "storage": str(w.plan.folder)},
-            w.judge, w.plan.total_steps, w.spec.config_for, w.space.metric)
-    except Exception as e:  # an unusable store: say so before any compute is spent
-        raise BadInput(f"MLflow tracking URI {w.uri} is not usable ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0][:200]}): check --tracking-uri / MLFLOW_TRACKING_URI") from None
+    params = {"space": w.space.name, "searcher": f"optuna TPE seed {s.seed}", "scheduler": s.scheduler,
+              "trials": w.plan.trials, "concurrency": w.plan.concurrency, "preset": w.preset,
+              "steps": w.plan.total_steps, "objective": w.plan.objective, "workers_per_trial": w.workers,
+              "gpus_per_worker": w.spec.gpus_per_worker if w.use_gpu else 0,
+              "params": ", ".join(p.key for p in w.space.params), "storage": str(w.plan.folder)}
+    for attempt in range(5):
+        try:
+            return MlflowTracker(w.uri, w.space.name, w.plan.name, params, w.judge, w.plan.total_steps,
+                                 w.spec.config_for, w.space.metric)
+        except Exception as e:  # noqa: BLE001 - any store error; retried, then said in one line
+            # Two drivers started together on one new sqlite store race to create its tables and the experiment
+            # (seen: the second driver's "table ... already exists"); a moment later the store is there.
+            if attempt < 4 and w.uri.startswith("sqlite:"):
+                time.sleep(1.0 + attempt)
+                continue
+            raise BadInput(f"MLflow tracking URI {w.uri} is not usable ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200]}): check --tracking-uri / MLFLOW_TRACKING_URI") from None

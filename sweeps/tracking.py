@@ -119,6 +119,7 @@ class MlflowTracker(tune.Callback):
         self.last_step: dict[str, int] = {}
         self.attempts: dict[str, int] = {}
         self.replayed: set[str] = set()
+        self.configs: dict = {}  # trial id -> its TrainConfig
 
     # ---- Tune callback hooks ---------------------------------------------------------------------
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -144,7 +145,7 @@ class MlflowTracker(tune.Callback):
             "control": str(index == 0 and self.child_kind == "trial").lower(), **self.child_tags})
         self.runs[trial.trial_id] = run.info.run_id
         self.history[trial.trial_id] = []
-        cfg = self.config_for(params)
+        cfg = self.configs[trial.trial_id] = self.config_for(params)  # resolved once per trial, reused at its end
         flat = [Param(k, _value(v)) for k, v in sorted(cfg.to_dict().items())]
         for chunk in _chunks(flat):
             self.client.log_batch(run.info.run_id, params=chunk)
@@ -191,7 +192,8 @@ class MlflowTracker(tune.Callback):
         status = reason = status.value
         finals = {k: float(last[k]) for k in FINAL_KEYS
                   if isinstance(last.get(k), (int, float)) and math.isfinite(float(last[k]))}
-        judge = self.judge_trial(trial.config)
+        cfg = self.trial_config(trial)
+        judge = self.judge.for_run(measured(cfg, self.fingerprints))  # a searched knob may change what it measures
         verdict = judge.verdict(status, finals.get("val_loss"), finals.get("train_time_s"))
         reached = status == TrialStatus.FINISHED and finals.get("val_loss", math.inf) <= self.track.target_loss
         if reached:  # the run's end-of-run time (records.py): never a mid-run crossing
@@ -202,7 +204,7 @@ class MlflowTracker(tune.Callback):
                 RunTag("comparable", str(judge.comparable).lower())]
         if judge.differences:
             tags.append(RunTag("not_comparable", "; ".join(judge.differences)))
-        self.client.log_batch(run_id, metrics=[Metric(k, v, 0, step) for k, v in finals.items()], tags=tags)
+        self.client.log_batch(run_id, metrics=[Metric(k, v, _now_ms(), step) for k, v in finals.items()], tags=tags)
         if error and trial.error_file and Path(trial.error_file).exists():
             self.client.set_tag(run_id, "error", error_summary(Path(trial.error_file).read_text(), 500))
         self.done[trial_index(trial)] = {"history": history, "verdict": verdict, "status": status, "run_id": run_id,
@@ -212,16 +214,16 @@ class MlflowTracker(tune.Callback):
         if os.environ.get(KILL_DRIVER_ENV) == str(trial_index(trial)):  # test-only: the worst moment to die
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def judge_trial(self, config: dict) -> Judge:
-        """The sweep's track, checked against what this trial measured (a searched knob may change it)."""
-        cfg = self.config_for({k: config[k] for k in config if "." in k})
-        return self.judge.for_run(measured(cfg, self.fingerprints))
+    def trial_config(self, trial):
+        """The trial's config as resolved at its start (after a driver restart: resolved again, once)."""
+        if trial.trial_id not in self.configs:
+            self.configs[trial.trial_id] = self.config_for({k: trial.config[k] for k in trial.config if "." in k})
+        return self.configs[trial.trial_id]
 
     def _trial_artifacts(self, run_id, trial, history, last) -> None:
-        params = {k: trial.config[k] for k in trial.config if "." in k}
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            (tmp / "config.json").write_text(self.config_for(params).to_json())
+            (tmp / "config.json").write_text(self.trial_config(trial).to_json())
             lines = [f"# trial {trial_index(trial)} of sweep {self.sweep_name} ({trial.trial_id}); "
                      f"track {self.track.name}: target {self.track.target_loss}, record {self.track.record_time_s}s"]
             for h in history:

@@ -40,8 +40,9 @@ def pytest_collection_modifyitems(config, items):
     """The Ray modules first (they are the long path), each module's tests still together and in order; and no
     test outside RAY_MODULES may use the local Ray (under xdist it could run beside a Ray test)."""
     for item in items:
-        if "local_ray" in item.fixturenames and not is_ray_module(str(item.path)):
-            raise pytest.UsageError(f"{item.nodeid} uses local_ray: add its module to conftest.RAY_MODULES")
+        for ray_fixture in ("local_ray", "shared_sweep"):
+            if ray_fixture in item.fixturenames and not is_ray_module(str(item.path)):
+                raise pytest.UsageError(f"{item.nodeid} uses {ray_fixture}: add its module to conftest.RAY_MODULES")
     items[:] = sorted(items, key=lambda item: not is_ray_module(str(item.path)))  # stable: order kept otherwise
 
 
@@ -101,6 +102,32 @@ noise = 0.01
 """)
     os.environ["SPEEDRUN_TRACKS"] = str(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def shared_sweep(quick_track, tmp_path_factory):
+    """The one muon_lr sweep that test_sweep.py and test_tracking.py both read (one sweep instead of one per
+    module): 2 trials of 12 steps side by side, no early stopping, the time objective against the quick track,
+    a --set of a step-valued knob. The sweep driver starts its own local Ray unless a module's is running."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    import pyarrow.parquet as pq
+
+    from sweeps import run as sweep_cli
+
+    tmp = tmp_path_factory.mktemp("shared_sweep")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = sweep_cli.main(["--preset", "tiny", "--space", "muon_lr", "--trials", "2", "--steps", str(QUICK_STEPS),
+                             "--scheduler", "none", "--objective", "time", "--cpus-per-worker", "0.5",
+                             "--set", "optim.muon_momentum_warmup_steps=5", "--storage", str(tmp), "--name", "s",
+                             "--tracking-uri", uri, *QUICK])
+    assert rc == 0, out.getvalue()[-3000:]
+    rows = pq.read_table(tmp / "s" / "results.parquet").to_pylist()
+    return SimpleNamespace(folder=tmp, rows=rows, out=out.getvalue(), uri=uri, name="s")
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-"""Real sweeps on a real local Ray: every shipped space runs a trial; ASHA stops a poor arm; parquet = Tune; the
-time objective reaches the searcher; --confirm-top re-runs the winners with fresh seeds."""
+"""Real sweeps on a real local Ray: the shared muon_lr sweep's trials (conftest.shared_sweep); ASHA stops a poor
+arm; parquet = Tune; the time objective reaches the searcher; and behind the `long` marker: every shipped space
+runs a trial, the curve pruner with the Pareto front, --confirm-top re-runs the winners with fresh seeds."""
 
 import contextlib
 import io
@@ -28,17 +29,20 @@ def sweep(tmp_path, *args):
     return table
 
 
+@pytest.fixture
+def muon_sweep(shared_sweep):
+    """(folder, rows, stdout) of the shared muon_lr sweep."""
+    return shared_sweep.folder, shared_sweep.rows, shared_sweep.out
+
+
 @pytest.fixture(scope="module")
-def muon_sweep(local_ray, tmp_path_factory):
-    """One muon_lr sweep that several tests read: 2 trials of 12 steps, two at a time, the time objective, then
-    --confirm-top 2 --confirm-runs 2. Returns (folder, rows, stdout)."""
-    tmp = tmp_path_factory.mktemp("muon_sweep")
+def confirmed_sweep(local_ray, tmp_path_factory):
+    """A muon_lr sweep of 2 trials followed by --confirm-top 2 --confirm-runs 2. Returns (folder, rows, stdout)."""
+    tmp = tmp_path_factory.mktemp("confirmed_sweep")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         rows = sweep(tmp, "--space", "muon_lr", "--trials", "2", "--steps", "12", "--scheduler", "none",
-                     "--objective", "time", "--cpus-per-worker", "0.5", "--confirm-top", "2", "--confirm-runs", "2",
-                     "--set", "optim.muon_momentum_warmup_steps=5",
-                     *QUICK)
+                     "--cpus-per-worker", "0.5", "--confirm-top", "2", "--confirm-runs", "2", *QUICK)
     return tmp, rows, out.getvalue()
 
 
@@ -105,6 +109,7 @@ def test_asha_stops_the_poor_arm_and_results_match_tune(local_ray, tmp_path, cap
     assert "worker time: 1 x" in capsys.readouterr().out
 
 
+@pytest.mark.long
 def test_curve_pruner_and_pareto_front_in_a_real_sweep(local_ray, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     rows = sweep(tmp_path, "--space", str(HERE / "spaces" / "curve_arms.toml"), "--scheduler", "curve",
@@ -155,8 +160,9 @@ def test_a_set_value_reaches_every_trial_as_given(muon_sweep):
     assert {r.data.params["schedule.num_scheduled_steps"] for r in trials} != {"260"}  # compressed to 12 steps
 
 
-def test_confirm_top_reranks_by_the_mean(muon_sweep):
-    tmp_path, rows, out = muon_sweep
+@pytest.mark.long
+def test_confirm_top_reranks_by_the_mean(confirmed_sweep):
+    tmp_path, rows, out = confirmed_sweep
     assert "confirmed ranking (mean over fresh seeds; verdict of the multi-run test)" in out
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.get_experiment_by_name("muon_lr")
