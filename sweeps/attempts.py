@@ -85,7 +85,7 @@ def confirm_top(sweep, rows: list[dict], tracker) -> list[dict]:
                              plan.total_steps)
         sub_tracker = tracker.for_reruns(sub_spec.config_for, of=r["trial_index"])
         print(f"confirming trial {r['trial_index']} ({r['val_loss']:.4f}) with seeds {[x for x, _ in order]}")
-        callbacks = [ProgressPrinter(plan.total_steps, space.metric), sub_tracker]
+        callbacks = [ProgressPrinter(plan.total_steps, space.metric, trials=len(order)), sub_tracker]
         grid = execute(lambda: make_tuner(sub_plan, sub_spec, callbacks), s.address, spec.env)
         done = [x for x in rows_from_grid(grid, ["run.seed"]) if x["status"] == TrialStatus.FINISHED]
         losses, times = [x["val_loss"] for x in done], [x["train_time_s"] for x in done]

@@ -367,7 +367,7 @@ def run_with_ray(configs, overrides, order, name, storage, judge, uri, args) -> 
     tracker = MlflowTracker(uri, EXPERIMENT, name, {"kind": "record attempt", "runs": args.runs,
                                                     "seeds": [s for s, _ in order], "workers_per_trial": workers},
                             judge, total_steps, spec.config_for, tags_for=spec.tags_for)
-    grid = execute(lambda: make_tuner(plan, spec, [ProgressPrinter(total_steps, "val_loss"), tracker]),
+    grid = execute(lambda: make_tuner(plan, spec, [ProgressPrinter(total_steps, "val_loss", trials=len(order)), tracker]),
                    args.address, env)
     rows = tracker.annotate(rows_from_grid(grid, ["run.seed"]))
     tracker.finish_sweep(rows, tracker.curves())

@@ -126,8 +126,9 @@ def time_split(rows: list[dict], wall_s: float, slots: int, workers: int) -> Tim
                    for r in rows)
     other = held - training - compiling - validating - starting
     w = workers
+    # clocks of different processes disagree by fractions of a second: a share is never shown below zero
     return TimeSplit(slots, wall_s, training * w, compiling * w, validating * w, starting * w,
-                     slots * wall_s - held * w, other * w)
+                     max(0.0, slots * wall_s - held * w), max(0.0, other * w))
 
 
 def format_table(rows: list[dict], param_keys: list[str], top: int = 10) -> str:
@@ -156,9 +157,9 @@ def format_table(rows: list[dict], param_keys: list[str], top: int = 10) -> str:
 class ProgressPrinter(tune.Callback):
     """One line per validation and per finished trial, instead of Tune's full status tables."""
 
-    def __init__(self, total_steps: int, metric: str, out=None):
+    def __init__(self, total_steps: int, metric: str, out=None, trials: int | None = None):
         # not print itself: this callback is pickled with the experiment, and Ray may swap builtins.print
-        self.total, self.metric, self._out = total_steps, metric, out
+        self.total, self.metric, self._out, self.trials = total_steps, metric, out, trials
         self.t0 = time.time()
         self.best = None
 
@@ -189,10 +190,15 @@ class ProgressPrinter(tune.Callback):
             self.best = v if self.best is None or (v is not None and v < self.best) else self.best
             self.out(f"{self._stamp()} trial {trial_index(trial)} {r.get('status')}: {self.metric} {v:.4f} "
                      f"in {r.get('train_time_s', 0):.1f}s of training (best so far {self.best:.4f}); "
-                     f"{sum(t.status == 'TERMINATED' for t in trials)}/{len(trials)} trials done")
+                     f"{self._ended(trials, trial)}/{self.trials or len(trials)} trials ended")
         else:
             self.out(f"{self._stamp()} trial {trial_index(trial)} stopped early at step {r.get('step')} "
                      f"({self.metric} {r.get(self.metric, float('nan')):.4f})")
+
+    @staticmethod
+    def _ended(trials, this) -> int:
+        """Trials that have ended, this one included (Tune marks it TERMINATED only after the callbacks)."""
+        return sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not this) + 1
 
     def on_trial_error(self, iteration, trials, trial, **info):
         where = getattr(trial, "path", None) or trial.local_path

@@ -362,10 +362,11 @@ class MlflowTracker(tune.Callback):
 
         mlflow_bin = Path(sys.executable).parent / "mlflow"
         cmd = f"{mlflow_bin if mlflow_bin.exists() else 'mlflow'}"
-        query = urllib.parse.quote(f"tags.sweep_name = '{self.sweep_name}'")
+        query = urllib.parse.quote(f"tags.sweep_name = '{self.sweep_name}' and tags.kind = '{self.child_kind}'")
+        order = urllib.parse.quote(f"metrics.`{self.metric}`")
         return (f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false {cmd} ui --workers 1 --backend-store-uri "
                 f"{shlex.quote(self.uri)}\n  then open http://127.0.0.1:5000/#/experiments/{self.experiment_id}"
-                f"/runs?searchFilter={query}")
+                f"/runs?searchFilter={query}&orderByKey={order}&orderByAsc=true  (this sweep's trials, best first)")
 
 
 def _now_ms() -> int:
