@@ -141,7 +141,7 @@ def format_table(rows: list[dict], param_keys: list[str], top: int = 10) -> str:
 
     short = [k.split(".", 1)[1] for k in param_keys]
     header = ["rank", "trial", "status", *short, "val_loss", "vs_best", "train_s", "objective_s", "verdict",
-              "startup_s", "compile_s", "val_s"]
+              "trial_startup_s", "compile_s", "val_s"]  # each column named by the one metric it shows
     body = []
     for i, r in enumerate(rows[:top], 1):
         body.append([str(i), str(r["trial_index"]) + ("*" if r["trial_index"] == 0 else ""), r["status"],
