@@ -120,6 +120,7 @@ class MlflowTracker(tune.Callback):
         self.attempts: dict[str, int] = {}
         self.replayed: set[str] = set()
         self.configs: dict = {}  # trial id -> its TrainConfig
+        self.names: dict[str, str] = {}  # trial id -> its run name at the start
 
     # ---- Tune callback hooks ---------------------------------------------------------------------
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -144,6 +145,7 @@ class MlflowTracker(tune.Callback):
             "trial_id": trial.trial_id, "trial_index": str(index), "status": TrialStatus.RUNNING.value,
             "control": str(index == 0 and self.child_kind == "trial").lower(), **self.child_tags})
         self.runs[trial.trial_id] = run.info.run_id
+        self.names[trial.trial_id] = f"{prefix}-{index:03d}"
         self.history[trial.trial_id] = []
         cfg = self.configs[trial.trial_id] = self.config_for(params)  # resolved once per trial, reused at its end
         flat = [Param(k, _value(v)) for k, v in sorted(cfg.to_dict().items())]
@@ -199,7 +201,12 @@ class MlflowTracker(tune.Callback):
         if reached:  # the run's end-of-run time (records.py): never a mid-run crossing
             finals["time_to_target_s"] = finals["train_time_s"]
         step = self.last_step.get(trial.trial_id, 0)
+        # the run list's first column then says what a user looks for first: the final loss and the verdict
+        name = self.names.pop(trial.trial_id, f"trial-{trial_index(trial):03d}")
+        loss = f" {finals['val_loss']:.4f}" if status == TrialStatus.FINISHED and "val_loss" in finals else ""
+        headline = f"{name}{loss} {verdict}"
         tags = [RunTag("status", status), RunTag("stop_reason", reason), RunTag("verdict", verdict),
+                RunTag("mlflow.runName", headline),
                 RunTag("reached_target", str(reached).lower()), RunTag("track", self.track.name),
                 RunTag("comparable", str(judge.comparable).lower())]
         if judge.differences:

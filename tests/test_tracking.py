@@ -66,6 +66,7 @@ def test_parent_children_params_metrics_tags(store):
         assert run.data.tags["verdict"] == ("candidate" if reached else "missed")
         assert (run.data.metrics.get("time_to_target_s") == run.data.metrics["train_time_s"]) is reached
     assert control.data.tags["verdict"] == "candidate"
+    assert control.info.run_name == f"trial-000 {control.data.metrics['val_loss']:.4f} candidate"  # the list's headline
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"leaderboard.csv", "all_trials.png"}
     log = Path(client.download_artifacts(control.info.run_id, "train.log", str(root))).read_text()
     assert "step:12/12 val_loss:" in log
