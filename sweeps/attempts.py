@@ -68,7 +68,7 @@ def confirm_top(sweep, rows: list[dict], tracker) -> list[dict]:
     from sweeps.acceptance import acceptance_test
     from sweeps.cluster import execute
     from sweeps.protocol import TrialStatus
-    from sweeps.records import MISSED, NOT_COMPARABLE, REACHED, RECORD
+    from sweeps.records import runs_verdict
     from sweeps.results import ProgressPrinter, ranked, rows_from_grid
     from sweeps.search import SweepPlan, make_tuner
 
@@ -92,8 +92,7 @@ def confirm_top(sweep, rows: list[dict], tracker) -> list[dict]:
         test = acceptance_test(losses, times, track.target_loss, record_time_s=track.record_time_s,
                                time_noise=track.time_noise, record_runs=track.record_runs) if len(done) > 1 else None
         mean = test.loss.mean if test else (losses[0] if losses else math.nan)
-        verdict = (NOT_COMPARABLE if not judge.comparable else RECORD if test and test.accepted
-                   else REACHED if mean <= track.target_loss else MISSED)
+        verdict = runs_verdict(bool(test and test.accepted), mean, track.target_loss, judge.comparable)
         confirmed.append({"trial_index": r["trial_index"], "sweep_val_loss": r["val_loss"], "runs": len(done),
                           "mean_val_loss": mean, "std_val_loss": test.loss.std if test else 0.0,
                           "mean_train_time_s": test.time.mean if test else math.nan,

@@ -153,10 +153,8 @@ def per_run_rows(runs: list[dict], judge, baseline_times: list[float] | None) ->
 
 
 def attempt_verdict(test) -> str:
-    from sweeps.records import MISSED, REACHED, RECORD
-    if test.accepted:
-        return RECORD
-    return REACHED if test.loss.mean <= test.target else MISSED
+    from sweeps.records import runs_verdict
+    return runs_verdict(test.accepted, test.loss.mean, test.target)
 
 
 def judge_and_report(cand: list[dict], base: list[dict] | None, judge, folder: Path, title: str,

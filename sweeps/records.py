@@ -196,6 +196,16 @@ def run_verdict(status: str, val_loss: float | None, train_time_s: float | None,
     return REACHED
 
 
+def runs_verdict(accepted: bool, loss_mean: float, target: float, comparable: bool = True) -> str:
+    """The word for several runs of one config (record.py, --confirm-top): record only when the acceptance test
+    passed on a comparable track; otherwise reached or missed by the mean final loss."""
+    if not comparable:
+        return NOT_COMPARABLE
+    if accepted:
+        return RECORD
+    return REACHED if loss_mean <= target else MISSED
+
+
 def projected_time_s(val_loss: float, train_time_s: float, steps: int, track: Track) -> float:
     """An estimate for the time objective, not a measurement: the run's end-of-run time, moved by the steps
     that its gap to the target is worth at the track's exchange rate (loss per 100 steps). A run that ended

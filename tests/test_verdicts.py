@@ -107,3 +107,11 @@ def test_given_fineweb_shards_run_the_tiny_model_on_them(tmp_path):
     result = train(cfg)
     assert result.history[-1]["val_loss"] < result.history[0]["val_loss"] - 1.0  # it learned the shards
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fineweb_train_000001.bin", "fineweb_val_000000.bin"]
+
+
+def test_several_runs_get_record_only_from_a_passed_test_on_a_comparable_track():
+    from sweeps.records import runs_verdict
+    assert runs_verdict(True, 3.277, 3.28) == "record"
+    assert runs_verdict(False, 3.279, 3.28) == "reached"  # mean below the target, but not significant or not faster
+    assert runs_verdict(False, 3.281, 3.28) == "missed"
+    assert runs_verdict(True, 3.277, 3.28, comparable=False) == "not comparable"
