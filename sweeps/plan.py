@@ -109,7 +109,8 @@ def plan_sweep(s: SweepSettings) -> Sweep:
     preset = choose_preset(s, res)
     space, steps, control, overrides = load_space_and_data(s, preset)
 
-    from sweeps.search import SweepPlan
+    from sweeps.samplers import DEFAULT_SAMPLER, SamplerError
+    from sweeps.search import SweepPlan, sampler_choice
     from sweeps.tracking import code_version, resolve_uri
     from sweeps.trial import FaultPlan, TrialSpec
 
@@ -126,7 +127,12 @@ def plan_sweep(s: SweepSettings) -> Sweep:
     trials = s.trials if s.trials is not None else space.trials
     s.name = s.name_or_default(space.name)
     plan = SweepPlan(space, s.name, s.storage_root(), trials, concurrency_for(s, use_gpu, gpus_per_worker, workers,
-                     res, trials), s.seed, s.scheduler, control.schedule.total_steps, objective, judge.track)
+                     res, trials), s.seed, s.scheduler, control.schedule.total_steps, objective, judge.track,
+                     s.sampler or space.sampler or DEFAULT_SAMPLER)
+    try:
+        sampler_choice(plan)
+    except SamplerError as e:
+        raise BadInput(f"--sampler {plan.sampler}: {e}") from None
     folder = plan.folder
     if not s.resume and (folder / SETTINGS_FILE).exists():
         raise BadInput(f"sweep {s.name!r} already exists in {plan.storage}: pass --resume to continue it, "
@@ -167,7 +173,8 @@ def open_tracker(sweep: Sweep):
 
     w = sweep
     s = w.settings
-    params = {"space": w.space.name, "searcher": f"optuna TPE seed {s.seed}", "scheduler": s.scheduler,
+    params = {"space": w.space.name, "searcher": f"optuna {w.plan.sampler} seed {s.seed}",
+              "optuna_study": w.plan.name, "scheduler": s.scheduler,
               "trials": w.plan.trials, "concurrency": w.plan.concurrency, "preset": w.preset,
               "steps": w.plan.total_steps, "objective": w.plan.objective, "workers_per_trial": w.workers,
               "gpus_per_worker": w.spec.gpus_per_worker if w.use_gpu else 0,

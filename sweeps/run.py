@@ -48,7 +48,7 @@ def list_spaces() -> int:
 def run_sweep(sweep: Sweep, tracker) -> int:
     """Run (or resume) the sweep's Tuner, record what it did, print the summary; 130 if interrupted."""
     from sweeps.results import ProgressPrinter, pareto_front, rows_from_grid, time_split, write_parquet
-    from sweeps.search import make_tuner
+    from sweeps.search import close_interrupted, make_tuner
     from sweeps.summary import header, resume_command, summary
 
     s, plan, spec = sweep.settings, sweep.plan, sweep.spec
@@ -68,6 +68,7 @@ def run_sweep(sweep: Sweep, tracker) -> int:
     settled = grid.num_terminated + grid.num_errors
     if len(grid) < plan.trials or settled < len(grid):
         tracker.mark_interrupted()
+        close_interrupted(plan.folder, plan.name)
         print(f"\ninterrupted: {settled} of {plan.trials} trials done and recorded ({path}); continue with:\n"
               f"  {resume_command(plan.name, plan.storage)}", file=sys.stderr)
         return EXIT_INTERRUPTED

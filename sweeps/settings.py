@@ -31,6 +31,7 @@ class SweepSettings:
     steps: int | None = None
     sets: list[str] = field(default_factory=list)
     scheduler: str = "asha"
+    sampler: str | None = None
     objective: str | None = None
     name: str | None = None
     resume: bool = False
@@ -107,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", choices=["asha", "curve", "none"], default="asha",
                    help="early stopping: asha (default), curve (the record-curve pruner: stop trials that fall "
                         "behind the control's loss curve at equal schedule fractions), none")
+    p.add_argument("--sampler", choices=["tpe", "gp", "cmaes", "random"],
+                   help="Optuna sampler (default: the space's `sampler`, else the measured default, see the README's "
+                        "sampler table); its first trials are random, a quarter of the budget (2 to 10)")
     p.add_argument("--objective", choices=["loss", "time", "pareto"],
                    help="what the searcher minimises: loss (final val loss at the step budget), time (end-of-run "
                         "time projected through the track's exchange rate) or pareto (both; multi-objective). "

@@ -58,6 +58,7 @@ class Space:
     grace_fraction: float = 0.25
     compile_cost: str = "none"  # "recompiles": some knob changes compiled graphs (see _compile_cost)
     objective: str = "loss"  # loss | time | pareto (sweeps.search.OBJECTIVES)
+    sampler: str | None = None  # tpe | gp | cmaes | random (sweeps.samplers); None: the default
     path: Path | None = None
 
     def base_config(self) -> TrainConfig:
@@ -116,7 +117,7 @@ def parse_space(raw: dict, name: str, preset: str, path: Path | None = None) -> 
         return SpaceError(f"{where}: {msg}")
 
     unknown = set(raw) - {"description", "metric", "mode", "defaults", "fixed", "params", "points", "compile_cost",
-                           "objective"}
+                           "objective", "sampler"}
     if unknown:
         raise fail(f"unknown top-level keys {sorted(unknown)}")
     if not raw.get("params"):
@@ -127,6 +128,9 @@ def parse_space(raw: dict, name: str, preset: str, path: Path | None = None) -> 
     objective = raw.get("objective", "loss")
     if objective not in ("loss", "time", "pareto"):
         raise fail(f"objective={objective!r}: must be loss, time or pareto")
+    sampler = raw.get("sampler")
+    if sampler is not None and sampler not in ("tpe", "gp", "cmaes", "random"):
+        raise fail(f"sampler={sampler!r}: must be tpe, gp, cmaes or random")
     defaults = raw.get("defaults", {})
     try:
         base = TrainConfig.preset(preset)
@@ -154,7 +158,8 @@ def parse_space(raw: dict, name: str, preset: str, path: Path | None = None) -> 
         trials=int(_per_preset(defaults.get("trials", 8), preset, "defaults.trials", fail)),
         steps=int(_per_preset(defaults.get("steps", 0), preset, "defaults.steps", fail)),
         grace_fraction=float(defaults.get("grace_fraction", 0.25)),
-        compile_cost=_compile_cost(raw.get("compile_cost"), params, fail), objective=objective, path=path,
+        compile_cost=_compile_cost(raw.get("compile_cost"), params, fail), objective=objective, sampler=sampler,
+        path=path,
     )
     _check_space(space, preset, fail)
     return space

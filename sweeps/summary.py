@@ -26,12 +26,15 @@ def resume_command(name: str, storage) -> str:
 
 def header(sweep) -> str:
     from speedrun.config import recompiles
+    from sweeps.search import STUDY_FILE, sampler_choice
 
     w, space, plan = sweep, sweep.space, sweep.plan
     lines = [f"{'resuming' if w.restore else 'sweep'} {plan.name}: space {space.name} "
              f"({', '.join(p.key for p in space.params)}), preset {w.preset}, {plan.trials} trials of "
              f"{plan.total_steps} steps, {plan.concurrency} at a time, {w.workers} {'GPU' if w.use_gpu else 'CPU'} "
              f"worker(s) each, scheduler {plan.scheduler}; folder {plan.folder}",
+             f"{sampler_choice(plan).describe()}, seed {plan.seed}; Optuna study {plan.name!r} in "
+             f"{plan.folder / STUDY_FILE}",
              f"verdicts: {w.judge.describe()}"]
     if w.use_gpu and w.spec.config_for(space.control_point()).run.compile:
         shaping = [p.key for p in space.params if recompiles(p.key)]

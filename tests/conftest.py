@@ -7,6 +7,7 @@ other's trials, docs/ARCHITECTURE.md); the other tests run on the other worker m
 `--dist loadgroup` cannot be used: it renames node ids in a way pytest 9.2 no longer honours.)"""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +19,7 @@ QUICK_VAL = ["--set", "data.val_tokens=4096"]
 QUICK = ["--set", "run.warmup_steps=0", *QUICK_VAL]
 
 RAY_MODULES = ("test_faults.py", "test_record.py", "test_resume.py", "test_sweep.py", "test_tracking.py",
-               "test_concurrent_sweeps.py")
+               "test_concurrent_sweeps.py", "test_resume_schedulers.py")
 
 
 def is_ray_module(path: str) -> bool:
@@ -151,3 +152,30 @@ def fast_tiny(steps: int = 16, **overrides) -> TrainConfig:
             "run.warmup_steps": 0, "run.val_every": 1000, "run.log_every": 2}
     base.update(overrides)
     return cfg.override(base)
+
+
+OPTUNA_STATE = {"finished": "COMPLETE", "diverged": "COMPLETE", "pruned": "PRUNED", "failed": "FAIL"}
+
+
+def assert_study_matches(folder, name: str, rows: list[dict], value_key: str):
+    """The sweep's persisted Optuna study, opened as a user would, agrees with results.parquet: one Optuna trial
+    per sweep trial (the latest, where an interrupted one was restarted), its state, params and value. No trial
+    is left RUNNING. Returns the study."""
+    import optuna
+
+    from sweeps.search import study_storage
+
+    study = optuna.load_study(study_name=name, storage=study_storage(Path(folder)))
+    assert not [t.number for t in study.trials if t.state.name == "RUNNING"]
+    latest = {}
+    for t in sorted(study.trials, key=lambda t: t.number):
+        latest[t.user_attrs["trial_index"]] = t
+    assert sorted(latest) == sorted(r["trial_index"] for r in rows)
+    for r in rows:
+        t = latest[r["trial_index"]]
+        assert t.state.name == OPTUNA_STATE[r["status"]], (r["trial_index"], r["status"], t.state)
+        for key, value in t.params.items():
+            assert r[key] == pytest.approx(value)
+        if t.state.name == "COMPLETE":
+            assert t.value == pytest.approx(r[value_key])
+    return study

@@ -10,11 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
-from sweeps.search import SweepPlan, make_searcher
+from conftest import assert_study_matches
+from sweeps.search import SweepPlan, make_searcher, study_storage
 from sweeps.spaces import load_space
 from sweeps.tracking import KILL_DRIVER_ENV
 from sweeps.protocol import FINISHED
@@ -85,6 +87,9 @@ def test_interrupt_then_kill_then_resume(tmp_path):
         statuses = {r.data.tags["trial_index"]: (r.info.status, r.data.tags["status"]) for r in children(client)}
         assert statuses["0"] == ("FINISHED", "finished")
         assert all(s in (("FINISHED", "finished"), ("KILLED", "interrupted")) for s in statuses.values())
+        study = optuna.load_study(study_name="r", storage=study_storage(tmp_path / "r"))
+        states = [t.state.name for t in study.trials]
+        assert states[0] == "COMPLETE" and "RUNNING" not in states  # the interrupted trial is FAIL, not RUNNING
 
         # 2. resume; the driver SIGKILLs itself the moment trial 2's end is in MLflow, before Tune saves it
         second = Driver(tmp_path, resume, "2", env={KILL_DRIVER_ENV: "2"})
@@ -117,6 +122,12 @@ def test_interrupt_then_kill_then_resume(tmp_path):
             for key, value in proposal.items():
                 assert row[key] == pytest.approx(value), (row["trial_index"], key)
         assert len({row["optim.muon_lr"] for row in rows}) == 3
+        # the study in the sweep folder agrees with results.parquet; the trials interrupted by SIGINT and SIGKILL
+        # stay in it as FAIL, each followed by its restart
+        study = assert_study_matches(tmp_path / "r", "r", rows, "val_loss")
+        failed = [t for t in study.trials if t.state.name == "FAIL"]
+        assert failed and all(any(u.user_attrs.get("restarted_from") == t.number for u in study.trials)
+                              for t in failed)
     finally:
         for d in drivers:  # a SIGKILLed driver leaves Ray's agents behind: clean its process group up
             try:

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import QUICK, QUICK_VAL
+from conftest import QUICK, QUICK_VAL, assert_study_matches
 from speedrun.config import TrainConfig
 from sweeps import run as sweep_cli
 
@@ -108,6 +108,17 @@ def test_asha_stops_the_poor_arm_and_results_match_tune(local_ray, tmp_path, cap
     assert abs(split.other) <= 0.03 * split.total, split
     assert "worker time: 1 x" in capsys.readouterr().out
 
+    # the persisted Optuna study: states, params and values as in results.parquet; intermediate values keyed by
+    # the training steps at which each trial validated (not Tune's report counter), the stop's own included
+    study = assert_study_matches(tmp_path / "s", "s", rows, "val_loss")
+    for t in study.trials:
+        i = t.user_attrs["trial_index"]
+        validated = {int(json.loads(line)["step"]): json.loads(line)["val_loss"] for line in
+                     next((tmp_path / "s").glob(f"trial_{i:04d}_*/result.json")).read_text().splitlines()
+                     if "val_loss" in json.loads(line) and not json.loads(line).get("finished_training")}
+        assert t.intermediate_values == pytest.approx(validated), i
+    assert study.trials[1].state.name == "PRUNED" and max(study.trials[1].intermediate_values) == poor["step"]
+
 
 @pytest.mark.long
 def test_curve_pruner_and_pareto_front_in_a_real_sweep(local_ray, tmp_path, capsys):
@@ -142,6 +153,7 @@ def test_time_objective_reaches_the_searcher(muon_sweep):
     searcher.restore_from_dir(str(tmp_path / "s"))
     values = sorted(t.value for t in searcher._ot_study.trials)
     assert values == pytest.approx(sorted(r["objective_time_s"] for r in rows))
+    assert_study_matches(tmp_path / "s", "s", rows, "objective_time_s")  # the journal a user opens, the same
     for r in rows:  # the end-of-run time, projected through the exchange rate, for hits and misses alike
         assert r["time_to_target_s"] == (r["train_time_s"] if r["val_loss"] <= track.target_loss else None)
         assert r["objective_time_s"] == pytest.approx(
