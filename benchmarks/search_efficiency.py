@@ -43,6 +43,8 @@ def sweep_argv(compare: str, arm: str, seed: int, args, root: Path, address: str
             "--name", f"{arm}-seed{seed}", "--storage", str(root / "sweeps"),
             "--tracking-uri", f"sqlite:///{root}/mlflow-{arm}-{seed}.db", "--concurrency", "1",
             "--cpus-per-worker", "1", "--address", address, "--set", "run.warmup_steps=0"]
+    for kv in args.sets:
+        argv += ["--set", kv]
     if compare == "samplers":
         argv += ["--sampler", arm, "--scheduler", args.scheduler]
     else:
@@ -90,9 +92,14 @@ def run_all(args, root: Path) -> list[dict]:
     running: dict[tuple, tuple] = {}
     records = []
     objective_key = {"loss": "val_loss", "time": "objective_time_s"}[args.objective]
-    t0 = time.time()
+    t0 = last_note = time.time()
     try:
         while pending or running:
+            if time.time() - last_note > 60:  # progress on long work: trials ended per running sweep
+                last_note = time.time()
+                ended = {f"{a}-{sd}": Path(log.name).read_text().count(" trials ended")
+                         for (a, sd), (_, log) in running.items()}
+                print(f"[{time.time() - t0:6.0f}s] trials ended so far: {ended}", file=sys.stderr)
             while pending and len(running) < args.jobs:
                 arm, seed = pending.pop(0)
                 log = open(root / f"{arm}-seed{seed}.log", "w")
@@ -150,14 +157,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="time needs --steps 100 (the tiny track's budget)")
     p.add_argument("--scheduler", default="asha", help="with --compare samplers (default asha, a sweep's default)")
     p.add_argument("--sampler", default="tpe", help="with --compare schedulers")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="fixed value for every trial, as in sweeps/run.py, e.g. data.val_tokens=8192")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=1, help="sweeps at once on the one Ray cluster (default 1)")
     p.add_argument("--cpus", type=int, help="CPUs the Ray cluster offers (default: the machine's)")
     p.add_argument("--out", help="also write every sweep's record as JSON here")
+    p.add_argument("--root", help="keep the sweeps, their MLflow stores and driver logs in this folder "
+                   "(default: a temporary one)")
     args = p.parse_args(argv)
     args.arms = args.arms or list(ARMS[args.compare])
-    with tempfile.TemporaryDirectory() as tmp:
-        records = run_all(args, Path(tmp))
+    if args.root:
+        Path(args.root).mkdir(parents=True, exist_ok=True)
+        records = run_all(args, Path(args.root).resolve())
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            records = run_all(args, Path(tmp))
     print(table(records, args))
     return 0
 
