@@ -1,6 +1,6 @@
 """How fast a sweep finds good configs: best objective reached per trial-second, for samplers or schedulers.
 
-    python benchmarks/search_efficiency.py --compare samplers --jobs 12       # the README's sampler table
+    python benchmarks/search_efficiency.py --compare samplers --jobs 12 --cpus 16   # the README's sampler table
     python benchmarks/search_efficiency.py --compare schedulers               # none / ASHA / curve pruner
     python benchmarks/search_efficiency.py --compare samplers --trials 8 --seeds 0 1 --jobs 2   # a 2-core try
 
@@ -151,14 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare", choices=sorted(ARMS), default="samplers")
     p.add_argument("--arms", nargs="+", help="default: every sampler (or scheduler)")
     p.add_argument("--space", default=str(HERE / "spaces" / "wide_lr.toml"))
-    p.add_argument("--trials", type=int, default=16)
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--trials", type=int, default=8)
+    p.add_argument("--steps", type=int, default=40)
     p.add_argument("--objective", choices=["loss", "time"], default="loss",
                    help="time needs --steps 100 (the tiny track's budget)")
     p.add_argument("--scheduler", default="asha", help="with --compare samplers (default asha, a sweep's default)")
     p.add_argument("--sampler", default="tpe", help="with --compare schedulers")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="fixed value for every trial, as in sweeps/run.py, e.g. data.val_tokens=8192")
+    p.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE",
+                   help="fixed value for every trial, as in sweeps/run.py (default: data.val_tokens=8192)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=1, help="sweeps at once on the one Ray cluster (default 1)")
     p.add_argument("--cpus", type=int, help="CPUs the Ray cluster offers (default: the machine's)")
@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: a temporary one)")
     args = p.parse_args(argv)
     args.arms = args.arms or list(ARMS[args.compare])
+    args.sets = args.sets if args.sets is not None else ["data.val_tokens=8192"]
     if args.root:
         Path(args.root).mkdir(parents=True, exist_ok=True)
         records = run_all(args, Path(args.root).resolve())

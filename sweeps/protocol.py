@@ -34,7 +34,7 @@ TRIAL_CPU = 0.01  # what a Tune trial itself holds: Tune rejects 0, and its work
 OBJECTIVES = {  # name -> (searcher metric(s), mode(s))
     "loss": ("val_loss", "min"),  # final validation loss at the fixed step budget
     "time": ("objective_time_s", "min"),  # end-of-run time projected through the track (records.py)
-    "pareto": (["val_loss", "train_time_s"], ["min", "min"]),  # both: Optuna's multi-objective TPE
+    "pareto": (["val_loss", "train_time_s"], ["min", "min"]),  # both: a multi-objective Optuna study
 }
 RANKING = {"loss": ("val_loss", "min"), "time": ("objective_time_s", "min"), "pareto": ("val_loss", "min")}
 

@@ -42,15 +42,20 @@ class SpeedrunOptunaSearch(OptunaSearch):
         return params
 
     def _live_trial(self, trial_id: str):
-        """The Optuna trial of a Tune trial. A trial that was running when a driver stopped is FAIL in the study
-        (close_interrupted); Tune restarts it with the same config, so it gets a new Optuna trial, the same params
-        and user attrs, rather than a stale RUNNING one or an update of a finished one."""
+        """The Optuna trial of a Tune trial, or None when the study already holds its end. A trial that was running
+        when a driver stopped is FAIL in the study with user attr `interrupted` (close_interrupted); Tune restarts
+        it with the same config, so it gets a new Optuna trial with the same params and user attrs. A trial whose
+        end reached the study just before a driver died (Tune then replays that end) is not told twice."""
         ot = self._ot_trials[trial_id]
         stored = self._ot_study._storage.get_trial(ot._trial_id)
+        if stored.state.is_finished() and not stored.user_attrs.get("interrupted"):
+            self._completed_trials.add(trial_id)
+            return None
         if stored.state.is_finished():
+            attrs = {k: v for k, v in stored.user_attrs.items() if k != "interrupted"}
             self._ot_study.add_trial(optuna.trial.create_trial(
                 state=optuna.trial.TrialState.RUNNING, params=stored.params, distributions=stored.distributions,
-                user_attrs={**stored.user_attrs, "restarted_from": stored.number}))
+                user_attrs={**attrs, "restarted_from": stored.number}))
             fresh = self._ot_study.get_trials(deepcopy=False)[-1]
             ot = self._ot_trials[trial_id] = optuna.Trial(self._ot_study, fresh._trial_id)
         return ot
@@ -61,18 +66,20 @@ class SpeedrunOptunaSearch(OptunaSearch):
         if self.metric not in result or result.get(FINISHED) or trial_id in self._completed_trials:
             return  # only validations: the final report is told as the trial's value
         value = result[self.metric]
-        if math.isfinite(value):
-            self._live_trial(trial_id).report(value, int(result["step"]))
+        ot = self._live_trial(trial_id)
+        if ot is not None and math.isfinite(value):
+            ot.report(value, int(result["step"]))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._ot_trials and trial_id not in self._completed_trials:
+            if self._live_trial(trial_id) is None:
+                return
         if result is not None and not result.get(FINISHED):
             self.on_trial_result(trial_id, result)  # the validation a scheduler stopped it at (Tune sends it here)
             result = None  # stopped early: PRUNED, its value the last intermediate one
         metrics = self.metric if isinstance(self.metric, list) else [self.metric]
         if result is not None and not all(math.isfinite(result.get(m, math.nan)) for m in metrics):
             result = None
-        if trial_id in self._ot_trials and trial_id not in self._completed_trials:
-            self._live_trial(trial_id)
         super().on_trial_complete(trial_id, result, error)
 
 
@@ -99,6 +106,7 @@ def close_interrupted(folder: Path, study_name: str) -> int:
         return 0
     running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
     for t in running:
+        storage.set_trial_user_attr(t._trial_id, "interrupted", True)  # the searcher restarts these on --resume
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)
     return len(running)
 
