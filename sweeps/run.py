@@ -15,6 +15,7 @@ from pathlib import Path
 
 from sweeps.cluster import BadInput, execute, fail
 from sweeps.plan import Sweep, open_tracker, plan_sweep
+from sweeps.script_plan import plan_script_sweep
 from sweeps.settings import parse_settings
 
 EXIT_INTERRUPTED = 130
@@ -27,11 +28,23 @@ def main(argv: list[str] | None = None) -> int:
     from sweeps.driver_lock import DriverLock
 
     try:
-        sweep = plan_sweep(settings)
+        if settings.list_knobs:
+            return list_knobs(settings.list_knobs)
+        sweep = plan_script_sweep(settings) if settings.trainer else plan_sweep(settings)
         with DriverLock(sweep.plan.folder):
             return run_sweep(sweep, open_tracker(sweep))
     except BadInput as e:
         return fail(str(e))
+
+
+def list_knobs(path: str) -> int:
+    from sweeps.knobs import KnobError, list_knobs as knob_table
+
+    try:
+        print(knob_table(path))
+    except (KnobError, OSError) as e:
+        raise BadInput(f"--list-knobs {path}: {e}") from None
+    return 0
 
 
 def list_spaces() -> int:

@@ -25,6 +25,7 @@ from .scheduler_state import PersistentState
 from .records import NOISE_SIGMAS, Track
 from .spaces import Param, Space
 from .protocol import FINISHED, OBJECTIVES, TRIAL_CPU, trial_dirname, trial_index
+from .script_trial import ScriptSpec, run_script_trial
 from .trial import TrialSpec, run_trial
 
 
@@ -217,7 +218,8 @@ def make_tuner(plan: SweepPlan, spec: TrialSpec, callbacks: list, restore: bool 
     kept as they are, unfinished ones restart, and the searcher (the Optuna study, its sampler's RNG, the
     pending points) comes back from Tune's searcher checkpoint, the scheduler's rungs or reference curve from its
     state file. The callbacks then are the ones pickled with the experiment (the same classes and settings)."""
-    trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), {"cpu": TRIAL_CPU})
+    unit = run_script_trial if isinstance(spec, ScriptSpec) else run_trial
+    trainable = tune.with_resources(tune.with_parameters(unit, spec=spec), {"cpu": TRIAL_CPU})
     if restore:
         close_interrupted(plan.folder, plan.name)  # a driver killed outright left its running trials RUNNING
         return tune.Tuner.restore(str(plan.folder), trainable=trainable, resume_unfinished=True,

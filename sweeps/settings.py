@@ -46,6 +46,10 @@ class SweepSettings:
     confirm_top: int = 0
     confirm_runs: int = 3
     inject_faults: str | None = None
+    trainer: str | None = None
+    env: list[str] = field(default_factory=list)
+    list_knobs: str | None = None
+    stall_timeout: float = 900.0
 
     def storage_root(self) -> Path:
         """--storage as the folder holding sweep folders (absolute; a URI is kept as given)."""
@@ -135,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confirm-top", type=int, default=0, metavar="K",
                    help="after the sweep, re-run the K best trials with fresh seeds and rank them by the mean")
     p.add_argument("--confirm-runs", type=int, default=3, metavar="M", help="seeds per re-run trial (default 3)")
+    p.add_argument("--trainer", metavar="PATH", help="sweep your own train_gpt.py instead of the speedrun trainer: "
+                   "each trial runs a copy of it with the space's knobs set, one process per worker as torchrun "
+                   "would (README: Sweeping your own train_gpt.py)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --trainer: environment of every trial's script, e.g. --env NUM_ITERS=60")
+    p.add_argument("--list-knobs", metavar="PATH", help="print what can be swept in a train_gpt.py and exit")
+    p.add_argument("--stall-timeout", type=float, default=900.0, metavar="S",
+                   help="with --trainer: a trial whose script prints nothing for S seconds fails (default 900)")
     p.add_argument("--inject-faults", help=argparse.SUPPRESS)  # test-only, see sweeps.trial.FaultPlan
     return p
 

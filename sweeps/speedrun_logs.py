@@ -33,6 +33,22 @@ _VAL_LINE = re.compile(
 )
 
 
+# step:N/M train_time:Yms: a training step's line (no validation)
+_STEP_LINE = re.compile(r"(?<![\w/])step:(?P<step>\d+)/(?P<total>\d+)\s+train_time:(?P<ms>\d+(?:\.\d+)?)ms(?:\s|$)")
+
+
+def step_line(line: str) -> dict | None:
+    """One line of a run's output as a report: {step, total_steps, train_time_s[, val_loss]}, or None."""
+    m = _VAL_LINE.search(line)
+    if m:
+        return {"step": int(m["step"]), "total_steps": int(m["total"]), "train_time_s": float(m["ms"]) / 1000,
+                "val_loss": float(m["loss"])}
+    m = _STEP_LINE.search(line)
+    if m:
+        return {"step": int(m["step"]), "total_steps": int(m["total"]), "train_time_s": float(m["ms"]) / 1000}
+    return None
+
+
 class LogError(ValueError):
     """A log file or folder that does not hold what a speedrun run log holds."""
 

@@ -36,7 +36,10 @@ def header(sweep) -> str:
              f"{sampler_choice(plan).describe()}, seed {plan.seed}; Optuna study {plan.name!r} in "
              f"{plan.folder / STUDY_FILE}",
              f"verdicts: {w.judge.describe()}"]
-    if w.use_gpu and w.spec.config_for(space.control_point()).run.compile:
+    if getattr(w.spec, "source_path", None):
+        lines.append(f"trainer: {w.spec.source_path} (each trial runs a patched copy in {w.spec.code_dir}/<trial id>/, "
+                     f"its diff in diff.patch)")
+    elif w.use_gpu and w.spec.config_for(space.control_point()).run.compile:
         shaping = [p.key for p in space.params if recompiles(p.key)]
         lines.append(f"compile caches: {plan.folder / 'inductor_cache'} and {w.spec.compile_cache}; "
                      + (f"{', '.join(shaping)} change compiled graphs: each new value compiles" if shaping

@@ -8,6 +8,7 @@ id through an MlflowClient, so nothing depends on MLflow's global "active run".
 from __future__ import annotations
 
 import json
+import shutil
 import math
 import os
 import platform
@@ -85,12 +86,13 @@ def _value(v) -> str:
 class MlflowTracker(tune.Callback):
     def __init__(self, uri: str, experiment: str, sweep_name: str, sweep_params: dict, judge: Judge,
                  total_steps: int, config_for, metric: str = "val_loss", child_kind: str = "trial",
-                 child_tags: dict | None = None, tags_for=None):
+                 child_tags: dict | None = None, tags_for=None, files_for=None):
         self.client = MlflowClient(tracking_uri=uri)
         self.uri, self.judge, self.total_steps, self.config_for, self.metric = uri, judge, total_steps, config_for, metric
         self.experiment_name = experiment
         self.track: Track = judge.track
         self.tags_for = tags_for  # params -> extra tags of a trial's run (a record attempt's arm and seed)
+        self.files_for = files_for  # trial id -> {artifact name: path}: a script trial's own files (its real log)
         self.fingerprints = Fingerprints()
         exp = self.client.get_experiment_by_name(experiment)
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
@@ -195,7 +197,8 @@ class MlflowTracker(tune.Callback):
         finals = {k: float(last[k]) for k in FINAL_KEYS
                   if isinstance(last.get(k), (int, float)) and math.isfinite(float(last[k]))}
         cfg = self.trial_config(trial)
-        judge = self.judge.for_run(measured(cfg, self.fingerprints))  # a searched knob may change what it measures
+        # a searched knob may change what a trial measures; a script's data is not known (script_plan.py)
+        judge = self.judge if self.files_for else self.judge.for_run(measured(cfg, self.fingerprints))
         verdict = judge.verdict(status, finals.get("val_loss"), finals.get("train_time_s"))
         reached = status == TrialStatus.FINISHED and finals.get("val_loss", math.inf) <= self.track.target_loss
         if reached:  # the run's end-of-run time (records.py): never a mid-run crossing
@@ -241,6 +244,13 @@ class MlflowTracker(tune.Callback):
                 lines.append(f"peak memory allocated: {last['peak_mem_bytes'] / 2**20:.0f} MiB")
             (tmp / "train.log").write_text("\n".join(lines) + "\n")
             (tmp / "history.json").write_text(json.dumps(history))
+            for name, path in (self.files_for(trial.trial_id) if self.files_for else {}).items():
+                if path.exists():  # the script's own log replaces the rebuilt train.log
+                    shutil.copyfile(path, tmp / name)
+                    if name == "code.json":  # the patched file's hash, to find every trial that ran the same code
+                        code = json.loads(path.read_text())
+                        self.client.set_tag(run_id, "code_sha256", code["code_sha256"])
+                        self.client.set_tag(run_id, "source_sha256", code["source_sha256"])
             if history:
                 plot_curves({f"trial {trial_index(trial)}": history}, self.track, tmp / "loss_vs_time.png")
             self.client.log_artifacts(run_id, str(tmp))

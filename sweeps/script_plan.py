@@ -1,0 +1,104 @@
+"""A sweep of a contributor's own train_gpt.py (`--trainer PATH`), resolved and checked before Ray starts: the
+file's knobs, the space over them, the worker layout, the trial unit (sweeps.script_trial) and the Tune plan.
+
+The script's validation data is its own business (it reads its own paths), so speedrun-sweeps cannot check that
+a track holds for it: its trials are judged "not comparable" (no record words), and what needs a track that holds
+(`--objective time`, `--scheduler curve`) is refused. ASHA reads the losses the script prints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sweeps.cluster import BadInput, concurrency_for, local_resources, ray_env, trial_env, worker_layout
+from sweeps.settings import SETTINGS_FILE, SweepSettings
+
+
+def parse_env(items: list[str]) -> dict[str, str]:
+    env = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not key.replace("_", "").isalnum():
+            raise BadInput(f"--env {item!r}: expected KEY=VALUE, e.g. --env NUM_ITERS=60")
+        env[key] = value
+    return env
+
+
+def script_steps(s: SweepSettings, env: dict[str, str], space) -> int:
+    """The script's number of steps, which ASHA's rungs are laid out on: --steps, else NUM_ITERS of --env."""
+    if s.steps:
+        return s.steps
+    if space.steps:
+        return space.steps
+    if env.get("NUM_ITERS", "").isdigit():
+        return int(env["NUM_ITERS"])
+    raise BadInput("--trainer: the number of steps each trial runs is not known: pass --steps N (the script's "
+                   "step count, as its `step:N/M` lines print it) or --env NUM_ITERS=N if the script reads it")
+
+
+def plan_script_sweep(s: SweepSettings):
+    from sweeps.plan import Sweep
+    from sweeps.records import Judge, load_tracks
+    from sweeps.samplers import DEFAULT_SAMPLER, SamplerError
+    from sweeps.script_space import load_script_space
+    from sweeps.script_trial import ScriptSpec
+    from sweeps.search import SweepPlan, sampler_choice
+    from sweeps.spaces import SpaceError
+    from sweeps.tracking import code_version, resolve_uri
+
+    if s.resume:
+        s = s.resumed()
+    trainer = Path(s.trainer).expanduser().resolve()
+    if not trainer.is_file():
+        raise BadInput(f"--trainer {s.trainer}: no such file: give the path of your train_gpt.py")
+    if not s.space:
+        raise BadInput("--space is required with --trainer: a .toml file whose params are the file's knobs "
+                       f"(see --list-knobs {s.trainer})")
+    for flag, value in (("--preset", s.preset), ("--set", s.sets), ("--track", s.track)):
+        if value:
+            raise BadInput(f"{flag} applies to the speedrun trainer, not to --trainer: set your file's knobs in the "
+                           f"space's [fixed] table, its environment with --env")
+    env = parse_env(s.env)
+    if s.data:
+        env.setdefault("DATA_PATH", str(Path(s.data).expanduser().resolve()))
+    try:
+        space = load_script_space(s.space, str(trainer), env)
+    except SpaceError as e:
+        raise BadInput(str(e)) from None
+    steps = script_steps(s, env, space)
+    objective = s.objective or space.objective
+    if objective == "time" or s.scheduler == "curve":
+        raise BadInput(f"{'--objective time' if objective == 'time' else '--scheduler curve'} needs a track that holds "
+                       "for the trials' data, which speedrun-sweeps cannot check for your own script: use "
+                       "--objective loss and --scheduler asha")
+    res = local_resources()
+    try:
+        use_gpu, gpus_per_worker, workers = worker_layout(s, "auto", res, gpu_by_default=True)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+    tracks = load_tracks()
+    track = tracks["track1"] if "track1" in tracks else next(iter(tracks.values()))
+    judge = Judge(track, ("a contributor's script: its validation data is not checked",))
+    trials = s.trials if s.trials is not None else space.trials
+    s.name = s.name_or_default(space.name)
+    plan = SweepPlan(space, s.name, s.storage_root(), trials, concurrency_for(s, use_gpu, gpus_per_worker, workers,
+                     res, trials), s.seed, s.scheduler, steps, objective, None, s.sampler or space.sampler
+                     or DEFAULT_SAMPLER)
+    try:
+        sampler_choice(plan)
+    except SamplerError as e:
+        raise BadInput(f"--sampler {plan.sampler}: {e}") from None
+    folder = plan.folder
+    if not s.resume and (folder / SETTINGS_FILE).exists():
+        raise BadInput(f"sweep {s.name!r} already exists in {plan.storage}: pass --resume to continue it, "
+                       f"or choose another --name")
+    ray_env()
+    spec = ScriptSpec(space=space, source_path=str(trainer), code_dir=str(folder / "trial_code"), workers=workers,
+                      use_gpu=use_gpu, cpus_per_worker=s.cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                      env={**trial_env(folder, s.cpus_per_worker), **env}, train_storage=str(folder / "train_runs"),
+                      max_failures=s.max_failures, done_dir=str(folder / "done"), stall_s=s.stall_timeout,
+                      code_version=code_version())
+    uri = resolve_uri(s.tracking_uri)
+    from sweeps.plan import check_tracking_uri
+    check_tracking_uri(uri)
+    return Sweep(s, space, spec, plan, judge, uri, "script", use_gpu, s.resume and (folder / "tuner.pkl").exists())

@@ -1,0 +1,77 @@
+"""Knobs of a contributor's train_gpt.py, resolved by parsing it: the stand-in under tests/trainers/ always, and
+the public speedrun file (../shared/reference/public_train_gpt.py, or $SPEEDRUN_PUBLIC_TRAINER) where present."""
+
+import ast
+import os
+from pathlib import Path
+
+import pytest
+
+from sweeps import run as sweep_cli
+from sweeps.knobs import KnobError, diff, find_knobs, resolve, set_knobs
+
+HERE = Path(__file__).resolve().parent
+STANDIN = HERE / "trainers" / "train_gpt.py"
+PUBLIC = Path(os.environ.get("SPEEDRUN_PUBLIC_TRAINER", HERE.parent.parent / "shared" / "reference" /
+                             "public_train_gpt.py"))
+needs_public = pytest.mark.skipif(not PUBLIC.exists(), reason=f"the public trainer file is not at {PUBLIC}")
+
+
+def line_of(source: str, text: str) -> int:
+    (n,) = [i for i, line in enumerate(source.splitlines(), 1) if text in line]
+    return n
+
+
+@needs_public
+def test_public_file_knobs_resolve_to_their_lines():
+    source = PUBLIC.read_text()
+    knobs = find_knobs(source)
+    assert resolve(knobs, "Muon.lr").line == line_of(source, "optimizer2 = Muon(")
+    assert resolve(knobs, "Muon.lr").value == "0.05"
+    assert resolve(knobs, "DistAdam.lr").line == line_of(source, "optimizer1 = DistAdam(")
+    assert resolve(knobs, "DistAdam.betas").value == "(0.8, 0.95)"
+    cooldown = resolve(knobs, "Hyperparameters.cooldown_frac")
+    assert cooldown.line == line_of(source, "cooldown_frac = ") and cooldown.value == "0.45"
+
+
+@needs_public
+def test_public_file_refuses_ambiguous_and_unknown_names_with_candidates():
+    knobs = find_knobs(PUBLIC.read_text())
+    with pytest.raises(KnobError, match=r"'compile.dynamic' is ambiguous .*2 places \(line \d+: False; line \d+: False\)"):
+        resolve(knobs, "compile.dynamic")
+    with pytest.raises(KnobError, match=r"no knob 'Muon.lrr' .*did you mean Muon.lr \(line \d+\)"):
+        resolve(knobs, "Muon.lrr")
+
+
+@needs_public
+def test_public_file_patched_changes_only_the_knobs():
+    source = PUBLIC.read_text()
+    patched = set_knobs(source, {"Muon.lr": 0.03, "Hyperparameters.cooldown_frac": 0.5})
+    changed = [line for line in diff(source, patched).splitlines() if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+    assert len(changed) == 4
+    assert "lr=0.03, momentum=0.95" in patched and "cooldown_frac = 0.5 #" in patched
+    ast.parse(patched)
+
+
+def test_standin_knobs_set_and_refused():
+    source = STANDIN.read_text()
+    knobs = {k.name: k for k in find_knobs(source)}
+    assert knobs["KILL_AT_STEP"].kind == "assignment" and knobs["Hyperparameters.cooldown_frac"].kind == "field"
+    assert knobs["Muon.lr"].kind == "keyword" and knobs["Muon.lr"].value == "0.05"
+    patched = set_knobs(source, {"Muon.lr": 1e-3, "DistAdam.betas": (0.9, 0.99), "KILL_AT_STEP": 6})
+    assert "Muon([model.proj.weight], lr=0.001, momentum=0.95" in patched
+    assert "betas=(0.9, 0.99)" in patched and "KILL_AT_STEP = 6  # tests" in patched
+    with pytest.raises(KnobError, match="list them with --list-knobs"):
+        set_knobs(source, {"Nope.lr": 1})
+
+
+def test_list_knobs_prints_the_file_knobs(capsys):
+    assert sweep_cli.main(["--list-knobs", str(STANDIN)]) == 0
+    out = capsys.readouterr().out
+    assert "Muon.lr" in out and "Hyperparameters.num_iterations" in out and "int(os.environ.get" in out
+
+
+def test_list_knobs_of_a_missing_file_is_one_error_line(capsys, tmp_path):
+    assert sweep_cli.main(["--list-knobs", str(tmp_path / "nope.py")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "nope.py" in err
