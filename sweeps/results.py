@@ -139,7 +139,9 @@ def format_table(rows: list[dict], param_keys: list[str], top: int = 10) -> str:
             return f"{v:.{nd}g}" if abs(v) < 1e-2 or abs(v) >= 1e4 else f"{v:.{nd}f}".rstrip("0").rstrip(".")
         return str(v)
 
-    short = [k.split(".", 1)[1] for k in param_keys]
+    # "optim.muon_lr" -> "muon_lr"; a script's knobs keep their names where the last part repeats (Muon.lr, DistAdam.lr)
+    last = [k.split(".", 1)[-1] for k in param_keys]
+    short = [s if last.count(s) == 1 else k for s, k in zip(last, param_keys)]
     header = ["rank", "trial", "status", *short, "val_loss", "vs_best", "train_s", "objective_s", "verdict",
               "trial_startup_s", "compile_s", "val_s"]  # each column named by the one metric it shows
     body = []

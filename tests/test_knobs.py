@@ -75,3 +75,38 @@ def test_list_knobs_of_a_missing_file_is_one_error_line(capsys, tmp_path):
     assert sweep_cli.main(["--list-knobs", str(tmp_path / "nope.py")]) == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "nope.py" in err
+
+
+def refused(capsys, *argv) -> str:
+    import ray
+    rc = sweep_cli.main(list(argv))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(lines) == 1, err
+    assert not ray.is_initialized()
+    return lines[0]
+
+
+def space_file(tmp_path, params: str) -> str:
+    path = tmp_path / "mine.toml"
+    path.write_text('description = "t"\n' + params)
+    return str(path)
+
+
+@pytest.mark.parametrize("params, args, message", [
+    ('[params."Muon.lrr"]\ntype = "float"\nlow = 0.01\nhigh = 0.1\n', [], "did you mean Muon.lr"),
+    ('[params."env.WARM"]\ntype = "int"\nlow = 1\nhigh = 9\n', [], "--env WARM=VALUE"),
+    ('[params."Hyperparameters.num_iterations"]\ntype = "int"\nlow = 10\nhigh = 90\n', [], "not a literal"),
+    ('[params."Muon.lr"]\ntype = "float"\nlow = 0.06\nhigh = 0.1\n', [], "lies outside"),
+    ('[params."Muon.lr"]\ntype = "float"\nlow = 0.01\nhigh = 0.1\n', ["--objective", "time"], "--objective time needs"),
+    ('[params."Muon.lr"]\ntype = "float"\nlow = 0.01\nhigh = 0.1\n', ["--set", "run.seed=1"], "--set applies to"),
+    ('[params."Muon.lr"]\ntype = "float"\nlow = 0.01\nhigh = 0.1\n', ["--env", "NOEQUALS"], "expected KEY=VALUE"),
+])
+def test_bad_script_sweeps_are_refused_before_ray_starts(capsys, tmp_path, params, args, message):
+    line = refused(capsys, "--trainer", str(STANDIN), "--space", space_file(tmp_path, params), "--steps", "40",
+                   "--storage", str(tmp_path), *args)
+    assert message in line
+
+
+def test_a_missing_trainer_file_is_refused(capsys, tmp_path):
+    assert "no such file" in refused(capsys, "--trainer", str(tmp_path / "train_gpt.py"), "--space", "x.toml")

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 def script_sweep(tmp_path, space: str, *args) -> list[dict]:
     rc = sweep_cli.main(["--trainer", STANDIN, "--space", str(HERE / "spaces" / space), "--env", "NUM_ITERS=40",
-                         "--workers-per-trial", "2", "--cpus-per-worker", "1", "--concurrency", "1",
+                         "--workers-per-trial", "2", "--cpus-per-worker", "0.5", "--concurrency", "1",
                          "--storage", str(tmp_path), "--name", "s", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
                          *args])
     assert rc == 0
@@ -50,7 +50,7 @@ def test_a_script_sweep_with_asha(local_ray, tmp_path, capsys):
     run = runs["1"]
     assert float(run.data.params["Muon.lr"]) == pytest.approx(0.0005) and run.data.params["trainer"] == STANDIN
     curve = client.get_metric_history(runs["0"].info.run_id, "val_loss")  # the control's, keyed by its steps
-    assert [m.step for m in curve] == [0, 8, 16, 24, 32, 40] and curve[-1].value < curve[0].value - 1
+    assert sorted({m.step for m in curve}) == [0, 8, 16, 24, 32, 40] and curve[-1].value < curve[0].value - 1
     files = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"diff.patch", "train.log", "code.json", "stdout.rank0.txt"} <= files
     local = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "dl")))
