@@ -48,6 +48,10 @@ def plan_script_sweep(s: SweepSettings):
 
     if s.resume:
         s = s.resumed()
+    if s.trials is not None and s.trials < 1:
+        raise BadInput(f"--trials {s.trials}: a sweep needs at least 1 trial")
+    if s.max_failures < 0:
+        raise BadInput(f"--max-failures {s.max_failures}: must be >= 0")
     trainer = Path(s.trainer).expanduser().resolve()
     if not trainer.is_file():
         raise BadInput(f"--trainer {s.trainer}: no such file: give the path of your train_gpt.py")
@@ -95,7 +99,10 @@ def plan_script_sweep(s: SweepSettings):
     ray_env()
     spec = ScriptSpec(space=space, source_path=str(trainer), code_dir=str(folder / "trial_code"), workers=workers,
                       use_gpu=use_gpu, cpus_per_worker=s.cpus_per_worker, gpus_per_worker=gpus_per_worker,
-                      env={**trial_env(folder, s.cpus_per_worker), **env}, train_storage=str(folder / "train_runs"),
+                      env={**trial_env(folder, s.cpus_per_worker), **env,
+                           # Ray Train then shows each worker all of its trial's GPUs on the node (script_trial.py)
+                           **({"TRAIN_ENABLE_SHARE_CUDA_VISIBLE_DEVICES": "1"} if use_gpu else {})},
+                      train_storage=str(folder / "train_runs"),
                       max_failures=s.max_failures, done_dir=str(folder / "done"), stall_s=s.stall_timeout,
                       code_version=code_version())
     uri = resolve_uri(s.tracking_uri)

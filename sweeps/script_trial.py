@@ -149,6 +149,15 @@ def torchrun_env(ctx, master: tuple[str, int]) -> dict:
             "TORCHELASTIC_RUN_ID": "speedrun-sweeps"}
 
 
+def visible_devices(node_visible: str, mine: list[str], local_rank: int) -> str:
+    """CUDA_VISIBLE_DEVICES for a worker's script: the node's GPUs of this trial (Ray Train shares them among the
+    trial's workers on a node, TRAIN_ENABLE_SHARE_CUDA_VISIBLE_DEVICES), ordered so that device LOCAL_RANK is
+    the worker's own; the others stay visible for NCCL's peer-to-peer paths."""
+    others = [d for d in node_visible.split(",") if d and d not in mine]
+    at = min(local_rank, len(others))
+    return ",".join(others[:at] + mine + others[at:])
+
+
 def _read_lines(stream, sink, out: queue.Queue) -> None:
     for line in iter(stream.readline, ""):
         sink.write(line)
@@ -170,19 +179,19 @@ class ScriptFailed(RuntimeError):
 
 def script_worker(loop_config: dict) -> None:
     """Runs on every Ray Train worker: start the script as torchrun would, relay rank 0's step lines as reports."""
+    import ray
     import ray.train
     from ray.train.collective import broadcast_from_rank_zero
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    import ray.util
     master = broadcast_from_rank_zero((ray.util.get_node_ip_address(), _free_port()) if rank == 0 else None)
     script = Path(loop_config["script"])
     folder = script.parent
     env = {**os.environ, **loop_config["env"], **torchrun_env(ctx, master), "PYTHONUNBUFFERED": "1"}
-    if loop_config["use_gpu"]:  # Ray gives each worker its own GPU: the script sees it as cuda:LOCAL_RANK
-        env.pop("CUDA_VISIBLE_DEVICES", None)
-        env["LOCAL_RANK"] = str(ctx.get_local_rank())
+    if loop_config["use_gpu"]:  # the script takes cuda:LOCAL_RANK: make that this worker's own GPU
+        env["CUDA_VISIBLE_DEVICES"] = visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+                                                      [str(g) for g in ray.get_gpu_ids()], ctx.get_local_rank())
     stdout_path, stderr_path = folder / f"stdout.rank{rank}.txt", folder / f"stderr.rank{rank}.txt"
     stdout_sink, stderr_sink = open(stdout_path, "w"), open(stderr_path, "w")
     proc = subprocess.Popen([sys.executable, str(script)], cwd=folder, env=env, stdout=subprocess.PIPE,

@@ -95,6 +95,7 @@ def summary(sweep, rows: list[dict], front: list[dict], split, seconds: float) -
     out += [f"\n{len(rows)} trials in {seconds:.0f}s ("
             + ", ".join(f"{counts.get(s.value, 0)} {s.value}" for s in (TrialStatus.FINISHED, TrialStatus.PRUNED,
                                                                          TrialStatus.DIVERGED, TrialStatus.FAILED))
-            + f"); * = trial 0, the {sweep.preset} preset's values (control)",
+            + ("); * = trial 0, the file as it is (control)" if sweep.preset == "script"
+               else f"); * = trial 0, the {sweep.preset} preset's values (control)"),
             verdict_line(rows, sweep.judge), split.format("GPU" if sweep.use_gpu else "worker")]
     return "\n".join(out)

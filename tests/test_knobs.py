@@ -101,6 +101,7 @@ def space_file(tmp_path, params: str) -> str:
     ('[params."Muon.lr"]\ntype = "float"\nlow = 0.01\nhigh = 0.1\n', ["--objective", "time"], "--objective time needs"),
     ('[params."Muon.lr"]\ntype = "float"\nlow = 0.01\nhigh = 0.1\n', ["--set", "run.seed=1"], "--set applies to"),
     ('[params."Muon.lr"]\ntype = "float"\nlow = 0.01\nhigh = 0.1\n', ["--env", "NOEQUALS"], "expected KEY=VALUE"),
+    ('[params."Muon.lr"]\ntype = "float"\nlow = 0.01\nhigh = 0.1\n', ["--trials", "0"], "at least 1 trial"),
 ])
 def test_bad_script_sweeps_are_refused_before_ray_starts(capsys, tmp_path, params, args, message):
     line = refused(capsys, "--trainer", str(STANDIN), "--space", space_file(tmp_path, params), "--steps", "40",
@@ -110,3 +111,12 @@ def test_bad_script_sweeps_are_refused_before_ray_starts(capsys, tmp_path, param
 
 def test_a_missing_trainer_file_is_refused(capsys, tmp_path):
     assert "no such file" in refused(capsys, "--trainer", str(tmp_path / "train_gpt.py"), "--space", "x.toml")
+
+
+def test_a_script_worker_sees_its_own_gpu_as_cuda_local_rank():
+    from sweeps.script_trial import visible_devices
+    assert visible_devices("2,5", ["5"], 1) == "2,5"  # the trial's GPUs on this node, shared by Ray Train
+    assert visible_devices("5,2", ["5"], 1) == "2,5"
+    assert visible_devices("3,1,0,2", ["0"], 0) == "0,3,1,2"
+    assert visible_devices("4", ["4"], 0) == "4"  # one GPU per trial
+    assert visible_devices("", ["7"], 0) == "7"  # not shared: only its own
