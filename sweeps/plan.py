@@ -182,7 +182,8 @@ def open_tracker(sweep: Sweep):
     for attempt in range(5):
         try:
             return MlflowTracker(w.uri, w.space.name, w.plan.name, params, w.judge, w.plan.total_steps,
-                                 w.spec.config_for, w.space.metric, files_for=getattr(w.spec, "trial_files", None))
+                                 w.spec.config_for, w.space.metric, files_for=w.spec.trial_files,
+                                 judge_each_run=w.preset != "script")
         except Exception as e:  # noqa: BLE001 - any store error; retried, then said in one line
             # Two drivers started together on one new sqlite store race to create its tables and the experiment
             # (seen: the second driver's "table ... already exists"); a moment later the store is there.

@@ -200,6 +200,9 @@ def script_worker(loop_config: dict) -> None:
     threading.Thread(target=_read_lines, args=(proc.stdout, stdout_sink, lines), daemon=True).start()
     last_val: dict = {}
     first = True
+    from .system_metrics import SystemSampler
+    from .trial import gpu_ids
+    sampler = SystemSampler(gpu_ids()) if rank == 0 else None
     try:
         while True:
             batch = None
@@ -214,7 +217,7 @@ def script_worker(loop_config: dict) -> None:
                     first = False
                 if "val_loss" in metrics:
                     last_val = metrics
-                ray.train.report(metrics)
+                ray.train.report({**metrics, **(sampler.take() if sampler else {})})
             if batch["end"]:
                 break
         if batch["end"] == "stall":
@@ -231,6 +234,8 @@ def script_worker(loop_config: dict) -> None:
         if code is None:
             raise ScriptFailed(f"{script.name} on rank {rank} did not exit within 120 s of rank 0's end")
     finally:
+        if sampler is not None:
+            sampler.stop()
         _kill_group(proc)
         stdout_sink.close()
         stderr_sink.close()

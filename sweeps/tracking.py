@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import math
 import os
 import platform
@@ -22,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from .sweep_data import Fingerprints, measured
+from .system_metrics import PREFIX as SYSTEM_PREFIX
 from .records import CANDIDATE, INTERRUPTED, Judge, Track
 from .protocol import ENDED, FINISHED, TrialStatus, trial_index
 from .results import error_summary
@@ -66,6 +68,32 @@ def code_version() -> str:
         return "unknown"
 
 
+def source_tags() -> dict[str, str]:
+    """MLflow's source tags (the run list's Source, Version and User columns): the entry point, the git commit of
+    this checkout (a dirty tree is said in `code_version`), its branch and remote where known, the user."""
+    import getpass
+
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": os.path.basename(sys.argv[0]) or "speedrun-sweep"}
+    for key, value in (("mlflow.source.git.commit", git("rev-parse", "HEAD")),
+                       ("mlflow.source.git.branch", git("rev-parse", "--abbrev-ref", "HEAD")),
+                       ("mlflow.source.git.repoURL", git("config", "--get", "remote.origin.url"))):
+        if value:
+            tags[key] = value
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except (KeyError, OSError):
+        pass
+    return tags
+
+
 def hardware() -> str:
     import torch
     if torch.cuda.is_available():
@@ -86,14 +114,16 @@ def _value(v) -> str:
 class MlflowTracker(tune.Callback):
     def __init__(self, uri: str, experiment: str, sweep_name: str, sweep_params: dict, judge: Judge,
                  total_steps: int, config_for, metric: str = "val_loss", child_kind: str = "trial",
-                 child_tags: dict | None = None, tags_for=None, files_for=None):
+                 child_tags: dict | None = None, tags_for=None, files_for=None, judge_each_run: bool = True):
         self.client = MlflowClient(tracking_uri=uri)
         self.uri, self.judge, self.total_steps, self.config_for, self.metric = uri, judge, total_steps, config_for, metric
         self.experiment_name = experiment
         self.track: Track = judge.track
         self.tags_for = tags_for  # params -> extra tags of a trial's run (a record attempt's arm and seed)
-        self.files_for = files_for  # trial id -> {artifact name: path}: a script trial's own files (its real log)
+        self.files_for = files_for  # trial id -> {artifact name: path}: a trial's own files (its real log)
+        self.judge_each_run = judge_each_run  # False: the runs' data is not known (a contributor's script)
         self.fingerprints = Fingerprints()
+        self.source = source_tags()
         exp = self.client.get_experiment_by_name(experiment)
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
             experiment, artifact_location=artifact_location(uri, experiment),
@@ -103,7 +133,8 @@ class MlflowTracker(tune.Callback):
             self.parent_id = found[0].info.run_id
         else:
             run = self.client.create_run(self.experiment_id, run_name=sweep_name,
-                                         tags={"kind": "sweep", "sweep_name": sweep_name, "track": judge.track.name,
+                                         tags={**self.source, "kind": "sweep", "sweep_name": sweep_name,
+                                               "track": judge.track.name,
                                                "track_comparable": str(judge.comparable).lower(),
                                                **({"not_comparable": "; ".join(judge.differences)}
                                                   if judge.differences else {})})
@@ -142,7 +173,7 @@ class MlflowTracker(tune.Callback):
         extra = self.tags_for(params) if self.tags_for else {}
         if extra.get("arm"):
             prefix = f"{extra['arm']}-seed{extra.get('seed', '')}"
-        run = self.client.create_run(self.experiment_id, run_name=f"{prefix}-{index:03d}", tags={**extra,
+        run = self.client.create_run(self.experiment_id, run_name=f"{prefix}-{index:03d}", tags={**self.source, **extra,
             "mlflow.parentRunId": self.parent_id, "kind": self.child_kind, "sweep_name": self.sweep_name,
             "trial_id": trial.trial_id, "trial_index": str(index), "status": TrialStatus.RUNNING.value,
             "control": str(index == 0 and self.child_kind == "trial").lower(), **self.child_tags})
@@ -153,14 +184,30 @@ class MlflowTracker(tune.Callback):
         flat = [Param(k, _value(v)) for k, v in sorted(cfg.to_dict().items())]
         for chunk in _chunks(flat):
             self.client.log_batch(run.info.run_id, params=chunk)
+        if self.judge_each_run:
+            self._log_validation_set(run.info.run_id, cfg)
+
+    def _log_validation_set(self, run_id: str, cfg) -> None:
+        """The trial's validation set as the run's dataset input, named by its data and identified by the sha256 of
+        the tokens it is measured on (the same fingerprint the tracks hold)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        m = measured(cfg, self.fingerprints)
+        source = {"data_dir": cfg.data.data_dir, "val_pattern": m.val_pattern}
+        dataset = Dataset(name=f"{m.data_source}-val-{m.val_tokens}", digest=(m.val_sha256 or "unknown")[:20],
+                          source_type="local", source=json.dumps(source),
+                          profile=json.dumps({"val_tokens": m.val_tokens, "val_sha256": m.val_sha256}))
+        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context",
+                                                                                  "validation")])])
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self.runs.get(trial.trial_id)
         if run_id is None or result.get(FINISHED):
             return
         step = int(result.get("step", 0))
-        ts = int(result.get("timestamp", 0) * 1000)
-        metrics = [Metric(k, float(result[k]), ts, step) for k in REPORT_KEYS
+        ts = int(result["timestamp"] * 1000) if result.get("timestamp") else _now_ms()
+        keys = [*REPORT_KEYS, *(k for k in result if k.startswith(SYSTEM_PREFIX))]  # the worker node's system metrics
+        metrics = [Metric(k, float(result[k]), ts, step) for k in keys
                    if isinstance(result.get(k), (int, float)) and math.isfinite(result[k])]
         if metrics:
             self.client.log_batch(run_id, metrics=metrics)
@@ -198,7 +245,7 @@ class MlflowTracker(tune.Callback):
                   if isinstance(last.get(k), (int, float)) and math.isfinite(float(last[k]))}
         cfg = self.trial_config(trial)
         # a searched knob may change what a trial measures; a script's data is not known (script_plan.py)
-        judge = self.judge if self.files_for else self.judge.for_run(measured(cfg, self.fingerprints))
+        judge = self.judge.for_run(measured(cfg, self.fingerprints)) if self.judge_each_run else self.judge
         verdict = judge.verdict(status, finals.get("val_loss"), finals.get("train_time_s"))
         reached = status == TrialStatus.FINISHED and finals.get("val_loss", math.inf) <= self.track.target_loss
         if reached:  # the run's end-of-run time (records.py): never a mid-run crossing
@@ -318,15 +365,16 @@ class MlflowTracker(tune.Callback):
             for r in pareto:
                 if r.get("mlflow_run_id"):
                     self.client.set_tag(r["mlflow_run_id"], "pareto", "true")
+        now = _now_ms()
         self.client.log_batch(self.parent_id, metrics=[
-            Metric("n_trials", len(rows), 0, 0), Metric("n_candidates", len(candidates), 0, 0)] + [
-            Metric("best_val_loss", min(r["val_loss"] for r in rows if r.get("val_loss") is not None), 0, 0)]
+            Metric("n_trials", len(rows), now, 0), Metric("n_candidates", len(candidates), now, 0)] + [
+            Metric("best_val_loss", min(r["val_loss"] for r in rows if r.get("val_loss") is not None), now, 0)]
             if any(r.get("val_loss") is not None for r in rows) else [])
         if split is not None:  # device-seconds by use (results.TimeSplit)
             self.client.log_batch(self.parent_id, metrics=[
-                Metric(f"device_s_{k}", v, 0, 0) for k, v in split.parts().items()] + [
-                Metric("device_s_total", split.total, 0, 0),
-                Metric("training_share", split.training / split.total if split.total else 0.0, 0, 0)])
+                Metric(f"device_s_{k}", v, now, 0) for k, v in split.parts().items()] + [
+                Metric("device_s_total", split.total, now, 0),
+                Metric("training_share", split.training / split.total if split.total else 0.0, now, 0)])
         self.client.set_tag(self.parent_id, "status", TrialStatus.FINISHED.value)
         self.client.set_terminated(self.parent_id, "FINISHED")
 

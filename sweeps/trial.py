@@ -20,6 +20,7 @@ from speedrun.config import TrainConfig
 
 from .protocol import TrialStatus, FINISHED, REPLAYED, index_from_dirname
 from .records import Track, projected_time_s
+from .system_metrics import SystemSampler
 from .spaces import Space
 
 
@@ -43,6 +44,14 @@ class TrialSpec:
     done_dir: str = ""  # where each trial leaves its final metrics when it ends (absolute path), if set
     track: Track | None = None  # for the time objective's projection of a missed target
     compile_cache: str = ""  # folder or URI of the sweep's portable compile-cache artifacts, if set
+
+    def trial_files(self, trial_id: str) -> dict:
+        """A trial's own files for MLflow: rank 0's speedrun log (the last attempt's) as train.log."""
+        from pathlib import Path
+
+        logs = sorted(Path(self.log_dir).glob(f"{trial_id}_seed*.txt"), key=lambda p: p.stat().st_mtime) \
+            if self.log_dir else []
+        return {"train.log": logs[-1]} if logs else {}
 
     def config_for(self, params: dict) -> TrainConfig:
         cfg = self.space.trial_config(params, self.steps)
@@ -109,8 +118,12 @@ def worker_loop(loop_config: dict) -> None:
         log_file.write("\n".join(environment_header(loop_config.get("code_version", "unknown"))) + "\n")
         log_file.write(f"# config: {json.dumps(cfg.to_dict(), sort_keys=True)}\n")
 
+    sampler = SystemSampler(gpu_ids()) if rank == 0 else None
+
     def report(metrics: dict) -> None:
         metrics = {**metrics, "total_steps": cfg.schedule.total_steps}  # schedulers compare schedule fractions
+        if sampler is not None:
+            metrics.update(sampler.take())
         if "startup_s" in metrics:  # the first report, after warm-up (compilation); the clock starts now
             metrics["trial_startup_s"] = time.time() - trial_start
             metrics["worker_start_s"] = worker_start_s
@@ -146,10 +159,19 @@ def worker_loop(loop_config: dict) -> None:
     finally:
         if log_file:
             log_file.close()
+        if sampler is not None:
+            sampler.stop()
     final = final_metrics(result, cfg, loop_config.get("track"))
     if rank == 0 and loop_config.get("done_path"):  # the trial's end, durable before Tune hears of it
         write_json_atomic(loop_config["done_path"], final)
     ray.train.report(final)
+
+
+def gpu_ids() -> list[int]:
+    """The physical GPUs Ray gave this worker (NVML's indices), for its system metrics."""
+    import ray
+
+    return [int(g) for g in ray.get_gpu_ids() if str(g).isdigit()]
 
 
 def portable_error(error: Exception) -> Exception:

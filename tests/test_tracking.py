@@ -69,7 +69,33 @@ def test_parent_children_params_metrics_tags(store):
     assert control.info.run_name == f"trial-000 {control.data.metrics['val_loss']:.4f} candidate"  # the list's headline
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"leaderboard.csv", "all_trials.png"}
     log = Path(client.download_artifacts(control.info.run_id, "train.log", str(root))).read_text()
-    assert "step:12/12 val_loss:" in log
+    assert log.startswith("# code version:") and "step:12/12 val_loss:" in log  # the worker's own log
+
+
+def test_runs_carry_source_system_metrics_and_their_validation_set(store):
+    """MLflow's conventions: the git commit, entry point and user (the run list's Source/Version/User columns),
+    the worker node's system metrics, the validation set as a dataset input with its fingerprint, and the
+    parent's metrics with real timestamps."""
+    from sweeps.records import get_track
+
+    root, uri = store
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("muon_lr")
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                            text=True).stdout.strip()
+    (parent,) = client.search_runs([exp.experiment_id], "tags.kind = 'sweep' and tags.sweep_name = 's'")
+    for run in [parent, *trial_runs(client, exp.experiment_id, "s")]:
+        assert run.data.tags["mlflow.source.git.commit"] == commit and run.data.tags["mlflow.user"]
+        assert run.data.tags["mlflow.source.name"]
+    assert all(m.timestamp > 0 for m in client.get_metric_history(parent.info.run_id, "n_trials"))
+    for run in trial_runs(client, exp.experiment_id, "s"):
+        cpu = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+        assert cpu and all(0 <= m.value <= 100 for m in cpu)
+        assert client.get_metric_history(run.info.run_id, "system/system_memory_usage_megabytes")[0].value > 0
+        (inp,) = run.inputs.dataset_inputs
+        assert inp.dataset.digest == get_track("quick").val_sha256[:20]
+        assert inp.dataset.name == "sample-val-4096" and {t.key: t.value for t in inp.tags} == {
+            "mlflow.data.context": "validation"}
 
 
 def test_report_reads_the_leaderboard_back(store, capsys):
