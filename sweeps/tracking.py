@@ -431,7 +431,8 @@ class MlflowTracker(tune.Callback):
         order = urllib.parse.quote(f"metrics.`{self.metric}`")
         return (f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false {cmd} ui --workers 1 --backend-store-uri "
                 f"{shlex.quote(self.uri)}\n  then open http://127.0.0.1:5000/#/experiments/{self.experiment_id}"
-                f"/runs?searchFilter={query}&orderByKey={order}&orderByAsc=true  (this sweep's trials, best first)")
+                f"/runs?workflowType=machine_learning&searchFilter={query}&orderByKey={order}&orderByAsc=true  "
+                f"(this sweep's trials, best first, in the UI's model-training view; its default is GenAI)")
 
 
 def _now_ms() -> int:

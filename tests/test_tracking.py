@@ -109,6 +109,16 @@ def test_report_reads_the_leaderboard_back(store, capsys):
     assert f"{words.count('candidate')} candidate(s)" in out
 
 
+def store_hint(uri: str) -> str:
+    """What the sweep CLI prints at its end to open the shared sweep's trials in the UI."""
+    from sweeps.records import get_track
+    from sweeps.records import Judge
+    from sweeps.tracking import MlflowTracker
+
+    tracker = MlflowTracker(uri, "muon_lr", "s", {}, Judge(get_track("quick")), 12, None)
+    return tracker.ui_hint()
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -157,6 +167,22 @@ def test_mlflow_ui_shows_the_trials(store, tmp_path):
         subprocess.run([chromium, *flags, f"--user-data-dir={tmp_path / 'c2'}", f"--screenshot={shot}", url],
                        capture_output=True, timeout=120)
         assert shot.exists() and shot.stat().st_size > 10_000
+        # the run list as ui_hint opens it (model-training view) and a trial's system metrics tab
+        hint_url = next(w for w in store_hint(uri).split() if w.startswith("http"))
+        client_url = hint_url.replace("127.0.0.1:5000", f"127.0.0.1:{port}")
+        dom = subprocess.run([chromium, *flags, f"--user-data-dir={tmp_path / 'c3'}", "--dump-dom", client_url],
+                             capture_output=True, text=True, timeout=120).stdout
+        assert "Model training" in dom and "Runs" in dom
+        subprocess.run([chromium, *flags, f"--user-data-dir={tmp_path / 'c4'}", f"--screenshot={OUTPUT / 'mlflow_ui_runs.png'}",
+                        client_url], capture_output=True, timeout=120)
+        system = (f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}/runs/{runs[0].info.run_id}/system-metrics"
+                  "?workflowType=machine_learning")
+        dom = subprocess.run([chromium, *flags, f"--user-data-dir={tmp_path / 'c5'}", "--dump-dom", system],
+                             capture_output=True, text=True, timeout=120).stdout
+        assert "cpu_utilization_percentage" in dom and "system_memory_usage_megabytes" in dom
+        subprocess.run([chromium, *flags, f"--user-data-dir={tmp_path / 'c6'}",
+                        f"--screenshot={OUTPUT / 'mlflow_ui_system_metrics.png'}", system], capture_output=True,
+                       timeout=120)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
