@@ -47,10 +47,11 @@ class _NoTuneResumeHint(logging.Filter):
         return "Resume experiment with" not in record.getMessage()
 
 
-def execute(make_tuner_fn, address: str | None, env: dict, need: tuple | None = None):
+def execute(make_tuner_fn, address: str | None, env: dict, need: tuple | None = None, stops: bool = False):
     """Start (or join) Ray, run the Tuner, shut down what we started; return Tune's ResultGrid.
     `need` = (workers, use_gpu, gpus_per_worker, cpus_per_worker) of one trial: refused (BadInput) before
-    any trial starts when the cluster, all nodes together, cannot hold it."""
+    any trial starts when the cluster, all nodes together, cannot hold it. `stops`: a scheduler may stop trials,
+    which needs what frees a stopped trial's resources (check_stopped_trials_are_freed)."""
     import ray
 
     own_ray = not ray.is_initialized()  # a caller (a test, a notebook) may have started Ray already
@@ -67,10 +68,37 @@ def execute(make_tuner_fn, address: str | None, env: dict, need: tuple | None = 
     try:
         if need:
             check_capacity(ray.cluster_resources(), "the Ray cluster", *need)
+        if stops:
+            check_stopped_trials_are_freed()
         return make_tuner_fn().fit()
     finally:
         if own_ray:
             ray.shutdown()
+
+
+def check_stopped_trials_are_freed(timeout_s: float = 10.0, wait_s: float = 30.0) -> None:
+    """BadInput unless Ray's State API (served by its dashboard) answers. When a scheduler stops a trial, Tune kills
+    the trial's actor, and the placement group of its Ray Train workers is freed only by Ray's cleaner, which asks
+    the State API; without it the reservation leaks and the next trial waits for resources for ever (seen on a
+    one-GPU machine: docs/ARCHITECTURE.md)."""
+    import time
+
+    from ray.util.state import list_nodes
+
+    deadline = time.time() + wait_s  # a dashboard that is still starting gets that long to answer
+    while True:
+        try:
+            list_nodes(limit=1, timeout=timeout_s, raise_on_missing_output=False)
+            return
+        except Exception as e:  # noqa: BLE001 - whatever the cause, the cleaner cannot work
+            if time.time() < deadline:
+                time.sleep(2.0)
+                continue
+            reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise BadInput(f"Ray's dashboard (its State API) does not answer ({reason}): it frees the resources of a "
+                       "trial the scheduler stops, and without it the next trial would wait for ever; start Ray "
+                       "with its dashboard (pip install 'ray[default]', a free port 8265), or sweep with "
+                       "--scheduler none") from None
 
 
 def local_ray_options() -> dict:
@@ -139,14 +167,20 @@ def concurrency_for(args, use_gpu: bool, gpus_per_worker: float, workers: int, r
     return max(1, min(fit, trials))
 
 
-def trial_env(folder, cpus_per_worker: float) -> dict:
-    """Environment of every trial and worker process of a sweep or record attempt in `folder`."""
+RESOURCE_TIMEOUT_S = 1800.0
+
+
+def trial_env(folder, cpus_per_worker: float, resource_timeout_s: float = RESOURCE_TIMEOUT_S) -> dict:
+    """Environment of every trial and worker process of a sweep or record attempt in `folder`. A trial whose workers
+    cannot get their resources within `resource_timeout_s` fails with Ray Train's startup timeout as its reason
+    (the trials' FailureConfig tolerates no controller failure) rather than waiting for ever."""
     from sweeps.compile_cache import cache_env
     from sweeps.trial import worker_env
 
     return worker_env({"OMP_NUM_THREADS": str(max(1, int(cpus_per_worker))),
                        **cache_env(str(folder / "inductor_cache")),
-                       "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]})
+                       "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"],
+                       "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(resource_timeout_s)})
 
 
 class BadInput(ValueError):

@@ -141,7 +141,7 @@ def plan_sweep(s: SweepSettings) -> Sweep:
     spec = TrialSpec(space=space, overrides=overrides, steps=steps, workers=workers, use_gpu=use_gpu,
                      cpus_per_worker=s.cpus_per_worker, gpus_per_worker=gpus_per_worker,
                      train_storage=str(folder / "train_runs"), max_failures=s.max_failures,
-                     env=trial_env(folder, s.cpus_per_worker), log_dir=str(folder / "logs"),
+                     env=trial_env(folder, s.cpus_per_worker, s.resource_timeout), log_dir=str(folder / "logs"),
                      code_version=code_version(), faults=faults, done_dir=str(folder / "done"),
                      track=judge.track if judge.comparable else None, compile_cache=str(folder / "compile_cache"))
     uri = resolve_uri(s.tracking_uri)

@@ -72,6 +72,7 @@ def run_sweep(sweep: Sweep, tracker) -> int:
     t0 = time.time()
     callbacks = [ProgressPrinter(plan.total_steps, sweep.space.metric, trials=plan.trials), tracker]
     grid = execute(lambda: make_tuner(plan, spec, callbacks, restore=sweep.restore), s.address, spec.env,
+                   stops=plan.scheduler != "none",
                    need=(spec.workers, spec.use_gpu, spec.gpus_per_worker, spec.cpus_per_worker))
     wall = add_wall_time(plan.folder, time.time() - t0, sweep.restore)
     tracker.load_done()

@@ -36,18 +36,8 @@ def script_steps(s: SweepSettings, env: dict[str, str], space) -> int:
                    "step count, as its `step:N/M` lines print it) or --env NUM_ITERS=N if the script reads it")
 
 
-def plan_script_sweep(s: SweepSettings):
-    from sweeps.plan import Sweep
-    from sweeps.records import Judge, load_tracks
-    from sweeps.samplers import DEFAULT_SAMPLER, SamplerError
-    from sweeps.script_space import load_script_space
-    from sweeps.script_trial import ScriptSpec
-    from sweeps.search import SweepPlan, sampler_choice
-    from sweeps.spaces import SpaceError
-    from sweeps.tracking import code_version, resolve_uri
-
-    if s.resume:
-        s = s.resumed()
+def check_script_flags(s: SweepSettings) -> Path:
+    """The flags of a script sweep that can be checked alone; returns the trainer's absolute path."""
     if s.trials is not None and s.trials < 1:
         raise BadInput(f"--trials {s.trials}: a sweep needs at least 1 trial")
     if s.max_failures < 0:
@@ -62,6 +52,22 @@ def plan_script_sweep(s: SweepSettings):
         if value:
             raise BadInput(f"{flag} applies to the speedrun trainer, not to --trainer: set your file's knobs in the "
                            f"space's [fixed] table, its environment with --env")
+    return trainer
+
+
+def plan_script_sweep(s: SweepSettings):
+    from sweeps.plan import Sweep
+    from sweeps.records import Judge, load_tracks
+    from sweeps.samplers import DEFAULT_SAMPLER, SamplerError
+    from sweeps.script_space import load_script_space
+    from sweeps.script_trial import ScriptSpec
+    from sweeps.search import SweepPlan, sampler_choice
+    from sweeps.spaces import SpaceError
+    from sweeps.tracking import code_version, resolve_uri
+
+    if s.resume:
+        s = s.resumed()
+    trainer = check_script_flags(s)
     env = parse_env(s.env)
     if s.data:
         env.setdefault("DATA_PATH", str(Path(s.data).expanduser().resolve()))
@@ -99,7 +105,7 @@ def plan_script_sweep(s: SweepSettings):
     ray_env()
     spec = ScriptSpec(space=space, source_path=str(trainer), code_dir=str(folder / "trial_code"), workers=workers,
                       use_gpu=use_gpu, cpus_per_worker=s.cpus_per_worker, gpus_per_worker=gpus_per_worker,
-                      env={**trial_env(folder, s.cpus_per_worker), **env,
+                      env={**trial_env(folder, s.cpus_per_worker, s.resource_timeout), **env,
                            # Ray Train then shows each worker all of its trial's GPUs on the node (script_trial.py)
                            **({"TRAIN_ENABLE_SHARE_CUDA_VISIBLE_DEVICES": "1"} if use_gpu else {})},
                       train_storage=str(folder / "train_runs"),

@@ -15,9 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .knobs import KnobError, find_knobs, resolve
-from .script_trial import ENV_PREFIX
+from .knobs import KnobError, Knob, find_knobs, resolve
 from .spaces import Param, Space, SpaceError, _parse_param
+
+ENV_PREFIX = "env."
+
+
+def split_params(params: dict) -> tuple[dict, dict]:
+    """(file knobs, environment variables) of a trial's params."""
+    knobs = {k: v for k, v in params.items() if not k.startswith(ENV_PREFIX)}
+    env = {k[len(ENV_PREFIX):]: str(v) for k, v in params.items() if k.startswith(ENV_PREFIX)}
+    return knobs, env
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,23 @@ def _cast(p: Param, text: str):
     return next((c for c in p.choices if str(c) == text), text)
 
 
+def _check_param(key: str, knobs: list[Knob], env: dict, trainer: str, fail) -> None:
+    """A searched key is an environment variable given with --env, or one knob of the file with a literal value."""
+    if key.startswith(ENV_PREFIX):
+        if key[len(ENV_PREFIX):] not in env:
+            raise fail(f"params.{key}: give the control's value with --env {key[len(ENV_PREFIX):]}=VALUE")
+        return
+    try:
+        knob = resolve(knobs, key, trainer)
+    except KnobError as e:
+        raise fail(f"params.{key}: {e}") from None
+    try:
+        ast.literal_eval(knob.value)
+    except (ValueError, SyntaxError):
+        raise fail(f"params.{key}: its value on line {knob.line} is not a literal ({knob.value}), so the file "
+                   f"has no control value; sweep an environment variable it reads instead, or write a literal") from None
+
+
 def load_script_space(space_path: str, trainer: str, env: dict[str, str]) -> ScriptSpace:
     """A space file for `trainer`, every key resolved in the file (SpaceError naming the key and the fix)."""
     path = Path(space_path)
@@ -97,19 +122,7 @@ def load_script_space(space_path: str, trainer: str, env: dict[str, str]) -> Scr
     params = []
     for key, spec in raw["params"].items():
         params.append(_parse_param(key, spec, "script", fail))
-        if key.startswith(ENV_PREFIX):
-            if key[len(ENV_PREFIX):] not in env:
-                raise fail(f"params.{key}: give the control's value with --env {key[len(ENV_PREFIX):]}=VALUE")
-            continue
-        try:
-            knob = resolve(knobs, key, trainer)
-        except KnobError as e:
-            raise fail(f"params.{key}: {e}") from None
-        try:
-            ast.literal_eval(knob.value)
-        except (ValueError, SyntaxError):
-            raise fail(f"params.{key}: its value on line {knob.line} is not a literal ({knob.value}), so the file "
-                       f"has no control value; sweep an environment variable it reads instead, or write a literal")
+        _check_param(key, knobs, env, trainer, fail)
     for key in raw.get("fixed", {}):
         if not key.startswith(ENV_PREFIX):
             try:

@@ -33,9 +33,9 @@ from pathlib import Path
 from .knobs import code_hash, diff, set_knobs
 from .protocol import FINISHED, REPLAYED, TrialStatus
 from .records import Track, projected_time_s
+from .script_space import ScriptConfig, split_params
 from .speedrun_logs import step_line
 
-ENV_PREFIX = "env."
 TAIL_LINES = 20
 
 
@@ -66,16 +66,8 @@ class ScriptSpec:
             files["train.log"] = logs[-1]  # the last attempt's, after a Ray Train retry
         return files
 
-    def config_for(self, params: dict):
-        from .script_space import ScriptConfig
+    def config_for(self, params: dict) -> ScriptConfig:
         return ScriptConfig(self.source_path, dict(params), dict(self.env))
-
-
-def split_params(params: dict) -> tuple[dict, dict]:
-    """(file knobs, environment variables) of a trial's params."""
-    knobs = {k: v for k, v in params.items() if not k.startswith(ENV_PREFIX)}
-    env = {k[len(ENV_PREFIX):]: str(v) for k, v in params.items() if k.startswith(ENV_PREFIX)}
-    return knobs, env
 
 
 def prepare_code(spec: ScriptSpec, trial_id: str, params: dict) -> tuple[Path, dict]:
@@ -101,6 +93,7 @@ def run_script_trial(config: dict, spec: ScriptSpec) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_start = time.time()
+    os.environ.update(spec.env)  # Ray Train hands its own RAY_TRAIN_* settings on to its controller
     ctx = ray.tune.get_context()
     trial_id = ctx.get_trial_id()
     done_path = os.path.join(spec.done_dir, f"{trial_id}.json") if spec.done_dir else ""
@@ -121,7 +114,8 @@ def run_script_trial(config: dict, spec: ScriptSpec) -> None:
         scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=spec.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=f"{ctx.get_experiment_name()}-{trial_id}", storage_path=spec.train_storage or None,
                              callbacks=[TuneReportCallback()],
-                             failure_config=FailureConfig(max_failures=spec.max_failures)),
+                             failure_config=FailureConfig(max_failures=spec.max_failures,
+                                                          controller_failure_limit=0)),
     )
     trainer.fit()
 
@@ -220,19 +214,7 @@ def script_worker(loop_config: dict) -> None:
                 ray.train.report({**metrics, **(sampler.take() if sampler else {})})
             if batch["end"]:
                 break
-        if batch["end"] == "stall":
-            raise ScriptFailed(f"no output from {script.name} for {loop_config['stall_s']:.0f}s (stalled); last "
-                               f"stderr lines of rank {rank}:\n{_tail(stderr_path)}")
-        code = batch["exit"] if rank == 0 else (_wait(proc, 120) if batch["exit"] == 0 else proc.poll())
-        if code != 0 and code is not None:
-            raise ScriptFailed(f"{script.name} exited with {code} on rank {rank}; last stderr lines:\n"
-                               f"{_tail(stderr_path)}")
-        if batch["exit"] != 0:
-            raise ScriptFailed(f"{script.name} on rank 0 exited with {batch['exit']} (rank {rank}'s own script "
-                               f"{'is still running' if code is None else 'ended'}); last stderr lines of rank "
-                               f"{rank}:\n{_tail(stderr_path)}")
-        if code is None:
-            raise ScriptFailed(f"{script.name} on rank {rank} did not exit within 120 s of rank 0's end")
+        check_end(batch, rank, proc, script.name, stderr_path, loop_config["stall_s"])
     finally:
         if sampler is not None:
             sampler.stop()
@@ -244,6 +226,23 @@ def script_worker(loop_config: dict) -> None:
         from .trial import write_json_atomic
         write_json_atomic(loop_config["done_path"], final)
     ray.train.report(final)
+
+
+def check_end(batch: dict, rank: int, proc: subprocess.Popen, name: str, stderr_path: Path, stall_s: float) -> None:
+    """ScriptFailed unless the scripts of every rank ended with 0: a stall, a non-zero exit of this rank's script,
+    or of rank 0's (told in the batch), with the last lines of this rank's stderr."""
+    if batch["end"] == "stall":
+        raise ScriptFailed(f"no output from {name} for {stall_s:.0f}s (stalled); last stderr lines of rank "
+                           f"{rank}:\n{_tail(stderr_path)}")
+    code = batch["exit"] if rank == 0 else (_wait(proc, 120) if batch["exit"] == 0 else proc.poll())
+    if code != 0 and code is not None:
+        raise ScriptFailed(f"{name} exited with {code} on rank {rank}; last stderr lines:\n{_tail(stderr_path)}")
+    if batch["exit"] != 0:
+        raise ScriptFailed(f"{name} on rank 0 exited with {batch['exit']} (rank {rank}'s own script "
+                           f"{'is still running' if code is None else 'ended'}); last stderr lines of rank "
+                           f"{rank}:\n{_tail(stderr_path)}")
+    if code is None:
+        raise ScriptFailed(f"{name} on rank {rank} did not exit within 120 s of rank 0's end")
 
 
 def _next_batch(lines: queue.Queue, stall_s: float) -> dict:

@@ -50,6 +50,7 @@ class SweepSettings:
     env: list[str] = field(default_factory=list)
     list_knobs: str | None = None
     stall_timeout: float = 900.0
+    resource_timeout: float = 1800.0
 
     def storage_root(self) -> Path:
         """--storage as the folder holding sweep folders (absolute; a URI is kept as given)."""
@@ -139,6 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confirm-top", type=int, default=0, metavar="K",
                    help="after the sweep, re-run the K best trials with fresh seeds and rank them by the mean")
     p.add_argument("--confirm-runs", type=int, default=3, metavar="M", help="seeds per re-run trial (default 3)")
+    add_script_flags(p)
+    p.add_argument("--resource-timeout", type=float, default=1800.0, metavar="S",
+                   help="a trial whose workers cannot get their CPUs/GPUs within S seconds fails with that reason "
+                        "instead of waiting (default 1800; raise it for a cluster that must scale up first)")
+    p.add_argument("--inject-faults", help=argparse.SUPPRESS)  # test-only, see sweeps.trial.FaultPlan
+    return p
+
+
+def add_script_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of a sweep of a contributor's own train_gpt.py (sweeps/script_plan.py)."""
     p.add_argument("--trainer", metavar="PATH", help="sweep your own train_gpt.py instead of the speedrun trainer: "
                    "each trial runs a copy of it with the space's knobs set, one process per worker as torchrun "
                    "would (README: Sweeping your own train_gpt.py)")
@@ -147,8 +158,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-knobs", metavar="PATH", help="print what can be swept in a train_gpt.py and exit")
     p.add_argument("--stall-timeout", type=float, default=900.0, metavar="S",
                    help="with --trainer: a trial whose script prints nothing for S seconds fails (default 900)")
-    p.add_argument("--inject-faults", help=argparse.SUPPRESS)  # test-only, see sweeps.trial.FaultPlan
-    return p
 
 
 def parse_settings(argv: list[str] | None) -> SweepSettings:

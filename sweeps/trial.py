@@ -100,6 +100,17 @@ def environment_header(code_version: str) -> list[str]:
     return ["# " + line for line in lines]
 
 
+def open_log(loop_config: dict, cfg: TrainConfig):
+    """Rank 0's speedrun log, headed by the environment and the config; None when the sweep keeps no logs."""
+    if not loop_config.get("log_path"):
+        return None
+    os.makedirs(os.path.dirname(loop_config["log_path"]), exist_ok=True)
+    log_file = open(loop_config["log_path"], "w")
+    log_file.write("\n".join(environment_header(loop_config.get("code_version", "unknown"))) + "\n")
+    log_file.write(f"# config: {json.dumps(cfg.to_dict(), sort_keys=True)}\n")
+    return log_file
+
+
 def worker_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
@@ -111,12 +122,7 @@ def worker_loop(loop_config: dict) -> None:
     trial_start = loop_config["trial_start"]
     worker_start_s = time.time() - trial_start  # Ray Train's controller, placement and worker process start
     rank = ray.train.get_context().get_world_rank()
-    log_file = None
-    if loop_config.get("log_path") and rank == 0:
-        os.makedirs(os.path.dirname(loop_config["log_path"]), exist_ok=True)
-        log_file = open(loop_config["log_path"], "w")
-        log_file.write("\n".join(environment_header(loop_config.get("code_version", "unknown"))) + "\n")
-        log_file.write(f"# config: {json.dumps(cfg.to_dict(), sort_keys=True)}\n")
+    log_file = open_log(loop_config, cfg) if rank == 0 else None
 
     sampler = SystemSampler(gpu_ids()) if rank == 0 else None
 
@@ -295,7 +301,8 @@ def run_trial(config: dict, spec: TrialSpec) -> None:
             name=f"{ctx.get_experiment_name()}-{ctx.get_trial_id()}",
             storage_path=spec.train_storage or None,
             callbacks=[TuneReportCallback()],
-            failure_config=FailureConfig(max_failures=spec.max_failures),
+            # a worker group that cannot start within the resource timeout (cluster.trial_env) fails the trial
+            failure_config=FailureConfig(max_failures=spec.max_failures, controller_failure_limit=0),
         ),
     )
     trainer.fit()
