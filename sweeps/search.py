@@ -68,8 +68,10 @@ class SpeedrunOptunaSearch(OptunaSearch):
             return  # only validations: the final report is told as the trial's value
         value = result[self.metric]
         ot = self._live_trial(trial_id)
+        if ot is None or not math.isfinite(value):
+            return
         step = int(result["step"])
-        if ot is not None and math.isfinite(value) and step not in ot.storage.get_trial(ot._trial_id).intermediate_values:
+        if step not in ot.storage.get_trial(ot._trial_id).intermediate_values:
             ot.report(value, step)  # a retried attempt repeats earlier steps: the first attempt's values stand
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
