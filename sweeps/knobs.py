@@ -144,8 +144,13 @@ def list_knobs(path: str) -> str:
     counts = Counter(k.name for k in knobs)
     width = max((len(k.name) for k in knobs), default=0)
     lines = [f"{len(knobs)} knobs in {path} (set one in a space as params.\"NAME\"; a name marked * occurs more than "
-             "once and cannot be swept as is):"]
-    for k in knobs:
+             "once and cannot be swept as is); hyperparameter classes, module constants and constructor keywords "
+             "first, other calls' keywords after:"]
+
+    def group(k: Knob) -> int:  # fields and constants, then keywords of constructors (Muon, GPT), then the rest
+        return {"field": 0, "assignment": 0}.get(k.kind, 1 if k.name[:1].isupper() else 2)
+
+    for k in sorted(knobs, key=lambda k: (group(k), k.line)):
         mark = "*" if counts[k.name] > 1 else " "
         value = k.value if len(k.value) <= 60 else k.value[:57] + "..."
         lines.append(f"{mark} {k.name:<{width}}  line {k.line:>5}  {k.kind:<10}  {value}")
