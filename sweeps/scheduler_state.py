@@ -30,6 +30,7 @@ class PersistentState:
     def persist(self) -> None:
         if not self.state_path:
             return
+        os.makedirs(os.path.dirname(self.state_path), exist_ok=True)
         tmp = f"{self.state_path}.tmp"
         with open(tmp, "wb") as f:
             pickle.dump({k: v for k, v in self.__dict__.items() if k not in _OWN}, f)

@@ -95,6 +95,7 @@ def study_storage(folder: Path) -> optuna.storages.JournalStorage:
     opened by `optuna.load_study(study_name=<sweep name>, storage=study_storage(folder))` and optuna-dashboard."""
     from optuna.storages.journal import JournalFileBackend
 
+    folder.mkdir(parents=True, exist_ok=True)  # a record attempt's or a re-run's Tuner makes its folder later
     return optuna.storages.JournalStorage(JournalFileBackend(str(folder / STUDY_FILE)))
 
 
