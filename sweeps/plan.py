@@ -97,6 +97,28 @@ def choose_judge(s: SweepSettings, control, objective: str):
     return judge
 
 
+def make_plan(s: SweepSettings, space, layout: tuple, res: Resources, total_steps: int, objective: str, track):
+    """The Tune plan of a sweep (of the speedrun trainer or of a script): its name, trials, concurrency and sampler
+    checked, and the folder of a new sweep not taken."""
+    from sweeps.samplers import DEFAULT_SAMPLER, SamplerError
+    from sweeps.search import SweepPlan, sampler_choice
+
+    use_gpu, gpus_per_worker, workers = layout
+    trials = s.trials if s.trials is not None else space.trials
+    s.name = s.name_or_default(space.name)
+    plan = SweepPlan(space, s.name, s.storage_root(), trials, concurrency_for(s, use_gpu, gpus_per_worker, workers,
+                     res, trials), s.seed, s.scheduler, total_steps, objective, track,
+                     s.sampler or space.sampler or DEFAULT_SAMPLER)
+    try:
+        sampler_choice(plan)
+    except SamplerError as e:
+        raise BadInput(f"--sampler {plan.sampler}: {e}") from None
+    if not s.resume and (plan.folder / SETTINGS_FILE).exists():
+        raise BadInput(f"sweep {s.name!r} already exists in {plan.storage}: pass --resume to continue it, "
+                       f"or choose another --name")
+    return plan
+
+
 def plan_sweep(s: SweepSettings) -> Sweep:
     """Check every input and resolve the sweep; BadInput on anything that cannot run."""
     from sweeps.spaces import available_spaces
@@ -109,8 +131,6 @@ def plan_sweep(s: SweepSettings) -> Sweep:
     preset = choose_preset(s, res)
     space, steps, control, overrides = load_space_and_data(s, preset)
 
-    from sweeps.samplers import DEFAULT_SAMPLER, SamplerError
-    from sweeps.search import SweepPlan, sampler_choice
     from sweeps.tracking import code_version, resolve_uri
     from sweeps.trial import FaultPlan, TrialSpec
 
@@ -124,19 +144,9 @@ def plan_sweep(s: SweepSettings) -> Sweep:
     objective = s.objective or space.objective
     judge = choose_judge(s, control, objective)
     overrides["run.target_loss"] = judge.track.target_loss
-    trials = s.trials if s.trials is not None else space.trials
-    s.name = s.name_or_default(space.name)
-    plan = SweepPlan(space, s.name, s.storage_root(), trials, concurrency_for(s, use_gpu, gpus_per_worker, workers,
-                     res, trials), s.seed, s.scheduler, control.schedule.total_steps, objective, judge.track,
-                     s.sampler or space.sampler or DEFAULT_SAMPLER)
-    try:
-        sampler_choice(plan)
-    except SamplerError as e:
-        raise BadInput(f"--sampler {plan.sampler}: {e}") from None
+    plan = make_plan(s, space, (use_gpu, gpus_per_worker, workers), res, control.schedule.total_steps, objective,
+                     judge.track)
     folder = plan.folder
-    if not s.resume and (folder / SETTINGS_FILE).exists():
-        raise BadInput(f"sweep {s.name!r} already exists in {plan.storage}: pass --resume to continue it, "
-                       f"or choose another --name")
     ray_env()
     spec = TrialSpec(space=space, overrides=overrides, steps=steps, workers=workers, use_gpu=use_gpu,
                      cpus_per_worker=s.cpus_per_worker, gpus_per_worker=gpus_per_worker,

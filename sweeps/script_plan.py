@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sweeps.cluster import BadInput, concurrency_for, local_resources, ray_env, trial_env, worker_layout
-from sweeps.settings import SETTINGS_FILE, SweepSettings
+from sweeps.cluster import BadInput, local_resources, ray_env, trial_env, worker_layout
+from sweeps.settings import SweepSettings
 
 
 def parse_env(items: list[str]) -> dict[str, str]:
@@ -56,12 +56,10 @@ def check_script_flags(s: SweepSettings) -> Path:
 
 
 def plan_script_sweep(s: SweepSettings):
-    from sweeps.plan import Sweep
+    from sweeps.plan import Sweep, make_plan
     from sweeps.records import Judge, load_tracks
-    from sweeps.samplers import DEFAULT_SAMPLER, SamplerError
     from sweeps.script_space import load_script_space
     from sweeps.script_trial import ScriptSpec
-    from sweeps.search import SweepPlan, sampler_choice
     from sweeps.spaces import SpaceError
     from sweeps.tracking import code_version, resolve_uri
 
@@ -89,19 +87,8 @@ def plan_script_sweep(s: SweepSettings):
     tracks = load_tracks()
     track = tracks["track1"] if "track1" in tracks else next(iter(tracks.values()))
     judge = Judge(track, ("a contributor's script: its validation data is not checked",))
-    trials = s.trials if s.trials is not None else space.trials
-    s.name = s.name_or_default(space.name)
-    plan = SweepPlan(space, s.name, s.storage_root(), trials, concurrency_for(s, use_gpu, gpus_per_worker, workers,
-                     res, trials), s.seed, s.scheduler, steps, objective, None, s.sampler or space.sampler
-                     or DEFAULT_SAMPLER)
-    try:
-        sampler_choice(plan)
-    except SamplerError as e:
-        raise BadInput(f"--sampler {plan.sampler}: {e}") from None
+    plan = make_plan(s, space, (use_gpu, gpus_per_worker, workers), res, steps, objective, None)
     folder = plan.folder
-    if not s.resume and (folder / SETTINGS_FILE).exists():
-        raise BadInput(f"sweep {s.name!r} already exists in {plan.storage}: pass --resume to continue it, "
-                       f"or choose another --name")
     ray_env()
     spec = ScriptSpec(space=space, source_path=str(trainer), code_dir=str(folder / "trial_code"), workers=workers,
                       use_gpu=use_gpu, cpus_per_worker=s.cpus_per_worker, gpus_per_worker=gpus_per_worker,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .knobs import KnobError, Knob, find_knobs, resolve
-from .spaces import Param, Space, SpaceError, _parse_param
+from .spaces import Param, Space, SpaceError, _check_space, _parse_param
 
 ENV_PREFIX = "env."
 
@@ -136,13 +136,5 @@ def load_script_space(space_path: str, trainer: str, env: dict[str, str]) -> Scr
         mode=raw.get("mode", "min"), trials=int(defaults.get("trials", 8)), steps=int(defaults.get("steps", 0)),
         grace_fraction=float(defaults.get("grace_fraction", 0.25)), objective=raw.get("objective", "loss"),
         sampler=raw.get("sampler"), path=path, trainer=str(Path(trainer).resolve()), base_env=dict(env))
-    control = space.control_point()
-    for p in space.params:
-        if not p.contains(control[p.key]):
-            raise fail(f"params.{p.key}: the file's value {control[p.key]!r} lies outside {p.describe()}: widen the "
-                       f"range so trial 0 can be the control")
-    for i, point in enumerate(space.points):
-        missing = {p.key for p in space.params} - set(point)
-        if missing:
-            raise fail(f"points[{i}] lacks {sorted(missing)}")
+    _check_space(space, "script", fail, control_from="the file")
     return space

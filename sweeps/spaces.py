@@ -165,8 +165,9 @@ def parse_space(raw: dict, name: str, preset: str, path: Path | None = None) -> 
     return space
 
 
-def _check_space(space: Space, preset: str, fail) -> None:
-    """A parsed space's defaults, control point and points make sense for the preset."""
+def _check_space(space: Space, preset: str, fail, control_from: str | None = None) -> None:
+    """A parsed space's defaults, control point and points make sense for the preset (the control's values come
+    from `control_from`, default "the PRESET preset")."""
     if space.trials < 1:
         raise fail("defaults.trials must be >= 1")
     if not 0 < space.grace_fraction <= 1:
@@ -174,8 +175,9 @@ def _check_space(space: Space, preset: str, fail) -> None:
     control = space.control_point()
     for p in space.params:
         if not p.contains(control[p.key]):
-            raise fail(f"params.{p.key}: the {preset} preset's value {control[p.key]!r} lies outside "
-                       f"{p.describe()}: widen the range so trial 0 can be the control")
+            source = control_from or f"the {preset} preset"
+            raise fail(f"params.{p.key}: {source}'s value {control[p.key]!r} lies outside {p.describe()}: widen the "
+                       f"range so trial 0 can be the control")
     for i, point in enumerate(space.points):
         missing = {p.key for p in space.params} - set(point)
         if missing:
