@@ -68,6 +68,7 @@ def test_killed_worker_is_retried_then_failed_and_divergence_is_learned(local_ra
 
 
 @pytest.mark.long
+@pytest.mark.timeout(1500)  # 20 trials, 3 at a time, on a 2-core CI machine: 8-10 minutes
 def test_soak_twenty_trials_with_random_failures(local_ray, tmp_path):
     faults = "rate=0.1,seed=8"
     plan = FaultPlan.parse(faults)
