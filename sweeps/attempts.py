@@ -80,7 +80,7 @@ def confirm_top(sweep, rows: list[dict], tracker) -> list[dict]:
         order = interleaved_seeds(10_000 + 100 * r["trial_index"], s.confirm_runs, False)
         name = f"{plan.name}-confirm-{r['trial_index']}"
         sub_spec = replace(make_attempt_spec(spec, name, {CANDIDATE_ARM: spec.config_for({k: r[k] for k in keys})},
-                                             order), overrides={}, log_dir=str(plan.storage / name / "logs"))
+                                             order), overrides={}, log_dir=str(plan.storage.local(name) / "logs"))
         sub_plan = SweepPlan(sub_spec.space, name, plan.storage, len(order), plan.concurrency, 0, "none",
                              plan.total_steps)
         sub_tracker = tracker.for_reruns(sub_spec.config_for, of=r["trial_index"])

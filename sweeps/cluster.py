@@ -14,8 +14,20 @@ EXIT_BAD_INPUT = 2
 
 @dataclass
 class Resources:
+    """What trials can use: this machine's CPUs and GPUs, or a Ray cluster's over all its nodes."""
     cpus: float
     gpus: int
+    limits: dict | None = None  # an autoscaling cluster's maximum ({"CPU": n, "GPU": m}); None: it is fixed
+    where: str = "this machine"
+    node_gpus: int | None = None  # the most GPUs one node has (or an autoscaler's node type); None: `gpus`
+
+    @property
+    def gpus_per_node(self) -> int:
+        return self.gpus if self.node_gpus is None else self.node_gpus
+
+    def most(self) -> dict:
+        """What it holds at most: now, or once its autoscaler has added every node it may."""
+        return self.limits or {"CPU": self.cpus, "GPU": self.gpus}
 
 
 def fail(msg: str) -> int:
@@ -26,6 +38,51 @@ def fail(msg: str) -> int:
 def local_resources() -> Resources:
     import torch
     return Resources(cpus=float(os.cpu_count() or 1), gpus=torch.cuda.device_count())
+
+
+def resources_for(address: str | None) -> Resources:
+    """The resources a sweep plans with: the cluster's at --address (not the driver's machine), else this machine's."""
+    return cluster_resources(address) if address else local_resources()
+
+
+def cluster_resources(address: str) -> Resources:
+    """All nodes' CPUs and GPUs of the Ray cluster at `address`, and its autoscaler's maximum if it has one."""
+    import ray
+
+    own = not ray.is_initialized()
+    try:
+        if own:
+            ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+        total, limits = ray.cluster_resources(), autoscaler_limits()
+        node_gpus = max([int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n["Alive"]] + [node_type_gpus()])
+    except (ConnectionError, ValueError) as e:
+        raise BadInput(f"--address {address}: no Ray cluster answers there ({str(e).splitlines()[0][:120]}): start "
+                       "one (ray start --head) or fix --address / RAY_ADDRESS") from None
+    finally:
+        if own and ray.is_initialized():
+            ray.shutdown()
+    return Resources(cpus=float(total.get("CPU", 0)), gpus=int(total.get("GPU", 0)), limits=limits,
+                     where=f"the Ray cluster at {address}", node_gpus=node_gpus)
+
+
+def node_type_gpus() -> int:
+    """The most GPUs of one node type an autoscaler may add (0 without an autoscaler)."""
+    try:
+        from ray._private.state import state
+        config = state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - no autoscaler config
+        return 0
+    return max([int(g.resources.get("GPU", 0)) for g in config.node_group_configs] + [0]) if config else 0
+
+
+def autoscaler_limits() -> dict | None:
+    """The connected cluster's maximum resources over its autoscaler's node types; None for a fixed cluster."""
+    try:
+        from ray._private.state import state  # what Ray Data's autoscaling reads too; no public API yet
+        limits = state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - an older GCS, no autoscaler: a fixed cluster
+        return None
+    return {k: float(v) for k, v in limits.items()} if limits else None
 
 
 def ray_env() -> None:
@@ -67,13 +124,58 @@ def execute(make_tuner_fn, address: str | None, env: dict, need: tuple | None = 
     logging.getLogger("ray.tune.tune").addFilter(_NoTuneResumeHint())
     try:
         if need:
-            check_capacity(ray.cluster_resources(), "the Ray cluster", *need)
+            limits = autoscaler_limits()
+            if limits is None:
+                check_capacity(ray.cluster_resources(), "the Ray cluster", *need)
+            else:
+                wait_for_capacity(limits, need, float(env.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S",
+                                                              RESOURCE_TIMEOUT_S)))
         if stops:
             check_stopped_trials_are_freed()
         return make_tuner_fn().fit()
     finally:
         if own_ray:
             ray.shutdown()
+
+
+def wait_for_capacity(limits: dict, need: tuple, timeout_s: float, poll_s: float = 2.0) -> None:
+    """On an autoscaling cluster: refuse a trial that even its largest size cannot hold; otherwise ask the
+    autoscaler for one trial's worth (ray.autoscaler.sdk.request_resources) and wait, saying so, until the cluster
+    holds it; BadInput after timeout_s (--resource-timeout)."""
+    import time
+
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    from sweeps.protocol import TRIAL_CPU
+
+    check_capacity(limits, "the Ray cluster at its autoscaler's maximum", *need)
+    workers, use_gpu, gpus_per_worker, cpus_per_worker = need
+
+    def short() -> str | None:
+        try:
+            check_capacity(ray.cluster_resources(), "the Ray cluster now", *need)
+        except BadInput as e:
+            return str(e).split(": lower")[0]
+        return None
+
+    missing = short()
+    if missing is None:
+        return
+    bundle = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
+    request_resources(bundles=[bundle] * workers + [{"CPU": TRIAL_CPU}])
+    t0, said = time.time(), -1.0
+    while missing is not None:
+        waited = time.time() - t0
+        if waited > timeout_s:
+            raise BadInput(f"the autoscaling cluster did not scale up within {timeout_s:.0f}s ({missing}): check its "
+                           "autoscaler's log, or raise --resource-timeout")
+        if waited - said >= 10:
+            print(f"waiting for the cluster to scale up ({waited:.0f}s): {missing}", file=sys.stderr, flush=True)
+            said = waited
+        time.sleep(poll_s)
+        missing = short()
+    print(f"the cluster holds a trial after {time.time() - t0:.0f}s of scaling up", file=sys.stderr, flush=True)
 
 
 def check_stopped_trials_are_freed(timeout_s: float = 10.0, wait_s: float = 30.0) -> None:
@@ -141,44 +243,46 @@ def worker_layout(args, device: str, res: Resources, gpu_by_default: bool = True
     if args.gpus_per_worker is not None:
         use_gpu = args.gpus_per_worker > 0
     else:
-        use_gpu = res.gpus > 0 and (device == "cuda" or (device == "auto" and gpu_by_default))
+        use_gpu = res.most().get("GPU", 0) > 0 and (device == "cuda" or (device == "auto" and gpu_by_default))
     if device == "cuda" and not use_gpu:
         raise BadInput("run.device=cuda needs GPU workers: drop --gpus-per-worker 0, or run on a machine with GPUs")
     gpus_per_worker = (1.0 if use_gpu else 0.0) if args.gpus_per_worker is None else args.gpus_per_worker
-    workers = args.workers_per_trial or (max(1, int(res.gpus // gpus_per_worker)) if use_gpu else 1)
-    if not args.address:
-        check_capacity({"CPU": res.cpus, "GPU": res.gpus}, "this machine", workers, use_gpu, gpus_per_worker,
-                       args.cpus_per_worker)
+    # one trial = one node's GPUs by default (all of this machine's; on a cluster, its largest node's)
+    workers = args.workers_per_trial or (max(1, int(res.gpus_per_node // gpus_per_worker)) if use_gpu else 1)
+    check_capacity(res.most(), res.where + (" at its autoscaler's maximum" if res.limits else ""), workers, use_gpu,
+                   gpus_per_worker, args.cpus_per_worker)
     return use_gpu, gpus_per_worker, workers
 
 
 def concurrency_for(args, use_gpu: bool, gpus_per_worker: float, workers: int, res: Resources, trials: int) -> int:
-    """--concurrency, else as many trials as this machine's CPUs or GPUs hold (1 on a remote cluster)."""
+    """--concurrency, else as many trials as the machine's or the cluster's CPUs or GPUs hold (an autoscaling
+    cluster's: once it has scaled up)."""
     from sweeps.protocol import TRIAL_CPU
 
     if args.concurrency:
         return args.concurrency
-    if args.address:
-        fit = 1
-    elif use_gpu:
-        fit = int(res.gpus // (workers * gpus_per_worker))
+    most = res.most()
+    if use_gpu:
+        fit = int(most.get("GPU", 0) // (workers * gpus_per_worker))
     else:
-        fit = int(res.cpus // (workers * args.cpus_per_worker + TRIAL_CPU))
+        fit = int(most.get("CPU", 0) // (workers * args.cpus_per_worker + TRIAL_CPU))
     return max(1, min(fit, trials))
 
 
 RESOURCE_TIMEOUT_S = 1800.0
 
 
-def trial_env(folder, cpus_per_worker: float, resource_timeout_s: float = RESOURCE_TIMEOUT_S) -> dict:
+def trial_env(folder, cpus_per_worker: float, resource_timeout_s: float = RESOURCE_TIMEOUT_S, storage=None) -> dict:
     """Environment of every trial and worker process of a sweep or record attempt in `folder`. A trial whose workers
     cannot get their resources within `resource_timeout_s` fails with Ray Train's startup timeout as its reason
     (the trials' FailureConfig tolerates no controller failure) rather than waiting for ever."""
     from sweeps.compile_cache import cache_env
+    from sweeps.storage import forwarded_env
     from sweeps.trial import worker_env
 
-    return worker_env({"OMP_NUM_THREADS": str(max(1, int(cpus_per_worker))),
-                       **cache_env(str(folder / "inductor_cache")),
+    # Inductor's and Triton's caches are node-local even when the sweep is stored under a URI (storage.py)
+    return worker_env({**(forwarded_env(storage) if storage is not None else {}),
+                       "OMP_NUM_THREADS": str(max(1, int(cpus_per_worker))), **cache_env(str(folder / "inductor_cache")),
                        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"],
                        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(resource_timeout_s)})
 

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sweeps.cluster import (BadInput, Resources, concurrency_for, local_resources, ray_env, trial_env,
+from sweeps.cluster import (BadInput, Resources, concurrency_for, ray_env, resources_for, trial_env,
                             worker_layout)
 from sweeps.settings import SETTINGS_FILE, SweepSettings
 
@@ -38,13 +38,13 @@ def choose_preset(s: SweepSettings, res: Resources) -> str:
 
     if s.preset:
         return s.preset
-    if res.gpus and (s.data or has_fineweb(None)):
+    if res.most().get("GPU", 0) and (s.data or has_fineweb(None)):
         return "record"  # a given --data that is unusable is refused by prepare_data, never swapped
     if s.data:
-        print(f"notice: no CUDA device: sweeping the tiny model on the FineWeb shards in {fineweb_dir(s.data)} "
+        print(f"notice: no GPU in {res.where}: sweeping the tiny model on the FineWeb shards in {fineweb_dir(s.data)} "
               f"(pass --preset record to insist)", file=sys.stderr)
     else:
-        why = "no CUDA device" if not res.gpus else f"no FineWeb shards in {fineweb_dir(None)}"
+        why = f"no GPU in {res.where}" if not res.most().get("GPU", 0) else f"no FineWeb shards in {fineweb_dir(None)}"
         print(f"notice: {why}: sweeping the tiny preset on CPU with the generated sample corpus "
               f"(pass --preset record to insist)", file=sys.stderr)
     return "tiny"
@@ -106,14 +106,19 @@ def make_plan(s: SweepSettings, space, layout: tuple, res: Resources, total_step
     use_gpu, gpus_per_worker, workers = layout
     trials = s.trials if s.trials is not None else space.trials
     s.name = s.name_or_default(space.name)
-    plan = SweepPlan(space, s.name, s.storage_root(), trials, concurrency_for(s, use_gpu, gpus_per_worker, workers,
+    plan = SweepPlan(space, s.name, s.storage_location(), trials, concurrency_for(s, use_gpu, gpus_per_worker, workers,
                      res, trials), s.seed, s.scheduler, total_steps, objective, track,
                      s.sampler or space.sampler or DEFAULT_SAMPLER)
     try:
         sampler_choice(plan)
     except SamplerError as e:
         raise BadInput(f"--sampler {plan.sampler}: {e}") from None
-    if not s.resume and (plan.folder / SETTINGS_FILE).exists():
+    try:
+        plan.storage.check()
+    except OSError as e:
+        raise BadInput(f"--storage {plan.storage} is not usable ({str(e).splitlines()[0][:160]}): create the folder or "
+                       "bucket, or fix its credentials (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)") from None
+    if not s.resume and plan.storage.exists(plan.name, SETTINGS_FILE):
         raise BadInput(f"sweep {s.name!r} already exists in {plan.storage}: pass --resume to continue it, "
                        f"or choose another --name")
     return plan
@@ -127,7 +132,7 @@ def plan_sweep(s: SweepSettings) -> Sweep:
         s = s.resumed()
     if not s.space:
         raise BadInput(f"--space is required: one of {', '.join(available_spaces())} (see --list-spaces)")
-    res = local_resources()
+    res = resources_for(s.address)
     preset = choose_preset(s, res)
     space, steps, control, overrides = load_space_and_data(s, preset)
 
@@ -150,13 +155,14 @@ def plan_sweep(s: SweepSettings) -> Sweep:
     ray_env()
     spec = TrialSpec(space=space, overrides=overrides, steps=steps, workers=workers, use_gpu=use_gpu,
                      cpus_per_worker=s.cpus_per_worker, gpus_per_worker=gpus_per_worker,
-                     train_storage=str(folder / "train_runs"), max_failures=s.max_failures,
-                     env=trial_env(folder, s.cpus_per_worker, s.resource_timeout), log_dir=str(folder / "logs"),
-                     code_version=code_version(), faults=faults, done_dir=str(folder / "done"),
-                     track=judge.track if judge.comparable else None, compile_cache=str(folder / "compile_cache"))
+                     train_storage=plan.storage.uri(plan.name, "train_runs"), max_failures=s.max_failures,
+                     env=trial_env(folder, s.cpus_per_worker, s.resource_timeout, plan.storage),
+                     log_dir=str(folder / "logs"), code_version=code_version(), faults=faults,
+                     done_dir=str(folder / "done"), track=judge.track if judge.comparable else None,
+                     compile_cache=plan.storage.uri(plan.name, "compile_cache"), storage=plan.storage.root)
     uri = resolve_uri(s.tracking_uri)
     check_tracking_uri(uri)
-    return Sweep(s, space, spec, plan, judge, uri, preset, use_gpu, s.resume and (folder / "tuner.pkl").exists())
+    return Sweep(s, space, spec, plan, judge, uri, preset, use_gpu, s.resume and plan.storage.exists(plan.name, "tuner.pkl"))
 
 
 def check_tracking_uri(uri: str) -> None:
@@ -188,7 +194,7 @@ def open_tracker(sweep: Sweep):
               "trials": w.plan.trials, "concurrency": w.plan.concurrency, "preset": w.preset,
               "steps": w.plan.total_steps, "objective": w.plan.objective, "workers_per_trial": w.workers,
               "gpus_per_worker": w.spec.gpus_per_worker if w.use_gpu else 0,
-              "params": ", ".join(p.key for p in w.space.params), "storage": str(w.plan.folder)}
+              "params": ", ".join(p.key for p in w.space.params), "storage": w.plan.storage.uri(w.plan.name)}
     for attempt in range(5):
         try:
             return MlflowTracker(w.uri, w.space.name, w.plan.name, params, w.judge, w.plan.total_steps,

@@ -45,11 +45,21 @@ def parse_args(argv):
     src.add_argument("--config", help="a JSON file of flat dotted keys (a trial's config.json)")
     src.add_argument("--preset", help="record | tiny (default: tiny without CUDA, else record)")
     src.add_argument("--logs", metavar="DIR", help="judge the speedrun logs in DIR (one file per run); no training")
+    src.add_argument("--trainer", metavar="PATH.py",
+                     help="runs of your own train_gpt.py; --set KNOB=VALUE by the file's names (--list-knobs)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --trainer: environment of every run (DATA_PATH, NUM_ITERS, ...)")
+    p.add_argument("--seed-env", default="", metavar="NAME",
+                   help="with --trainer: the environment variable your file reads a seed from; each run gets its own")
+    p.add_argument("--stall-timeout", type=float, default=900.0,
+                   help="with --trainer: a run that prints nothing for this many seconds fails (default 900)")
     p.add_argument("--baseline", metavar="RUN_ID|FILE.json",
-                   help="baseline config (an MLflow run id or a JSON config): its runs interleave with the candidate's")
+                   help="baseline config (an MLflow run id or a JSON config; with --trainer, a .py file run as it "
+                        "is): its runs interleave with the candidate's")
     p.add_argument("--baseline-logs", metavar="DIR", help="baseline runs from existing logs (one file per run)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--steps", type=int, help="compress the schedule into N steps")
+    p.add_argument("--steps", type=int, help="compress the schedule into N steps (with --trainer: the file's step "
+                                                      "count, when --env NUM_ITERS does not give it)")
     p.add_argument("--runs", type=int, default=10, help="runs of the candidate (and of the baseline), default 10")
     p.add_argument("--first-seed", type=int, default=1000, help="seeds are first-seed, first-seed+1, ...")
     p.add_argument("--track", help="default: the track that holds for the run's data, validation set and steps")
@@ -261,23 +271,34 @@ def main(argv: list[str] | None = None) -> int:
 
     uri = resolve_uri(args.tracking_uri)
     name = args.name or f"record-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
-    storage = Path(args.storage).expanduser().resolve()
-    folder = storage / name
+    from sweeps.storage import Storage
+    storage = Storage.parse(args.storage)
+    folder = storage.local(name)
     if args.logs:
-        training = [f for f in ("run_id", "space", "config", "preset", "baseline", "steps", "torchrun")
+        training = [f for f in ("run_id", "space", "config", "preset", "baseline", "steps", "torchrun", "trainer")
                     if getattr(args, f)] + (["set"] if args.sets else [])
         if training:
             return fail(f"--logs judges existing runs: drop --{training[0].replace('_', '-')} (it configures fresh runs)")
-        return verdict_from_logs(args, uri, name, folder)
+        rc = verdict_from_logs(args, uri, name, folder)
+        storage.push_sweep(name)
+        return rc
     if args.runs < 2:
         return fail(f"--runs {args.runs}: the acceptance test needs at least 2 runs (about 10 are typical)")
     try:
-        return attempt(args, uri, name, storage, folder)
+        if args.trainer:
+            rc = script_attempt(args, uri, name, storage, folder)
+        elif args.env or args.seed_env:
+            raise BadInput(f"{'--env' if args.env else '--seed-env'} applies to --trainer runs: set the speedrun "
+                           "trainer's knobs with --set")
+        else:
+            rc = attempt(args, uri, name, storage, folder)
     except BadInput as e:
         return fail(str(e))
+    storage.push_sweep(name)  # statistics, verdict and logs to a URI storage
+    return rc
 
 
-def attempt(args, uri: str, name: str, storage: Path, folder: Path) -> int:
+def attempt(args, uri: str, name: str, storage, folder: Path) -> int:
     from speedrun.data import ShardError
     from sweeps.attempts import BASELINE_ARM, CANDIDATE_ARM, interleaved_seeds
     from sweeps.sweep_data import BadData, Fingerprints, measured, prepare_data
@@ -321,15 +342,20 @@ def attempt(args, uri: str, name: str, storage: Path, folder: Path) -> int:
         runs = run_with_torchrun(configs, overrides, order, folder, args)
     else:
         runs, tracker = run_with_ray(configs, overrides, order, name, storage, judge, uri, args)
-    cand = [r for r in runs if r["arm"] == CANDIDATE_ARM]
-    base = [r for r in runs if r["arm"] == BASELINE_ARM] or logged_base
     notes = []
     if logged_base is not None:
         notes.append(f"baseline runs from {args.baseline_logs}, not interleaved with the candidate's: drift between "
                      "the two sets counts as a difference")
-    elif base is None:
+    elif BASELINE_ARM not in configs:
         notes.append(f"time tested against the track's record time {judge.track.record_time_s:g}s (measured on "
                      f"{judge.track.hardware or 'unknown hardware'}); --baseline times both on this machine")
+    return report_attempt(runs, logged_base, judge, name, folder, notes, tracker, t0)
+
+
+def report_attempt(runs, logged_base, judge, name, folder, notes, tracker, t0) -> int:
+    """The verdict over an attempt's runs, printed, written and logged; the exit code."""
+    cand = [r for r in runs if r["arm"] == "candidate"]
+    base = [r for r in runs if r["arm"] == "baseline"] or logged_base
     test, rows = judge_and_report(cand, base, judge, folder, f"Record attempt {name}", notes)
     if tracker is not None:
         log_to_mlflow(tracker, name, test, folder)
@@ -337,36 +363,110 @@ def attempt(args, uri: str, name: str, storage: Path, folder: Path) -> int:
     return EXIT_ACCEPTED if test.accepted else EXIT_NOT_ACCEPTED
 
 
+def script_attempt(args, uri: str, name: str, storage, folder: Path) -> int:
+    """`--trainer PATH`: fresh runs of the contributor's file (and a baseline file's, interleaved), judged as logs
+    are: the file reads its own data, so the track is taken as holding for it and the statistics say so."""
+    from sweeps.attempts import BASELINE_ARM, interleaved_seeds
+    from sweeps.records import Judge, get_track
+    from sweeps.script_attempts import run_with_torchrun, script_arms
+    from sweeps.script_plan import parse_env, script_steps
+
+    arms = script_arms(args)
+    env = parse_env(args.env)
+    if args.data:
+        env.setdefault("DATA_PATH", str(Path(args.data).expanduser().resolve()))
+    steps = script_steps(args.steps, env)
+    try:
+        judge = Judge(get_track(args.track or "track1", args.target, args.record_time))
+    except (ValueError, LookupError) as e:
+        raise BadInput(str(e)) from None
+    order = interleaved_seeds(args.first_seed, args.runs, BASELINE_ARM in arms)
+    knobs = ", ".join(f"{k}={v!r}" for k, v in arms["candidate"][1].items()) or "its knobs as they are"
+    print(f"record attempt {name}: {args.runs} runs of {arms['candidate'][0]} ({knobs}), {steps} steps"
+          + (f", interleaved with {args.runs} of {arms[BASELINE_ARM][0]} as it is" if BASELINE_ARM in arms else "")
+          + f"; target {judge.track.target_loss}; runs in {folder}")
+    data = env.get("DATA_PATH", "the file's default path")
+    notes = [f"the runs read their own data ({data}): taken as measured on "
+             f"track {judge.track.name}'s data and validation set ({judge.track.description})"]
+    if not args.baseline:
+        notes.append(f"time tested against the track's record time {judge.track.record_time_s:g}s (measured on "
+                     f"{judge.track.hardware or 'unknown hardware'}); --baseline PATH.py times both on this machine")
+    t0 = time.time()
+    if args.torchrun:
+        import torch
+        nproc = args.workers_per_trial or max(1, torch.cuda.device_count())
+        runs, tracker = run_with_torchrun(arms, env, order, folder, nproc, args.seed_env), None
+    else:
+        runs, tracker = run_script_with_ray(arms, env, order, name, storage, judge, uri, args, steps)
+    return report_attempt(runs, None, judge, name, folder, notes, tracker, t0)
+
+
 def run_with_ray(configs, overrides, order, name, storage, judge, uri, args) -> tuple[list[dict], object]:
     from sweeps.attempts import make_attempt_spec
-    from sweeps.cluster import concurrency_for, execute, local_resources, ray_env, trial_env, worker_layout
-    from sweeps.results import ProgressPrinter, rows_from_grid
-    from sweeps.search import SweepPlan
-    from sweeps.search import make_tuner
-    from sweeps.tracking import MlflowTracker, code_version
+    from sweeps.cluster import concurrency_for, ray_env, resources_for, trial_env, worker_layout
+    from sweeps.tracking import code_version
     from sweeps.trial import TrialSpec
 
-    res = local_resources()
+    res = resources_for(args.address)
     use_gpu, gpus_per_worker, workers = worker_layout(args, configs["candidate"].run.device, res)
     if not use_gpu:  # CPU reservations train on the CPU, never on a GPU no trial reserved
         overrides.update({"run.threads": max(1, int(args.cpus_per_worker)), "run.device": "cpu"})
-    total_steps = configs["candidate"].schedule.total_steps
     concurrency = concurrency_for(args, use_gpu, gpus_per_worker, workers, res, len(order))
-    folder = storage / name
+    folder = storage.local(name)
     ray_env()
-    env = trial_env(folder, args.cpus_per_worker)
+    env = trial_env(folder, args.cpus_per_worker, storage=storage)
     base = TrialSpec(space=None, overrides=overrides, workers=workers, use_gpu=use_gpu,
                      cpus_per_worker=args.cpus_per_worker, gpus_per_worker=gpus_per_worker,
-                     train_storage=str(folder / "train_runs"), max_failures=1, env=env,
+                     train_storage=storage.uri(name, "train_runs"), max_failures=1, env=env,
                      log_dir=str(folder / "logs"), code_version=code_version(),
-                     compile_cache=str(folder / "compile_cache"))
+                     compile_cache=storage.uri(name, "compile_cache"), storage=storage.root)
     spec = make_attempt_spec(base, EXPERIMENT, configs, order)
+    return attempt_on_ray(spec, order, name, storage, judge, uri, args, configs["candidate"].schedule.total_steps,
+                          concurrency, {"workers_per_trial": workers})
+
+
+def run_script_with_ray(arms, script_env, order, name, storage, judge, uri, args, steps) -> tuple[list[dict], object]:
+    """The runs of --trainer files, each a script trial (sweeps.script_trial) on this node's or the cluster's GPUs."""
+    from sweeps.cluster import concurrency_for, ray_env, resources_for, trial_env, worker_layout
+    from sweeps.script_attempts import make_script_attempt_spec
+    from sweeps.script_trial import ScriptSpec
+    from sweeps.tracking import code_version
+
+    res = resources_for(args.address)
+    try:
+        use_gpu, gpus_per_worker, workers = worker_layout(args, "auto", res, gpu_by_default=True)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+    concurrency = concurrency_for(args, use_gpu, gpus_per_worker, workers, res, len(order))
+    folder = storage.local(name)
+    ray_env()
+    env = {**trial_env(folder, args.cpus_per_worker, storage=storage), **script_env,
+           **({"TRAIN_ENABLE_SHARE_CUDA_VISIBLE_DEVICES": "1"} if use_gpu else {})}
+    base = ScriptSpec(space=None, source_path=arms["candidate"][0], code_dir=str(folder / "trial_code"),
+                      workers=workers, use_gpu=use_gpu, cpus_per_worker=args.cpus_per_worker,
+                      gpus_per_worker=gpus_per_worker, env=env, train_storage=storage.uri(name, "train_runs"),
+                      max_failures=1, done_dir=str(folder / "done"), stall_s=args.stall_timeout,
+                      code_version=code_version(), storage=storage.root)
+    spec = make_script_attempt_spec(base, EXPERIMENT, arms, order, args.seed_env)
+    return attempt_on_ray(spec, order, name, storage, judge, uri, args, steps, concurrency,
+                          {"workers_per_trial": workers, "trainer": arms["candidate"][0]},
+                          files_for=spec.trial_files, judge_each_run=False)
+
+
+def attempt_on_ray(spec, order, name, storage, judge, uri, args, total_steps, concurrency, params,
+                   **tracker_options) -> tuple[list[dict], object]:
+    """One Tune trial per (seed, arm) of `order`, in that order; each run's result by seed, and the tracker."""
+    from sweeps.cluster import execute
+    from sweeps.results import ProgressPrinter, rows_from_grid
+    from sweeps.search import SweepPlan, make_tuner
+    from sweeps.tracking import MlflowTracker
+
     plan = SweepPlan(spec.space, name, storage, len(order), concurrency, 0, "none", total_steps)
     tracker = MlflowTracker(uri, EXPERIMENT, name, {"kind": "record attempt", "runs": args.runs,
-                                                    "seeds": [s for s, _ in order], "workers_per_trial": workers},
-                            judge, total_steps, spec.config_for, tags_for=spec.tags_for)
+                                                    "seeds": [s for s, _ in order], **params},
+                            judge, total_steps, spec.config_for, tags_for=spec.tags_for, **tracker_options)
     grid = execute(lambda: make_tuner(plan, spec, [ProgressPrinter(total_steps, "val_loss", trials=len(order)), tracker]),
-                   args.address, env)
+                   args.address, spec.env)
     rows = tracker.annotate(rows_from_grid(grid, ["run.seed"]))
     tracker.finish_sweep(rows, tracker.curves())
     by_seed = {int(r["run.seed"]): r for r in rows}

@@ -18,6 +18,7 @@ METRIC_COLUMNS = ("val_loss", "final_val_loss", "train_time_s", "time_to_target_
                   "startup_s", "trial_startup_s", "compile_s", "val_time_s", "peak_mem_bytes", "floor", "time_total_s",
                   "compile_graphs", "compile_fx_cache_hits", "compile_fx_cache_misses", "compile_artifacts_loaded",
                   "first_report_s", "worker_start_s", "init_s", "compile_artifacts_load_s")
+NODE_COLUMNS = ("node_id", "node_ip")
 # reported once (at the first report) or cumulatively (at validations): a trial stopped early has them only
 # in an earlier report than its last
 EARLIER_REPORT_COLUMNS = ("trial_startup_s", "startup_s", "compile_s", "val_time_s", "compile_graphs",
@@ -57,6 +58,10 @@ def rows_from_grid(grid, param_keys: list[str]) -> list[dict]:
         for k in METRIC_COLUMNS:
             v = m.get(k)
             row[k] = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+        for k in NODE_COLUMNS:  # where the trial ran (its rank 0's Ray node), from its first report on
+            v = m.get(k) if m.get(k) else (df[k].dropna().iloc[-1] if df is not None and k in df and
+                                           len(df[k].dropna()) else None)
+            row[k] = str(v) if v else None
         rows.append(row)
     return sorted(rows, key=lambda r: r["trial_index"])
 
@@ -209,3 +214,25 @@ class ProgressPrinter(tune.Callback):
 
 def _short(v):
     return f"{v:.4g}" if isinstance(v, float) else v
+
+
+class PushSweepFiles(tune.Callback):
+    """After every trial's end, the sweep's own files (the Optuna journal, the scheduler's state, done markers)
+    from the driver's copy to a URI storage (sweeps.storage), so that a driver lost on this machine can be
+    resumed from another."""
+
+    def __init__(self, storage_root: str, name: str):
+        self.storage_root, self.name = storage_root, name
+
+    def _push(self) -> None:
+        from .storage import Storage
+
+        storage = Storage(self.storage_root)
+        if storage.remote:
+            storage.push_sweep(self.name)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._push()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._push()

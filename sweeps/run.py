@@ -60,17 +60,19 @@ def list_spaces() -> int:
 
 def run_sweep(sweep: Sweep, tracker) -> int:
     """Run (or resume) the sweep's Tuner, record what it did, print the summary; 130 if interrupted."""
-    from sweeps.results import ProgressPrinter, pareto_front, rows_from_grid, time_split, write_parquet
+    from sweeps.results import ProgressPrinter, PushSweepFiles, pareto_front, rows_from_grid, time_split, write_parquet
     from sweeps.search import close_interrupted, make_tuner
     from sweeps.summary import header, resume_command, summary
 
     s, plan, spec = sweep.settings, sweep.plan, sweep.spec
     s.save(plan.folder, sweep.uri)
+    plan.storage.push_sweep(plan.name)
     if sweep.restore:
         tracker.reopen()
     print(header(sweep))
     t0 = time.time()
-    callbacks = [ProgressPrinter(plan.total_steps, sweep.space.metric, trials=plan.trials), tracker]
+    callbacks = [ProgressPrinter(plan.total_steps, sweep.space.metric, trials=plan.trials), tracker,
+                 PushSweepFiles(plan.storage.root, plan.name)]
     grid = execute(lambda: make_tuner(plan, spec, callbacks, restore=sweep.restore), s.address, spec.env,
                    stops=plan.scheduler != "none",
                    need=(spec.workers, spec.use_gpu, spec.gpus_per_worker, spec.cpus_per_worker))
@@ -83,13 +85,15 @@ def run_sweep(sweep: Sweep, tracker) -> int:
     if len(grid) < plan.trials or settled < len(grid):
         tracker.mark_interrupted()
         close_interrupted(plan.folder, plan.name)
+        plan.storage.push_sweep(plan.name)
         print(f"\ninterrupted: {settled} of {plan.trials} trials done and recorded ({path}); continue with:\n"
               f"  {resume_command(plan.name, plan.storage)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     front = pareto_front(rows) if plan.objective == "pareto" else []
     tracker.finish_sweep(rows, tracker.curves(), pareto=front, split=split)
     print(summary(sweep, rows, front, split, time.time() - t0))
-    print(f"results: {path}")
+    plan.storage.push_sweep(plan.name)
+    print(f"results: {path}" + (f" (stored in {plan.storage.uri(plan.name)})" if plan.storage.remote else ""))
     if any(r["status"] == "failed" for r in rows):
         print(f"logs of failed trials: {plan.folder}/trial_*/error.txt and {plan.folder / 'logs'}")
     if s.confirm_top:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sweeps.cluster import BadInput, local_resources, ray_env, trial_env, worker_layout
+from sweeps.cluster import BadInput, ray_env, resources_for, trial_env, worker_layout
 from sweeps.settings import SweepSettings
 
 
@@ -24,12 +24,11 @@ def parse_env(items: list[str]) -> dict[str, str]:
     return env
 
 
-def script_steps(s: SweepSettings, env: dict[str, str], space) -> int:
-    """The script's number of steps, which ASHA's rungs are laid out on: --steps, else NUM_ITERS of --env."""
-    if s.steps:
-        return s.steps
-    if space.steps:
-        return space.steps
+def script_steps(steps: int | None, env: dict[str, str]) -> int:
+    """The script's number of steps, which ASHA's rungs and the progress are laid out on: --steps (or the space's
+    defaults.steps), else NUM_ITERS of --env."""
+    if steps:
+        return steps
     if env.get("NUM_ITERS", "").isdigit():
         return int(env["NUM_ITERS"])
     raise BadInput("--trainer: the number of steps each trial runs is not known: pass --steps N (the script's "
@@ -73,13 +72,13 @@ def plan_script_sweep(s: SweepSettings):
         space = load_script_space(s.space, str(trainer), env)
     except SpaceError as e:
         raise BadInput(str(e)) from None
-    steps = script_steps(s, env, space)
+    steps = script_steps(s.steps or space.steps, env)
     objective = s.objective or space.objective
     if objective == "time" or s.scheduler == "curve":
         raise BadInput(f"{'--objective time' if objective == 'time' else '--scheduler curve'} needs a track that holds "
                        "for the trials' data, which speedrun-sweeps cannot check for your own script: use "
                        "--objective loss and --scheduler asha")
-    res = local_resources()
+    res = resources_for(s.address)
     try:
         use_gpu, gpus_per_worker, workers = worker_layout(s, "auto", res, gpu_by_default=True)
     except ValueError as e:
@@ -92,13 +91,13 @@ def plan_script_sweep(s: SweepSettings):
     ray_env()
     spec = ScriptSpec(space=space, source_path=str(trainer), code_dir=str(folder / "trial_code"), workers=workers,
                       use_gpu=use_gpu, cpus_per_worker=s.cpus_per_worker, gpus_per_worker=gpus_per_worker,
-                      env={**trial_env(folder, s.cpus_per_worker, s.resource_timeout), **env,
+                      env={**trial_env(folder, s.cpus_per_worker, s.resource_timeout, plan.storage), **env,
                            # Ray Train then shows each worker all of its trial's GPUs on the node (script_trial.py)
                            **({"TRAIN_ENABLE_SHARE_CUDA_VISIBLE_DEVICES": "1"} if use_gpu else {})},
-                      train_storage=str(folder / "train_runs"),
+                      train_storage=plan.storage.uri(plan.name, "train_runs"), storage=plan.storage.root,
                       max_failures=s.max_failures, done_dir=str(folder / "done"), stall_s=s.stall_timeout,
                       code_version=code_version())
     uri = resolve_uri(s.tracking_uri)
     from sweeps.plan import check_tracking_uri
     check_tracking_uri(uri)
-    return Sweep(s, space, spec, plan, judge, uri, "script", use_gpu, s.resume and (folder / "tuner.pkl").exists())
+    return Sweep(s, space, spec, plan, judge, uri, "script", use_gpu, s.resume and plan.storage.exists(plan.name, "tuner.pkl"))

@@ -35,6 +35,7 @@ from .protocol import FINISHED, REPLAYED, TrialStatus
 from .records import Track, projected_time_s
 from .script_space import ScriptConfig, split_params
 from .speedrun_logs import step_line
+from .storage import fetch_path, push_paths
 
 TAIL_LINES = 20
 
@@ -56,10 +57,12 @@ class ScriptSpec:
     stall_s: float = 900.0  # no line of output for this long: the trial fails
     track: Track | None = None
     code_version: str = "unknown"
+    storage: str = ""  # the sweeps' storage root (sweeps.storage): a URI's trial folders are pushed there
 
     def trial_files(self, trial_id: str) -> dict[str, Path]:
         """A trial's own files for MLflow: the script's log (logs/<id>.txt, as train.log), the diff, its output."""
         folder = Path(self.code_dir) / trial_id
+        fetch_path(self.storage, str(folder), refresh=True)  # a URI's: the folder the workers pushed
         logs = sorted((folder / "logs").glob("*.txt"), key=lambda p: p.stat().st_mtime)
         files = {name: folder / name for name in ("diff.patch", "code.json", "stdout.rank0.txt", "stderr.rank0.txt")}
         if logs:
@@ -69,18 +72,22 @@ class ScriptSpec:
     def config_for(self, params: dict) -> ScriptConfig:
         return ScriptConfig(self.source_path, dict(params), dict(self.env))
 
+    def trial_code(self, config: dict) -> tuple[str, dict]:
+        """(the file a trial runs, its knob and env.* values) for Tune's trial config."""
+        return self.source_path, {**self.space.fixed, **{p.key: config[p.key] for p in self.space.params}}
 
-def prepare_code(spec: ScriptSpec, trial_id: str, params: dict) -> tuple[Path, dict]:
-    """The trial's folder holding its patched train_gpt.py and diff.patch; returns (script path, environment)."""
+
+def prepare_code(source_path: str, folder: Path, params: dict) -> tuple[Path, dict]:
+    """`folder` holding the patched copy of source_path, its diff.patch and code.json; returns (script path,
+    environment variables of the env.* params)."""
     knobs, env = split_params(params)
-    original = Path(spec.source_path).read_text()
-    patched = set_knobs(original, knobs, Path(spec.source_path).name)
-    folder = Path(spec.code_dir) / trial_id
+    original = Path(source_path).read_text()
+    patched = set_knobs(original, knobs, Path(source_path).name)
     folder.mkdir(parents=True, exist_ok=True)
-    script = folder / Path(spec.source_path).name
+    script = folder / Path(source_path).name
     script.write_text(patched)
-    (folder / "diff.patch").write_text(diff(original, patched, Path(spec.source_path).name))
-    (folder / "code.json").write_text(json.dumps({"source": spec.source_path, "source_sha256": code_hash(original),
+    (folder / "diff.patch").write_text(diff(original, patched, Path(source_path).name))
+    (folder / "code.json").write_text(json.dumps({"source": source_path, "source_sha256": code_hash(original),
                                                   "code_sha256": code_hash(patched), "env": env, "knobs": knobs}))
     return script, env
 
@@ -97,12 +104,12 @@ def run_script_trial(config: dict, spec: ScriptSpec) -> None:
     ctx = ray.tune.get_context()
     trial_id = ctx.get_trial_id()
     done_path = os.path.join(spec.done_dir, f"{trial_id}.json") if spec.done_dir else ""
-    if done_path and os.path.exists(done_path):  # it ended before a driver crash: report its end again
+    if done_path and fetch_path(spec.storage, done_path):  # it ended before a driver crash: report its end again
         with open(done_path) as f:
             ray.tune.report({**json.load(f), REPLAYED: True})
         return
-    params = {**spec.space.fixed, **{p.key: config[p.key] for p in spec.space.params}}
-    script, env = prepare_code(spec, trial_id, params)
+    source, params = spec.trial_code(config)
+    script, env = prepare_code(source, Path(spec.code_dir) / trial_id, params)
     resources = {"CPU": spec.cpus_per_worker}
     if spec.use_gpu:
         resources["GPU"] = spec.gpus_per_worker
@@ -110,7 +117,7 @@ def run_script_trial(config: dict, spec: ScriptSpec) -> None:
         script_worker,
         train_loop_config={"script": str(script), "env": {**spec.env, **env}, "trial_start": trial_start,
                            "stall_s": spec.stall_s, "done_path": done_path, "track": spec.track,
-                           "use_gpu": spec.use_gpu},
+                           "use_gpu": spec.use_gpu, "storage": spec.storage},
         scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=spec.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=f"{ctx.get_experiment_name()}-{trial_id}", storage_path=spec.train_storage or None,
                              callbacks=[TuneReportCallback()],
@@ -195,7 +202,8 @@ def script_worker(loop_config: dict) -> None:
     last_val: dict = {}
     first = True
     from .system_metrics import SystemSampler
-    from .trial import gpu_ids
+    from .trial import gpu_ids, worker_node
+    node = broadcast_from_rank_zero(worker_node() if rank == 0 else None)  # the trial's node: its rank 0's
     sampler = SystemSampler(gpu_ids()) if rank == 0 else None
     try:
         while True:
@@ -208,6 +216,7 @@ def script_worker(loop_config: dict) -> None:
             for metrics in batch["reports"]:
                 if first:  # the clock of the trial's start-up stops at the script's first step line
                     metrics["trial_startup_s"] = time.time() - loop_config["trial_start"]
+                    metrics.update(node)
                     first = False
                 if "val_loss" in metrics:
                     last_val = metrics
@@ -221,10 +230,12 @@ def script_worker(loop_config: dict) -> None:
         _kill_group(proc)
         stdout_sink.close()
         stderr_sink.close()
-    final = final_metrics(last_val, loop_config.get("track"))
+        push_paths(loop_config.get("storage", ""), str(folder))  # this rank's output, the script's log and diff
+    final = {**final_metrics(last_val, loop_config.get("track")), **node}
     if rank == 0 and loop_config.get("done_path"):
         from .trial import write_json_atomic
         write_json_atomic(loop_config["done_path"], final)
+        push_paths(loop_config.get("storage", ""), loop_config["done_path"])
     ray.train.report(final)
 
 

@@ -20,6 +20,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from .pruner import RecordCurvePruner
+from .storage import Storage
 from .samplers import DEFAULT_SAMPLER, SamplerChoice, choose_sampler, make_sampler
 from .scheduler_state import PersistentState
 from .records import NOISE_SIGMAS, Track
@@ -128,7 +129,7 @@ def optuna_distribution(p: Param) -> optuna.distributions.BaseDistribution:
 class SweepPlan:
     space: Space
     name: str
-    storage: Path  # the sweep folder's parent (absolute)
+    storage: Storage  # holds the sweep folder (sweeps.storage)
     trials: int
     concurrency: int
     seed: int
@@ -140,7 +141,7 @@ class SweepPlan:
 
     @property
     def folder(self) -> Path:
-        return self.storage / self.name
+        return self.storage.local(self.name)  # this node's working copy
 
 
 def sampler_choice(plan: SweepPlan) -> SamplerChoice:
@@ -226,7 +227,7 @@ def make_tuner(plan: SweepPlan, spec: TrialSpec, callbacks: list, restore: bool 
     trainable = tune.with_resources(tune.with_parameters(unit, spec=spec), {"cpu": TRIAL_CPU})
     if restore:
         close_interrupted(plan.folder, plan.name)  # a driver killed outright left its running trials RUNNING
-        return tune.Tuner.restore(str(plan.folder), trainable=trainable, resume_unfinished=True,
+        return tune.Tuner.restore(plan.storage.uri(plan.name), trainable=trainable, resume_unfinished=True,
                                   resume_errored=False, restart_errored=False)
     return tune.Tuner(
         trainable,
@@ -235,5 +236,5 @@ def make_tuner(plan: SweepPlan, spec: TrialSpec, callbacks: list, restore: bool 
             scheduler=make_scheduler(plan), num_samples=plan.trials, reuse_actors=False,
             trial_dirname_creator=trial_dirname,
         ),
-        run_config=tune.RunConfig(name=plan.name, storage_path=str(plan.storage), callbacks=callbacks, verbose=0),
+        run_config=tune.RunConfig(name=plan.name, storage_path=plan.storage.root, callbacks=callbacks, verbose=0),
     )

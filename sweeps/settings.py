@@ -12,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 
 from sweeps.cluster import BadInput
+from sweeps.storage import Storage
 
 SETTINGS_FILE = "sweep.json"
 RESUMABLE_KEEP = ("name", "storage", "address", "resume")  # what --resume may still set
@@ -52,9 +53,9 @@ class SweepSettings:
     stall_timeout: float = 900.0
     resource_timeout: float = 1800.0
 
-    def storage_root(self) -> Path:
-        """--storage as the folder holding sweep folders (absolute; a URI is kept as given)."""
-        return Path(self.storage).expanduser().resolve() if "://" not in self.storage else Path(self.storage)
+    def storage_location(self) -> Storage:
+        """--storage: the folder (made absolute) or URI holding sweep folders."""
+        return Storage.parse(self.storage)
 
     def name_or_default(self, space_name: str) -> str:
         """--name, else SPACE-YYYYmmdd-HHMMSS-xxxx: two sweeps started in the same second never share a folder."""
@@ -70,11 +71,12 @@ class SweepSettings:
         """--resume --name N: the stored settings of sweep N, refusing flags that would change it."""
         if not self.name:
             raise BadInput("--resume needs --name NAME of the sweep to continue")
-        path = self.storage_root() / self.name / SETTINGS_FILE
+        storage = self.storage_location()
+        storage.pull(self.name)  # a URI's sweep: its own files to this node's copy (Ray's state Ray restores)
+        path = storage.local(self.name) / SETTINGS_FILE
         if not path.exists():
-            parent = path.parent.parent
-            known = sorted(p.parent.name for p in parent.glob(f"*/{SETTINGS_FILE}")) if parent.is_dir() else []
-            raise BadInput(f"--resume: no sweep named {self.name!r} in {parent} "
+            known = storage.sweeps()
+            raise BadInput(f"--resume: no sweep named {self.name!r} in {storage} "
                            f"({'sweeps there: ' + ', '.join(known) if known else 'no sweeps there'}): "
                            f"check --name and --storage, or start it without --resume")
         stored = json.loads(path.read_text())

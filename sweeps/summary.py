@@ -32,7 +32,7 @@ def header(sweep) -> str:
     lines = [f"{'resuming' if w.restore else 'sweep'} {plan.name}: space {space.name} "
              f"({', '.join(p.key for p in space.params)}), preset {w.preset}, {plan.trials} trials of "
              f"{plan.total_steps} steps, {plan.concurrency} at a time, {w.workers} {'GPU' if w.use_gpu else 'CPU'} "
-             f"worker(s) each, scheduler {plan.scheduler}; folder {plan.folder}",
+             f"worker(s) each, scheduler {plan.scheduler}; folder {plan.storage.uri(plan.name)}",
              f"{sampler_choice(plan).describe()}, seed {plan.seed}; Optuna study {plan.name!r} in "
              f"{plan.folder / STUDY_FILE}",
              f"verdicts: {w.judge.describe()}"]

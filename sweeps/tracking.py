@@ -211,6 +211,9 @@ class MlflowTracker(tune.Callback):
                    if isinstance(result.get(k), (int, float)) and math.isfinite(result[k])]
         if metrics:
             self.client.log_batch(run_id, metrics=metrics)
+        if result.get("node_id"):  # the first report: the trial's node
+            self.client.log_batch(run_id, tags=[RunTag("node_id", str(result["node_id"])),
+                                                RunTag("node_ip", str(result.get("node_ip", "")))])
         if "startup_s" in result and trial.trial_id in self.last_step:  # a second start: Ray Train's retry
             self.history[trial.trial_id] = []
             attempts = self.attempts[trial.trial_id] = self.attempts.get(trial.trial_id, 1) + 1

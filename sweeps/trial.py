@@ -22,6 +22,7 @@ from .protocol import TrialStatus, FINISHED, REPLAYED, index_from_dirname
 from .records import Track, projected_time_s
 from .system_metrics import SystemSampler
 from .spaces import Space
+from .storage import fetch_path, push_paths
 
 
 
@@ -44,11 +45,15 @@ class TrialSpec:
     done_dir: str = ""  # where each trial leaves its final metrics when it ends (absolute path), if set
     track: Track | None = None  # for the time objective's projection of a missed target
     compile_cache: str = ""  # folder or URI of the sweep's portable compile-cache artifacts, if set
+    storage: str = ""  # the sweeps' storage root (sweeps.storage): a URI's trial files are pushed there
 
     def trial_files(self, trial_id: str) -> dict:
         """A trial's own files for MLflow: rank 0's speedrun log (the last attempt's) as train.log."""
         from pathlib import Path
 
+        from .storage import fetch_path
+        if self.log_dir:
+            fetch_path(self.storage, self.log_dir, refresh=True)  # a URI's: the logs the workers pushed
         logs = sorted(Path(self.log_dir).glob(f"{trial_id}_seed*.txt"), key=lambda p: p.stat().st_mtime) \
             if self.log_dir else []
         return {"train.log": logs[-1]} if logs else {}
@@ -123,6 +128,7 @@ def worker_loop(loop_config: dict) -> None:
     worker_start_s = time.time() - trial_start  # Ray Train's controller, placement and worker process start
     rank = ray.train.get_context().get_world_rank()
     log_file = open_log(loop_config, cfg) if rank == 0 else None
+    node = worker_node()
 
     sampler = SystemSampler(gpu_ids()) if rank == 0 else None
 
@@ -133,13 +139,9 @@ def worker_loop(loop_config: dict) -> None:
         if "startup_s" in metrics:  # the first report, after warm-up (compilation); the clock starts now
             metrics["trial_startup_s"] = time.time() - trial_start
             metrics["worker_start_s"] = worker_start_s
+            metrics.update(node)
             metrics.update(warm.after_warmup())
-            log(f"start-up {metrics['trial_startup_s']:.1f}s: worker start {worker_start_s:.1f}s, artifacts "
-                f"load {metrics['compile_artifacts_load_s']:.1f}s, trainer init {metrics['init_s']:.1f}s, "
-                f"warm-up (compile) {metrics['compile_s']:.1f}s, {metrics['compile_graphs']} graphs, "
-                f"FX cache {metrics['compile_fx_cache_hits']}/{metrics['compile_fx_cache_misses']} hits/misses, "
-                f"AOTAutograd {metrics['compile_aot_cache_hits']}/{metrics['compile_aot_cache_misses']}/"
-                f"{metrics['compile_aot_cache_bypasses']} hits/misses/bypasses")
+            log(startup_line(metrics))
         ray.train.report(metrics)
 
     def log(line: str) -> None:
@@ -165,12 +167,31 @@ def worker_loop(loop_config: dict) -> None:
     finally:
         if log_file:
             log_file.close()
+            push_paths(loop_config.get("storage", ""), loop_config["log_path"])
         if sampler is not None:
             sampler.stop()
-    final = final_metrics(result, cfg, loop_config.get("track"))
+    final = {**final_metrics(result, cfg, loop_config.get("track")), **node}
     if rank == 0 and loop_config.get("done_path"):  # the trial's end, durable before Tune hears of it
         write_json_atomic(loop_config["done_path"], final)
+        push_paths(loop_config.get("storage", ""), loop_config["done_path"])
     ray.train.report(final)
+
+
+def startup_line(m: dict) -> str:
+    """Where a trial's start-up went, for its log."""
+    return (f"start-up {m['trial_startup_s']:.1f}s: worker start {m['worker_start_s']:.1f}s, artifacts "
+            f"load {m['compile_artifacts_load_s']:.1f}s, trainer init {m['init_s']:.1f}s, "
+            f"warm-up (compile) {m['compile_s']:.1f}s, {m['compile_graphs']} graphs, "
+            f"FX cache {m['compile_fx_cache_hits']}/{m['compile_fx_cache_misses']} hits/misses, "
+            f"AOTAutograd {m['compile_aot_cache_hits']}/{m['compile_aot_cache_misses']}/"
+            f"{m['compile_aot_cache_bypasses']} hits/misses/bypasses")
+
+
+def worker_node() -> dict:
+    """The Ray node this worker (rank 0: the trial's) runs on, for results and MLflow."""
+    import ray
+
+    return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
 
 
 def gpu_ids() -> list[int]:
@@ -275,7 +296,7 @@ def run_trial(config: dict, spec: TrialSpec) -> None:
     os.environ.update(spec.env)
     ctx = ray.tune.get_context()
     done_path = os.path.join(spec.done_dir, f"{ctx.get_trial_id()}.json") if spec.done_dir else ""
-    if done_path and os.path.exists(done_path):
+    if done_path and fetch_path(spec.storage, done_path):
         # This trial ended, but the driver died before Tune saved that: report its end again, don't re-train.
         with open(done_path) as f:
             ray.tune.report({**json.load(f), REPLAYED: True})
@@ -295,7 +316,8 @@ def run_trial(config: dict, spec: TrialSpec) -> None:
         worker_loop,
         train_loop_config={"config": cfg.to_dict(), "trial_start": trial_start, "env": spec.env,
                            "log_path": log_path, "code_version": spec.code_version, "fault": fault,
-                           "done_path": done_path, "track": spec.track, "compile_cache": spec.compile_cache},
+                           "done_path": done_path, "track": spec.track, "compile_cache": spec.compile_cache,
+                           "storage": spec.storage},
         scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=spec.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=f"{ctx.get_experiment_name()}-{ctx.get_trial_id()}",

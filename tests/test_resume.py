@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from conftest import assert_study_matches
 from sweeps.search import SweepPlan, make_searcher, study_storage
 from sweeps.spaces import load_space
+from sweeps.storage import Storage
 from sweeps.tracking import KILL_DRIVER_ENV
 from sweeps.protocol import FINISHED
 
@@ -57,7 +58,7 @@ def wait_for_finished(client, driver: Driver, n: int, timeout: float = 400) -> d
 def expected_proposals(trials: int, seed: int) -> list[dict]:
     """What one uninterrupted seeded searcher proposes, one trial at a time."""
     space = load_space("muon_lr", "tiny")
-    searcher = make_searcher(SweepPlan(space, "x", Path("/nonexistent"), trials, 1, seed, "none", 6))
+    searcher = make_searcher(SweepPlan(space, "x", Storage("/nonexistent"), trials, 1, seed, "none", 6))
     out = []
     for i in range(trials):
         out.append(searcher.suggest(f"t{i}"))

@@ -18,6 +18,7 @@ from sweeps.protocol import FINISHED
 from sweeps.samplers import SAMPLERS, SamplerError, choose_sampler, startup_trials
 from sweeps.search import (SweepPlan, close_interrupted, make_scheduler, make_searcher, study_storage)
 from sweeps.spaces import SpaceError, load_space, parse_space
+from sweeps.storage import Storage
 
 
 @pytest.mark.parametrize("trials, given, startup", [(4, 1, 2), (8, 1, 2), (12, 1, 3), (16, 1, 4), (100, 1, 10),
@@ -71,7 +72,7 @@ def test_model_based_samplers_learn_within_a_sweeps_budget(sampler):
 
 def test_study_is_persisted_and_an_interrupted_trial_restarts_as_a_new_optuna_trial(tmp_path):
     space = load_space("muon_lr", "tiny")
-    plan = SweepPlan(space, "sw", tmp_path, 3, 1, 0, "asha", 12)
+    plan = SweepPlan(space, "sw", Storage(str(tmp_path)), 3, 1, 0, "asha", 12)
     searcher = make_searcher(plan, study_storage(tmp_path)).searcher
     p0 = searcher.suggest("a")
     searcher.on_trial_result("a", {"val_loss": 4.0, "step": 4, "training_iteration": 9})
@@ -117,7 +118,7 @@ def test_scheduler_state_comes_back_after_a_restore(tmp_path, scheduler):
     from sweeps.records import get_track
 
     track = get_track("quick") if scheduler == "curve" else None
-    plan = SweepPlan(load_space("muon_lr", "tiny"), "sw", tmp_path, 4, 1, 0, scheduler, 12, track=track)
+    plan = SweepPlan(load_space("muon_lr", "tiny"), "sw", Storage(str(tmp_path)), 4, 1, 0, scheduler, 12, track=track)
     plan.folder.mkdir()
     s = make_scheduler(plan)
     at_start = pickle.dumps(s)  # what tuner.pkl holds

@@ -56,7 +56,7 @@ world_size = int(os.environ["WORLD_SIZE"])
 local_rank = int(os.environ["LOCAL_RANK"])
 dist.init_process_group(backend="gloo")
 master_process = rank == 0
-torch.manual_seed(0)
+torch.manual_seed(int(os.environ.get("SEED", 0)))  # a contributor's file may take its seed from the environment
 torch.set_num_threads(1)
 
 logfile = None
