@@ -31,7 +31,7 @@ def build_config(preset: str, sets: list[str], data: str | None, steps: int | No
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m speedrun", description="Train the speedrun model once.")
-    p.add_argument("--preset", default="tiny", help="record | tiny (default: tiny)")
+    p.add_argument("--preset", default="tiny", help="record | tiny | record-sample | public-2508 (default: tiny)")
     p.add_argument("--config", help="a JSON file of flat dotted keys (replaces --preset), e.g. a trial's config.json")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config knob, e.g. --set optim.muon_lr=0.03 (repeatable)")

@@ -32,6 +32,8 @@ class ModelConfig:
     no_attn_layers: tuple[int, ...] = (6,)
     long_window_layers: tuple[int, ...] = (3, 10)
     value_embed_layers: tuple[int, ...] = (1, 2, 8, 9, 10)
+    value_embed_tables: int = 0  # 0: one table per value-embed layer; k: k tables, layer j of them uses table j % k
+    value_embed_mix: str = "gate"  # gate: v + 2σ(gate·x)·ve | lambda: l0·v + l1·ve with learned (l0, l1) per layer
     paired_head_layers: tuple[int, ...] = (0, 2, 5, 9)
     use_value_embeds: bool = True
     use_smear_gate: bool = True
@@ -54,6 +56,8 @@ class ModelConfig:
     softcap_div: float = 7.5
     untie_step: int = 847  # embedding and lm_head share weights until this step; -1: never tied
     use_fp8: bool = True  # FP8 lm_head and MLP matmuls on CUDA (torch._scaled_mm); CPU always runs them unquantised
+    fp8_mlp: bool = True  # with use_fp8: the MLP's matmuls too (False: the lm_head only)
+    init: str = "record"  # record | public-2508: lm_head zero, embeddings N(0, 1)
     attn_kernel: str = "auto"  # auto: FlexAttention on CUDA when compiled, else SDPA | flex | sdpa
     loss_chunk_tokens: int = 8192  # lm_head + loss in chunks of this many tokens (memory, not maths)
 
@@ -68,13 +72,18 @@ class OptimConfig:
     muon_beta2: float = 0.9
     muon_wd: float = 1.2
     muon_mlp_out_lr_mult: float = 2.0
-    polar_express_steps: int = 5
+    muon_mlp_in_lr_mult: float = 1.0
+    muon_variant: str = "normuon"  # normuon: per-neuron RMS normalisation after orthogonalising | muon: none
+    muon_ns: str = "polar_express"  # polar_express | quintic (Newton-Schulz, fixed coefficients 3.4445, -4.775, 2.0315)
+    polar_express_steps: int = 5  # orthogonalisation iterations (either kind)
+    attn_gate_on_muon: bool = False  # the attention gates' matrices with Muon (else with the Adam scalars)
     adam_lr: float = 0.008
     adam_eps: float = 1e-10
     adam_wd: float = 0.005
     adam_every: int = 2  # Adam steps once every this many steps, on the accumulated gradient
     embed_betas: tuple[float, ...] = (0.5, 0.95)
     embed_lr_mult: float = 1.0
+    head_lr_mult: float = 1.0  # lm_head's Adam lr multiplier (its betas and decay are the embedding's)
     embed_wd_mult: float = 150.0
     value_embed_betas: tuple[float, ...] = (0.75, 0.95)
     value_embed_lr_mult: float = 75.0
@@ -303,7 +312,50 @@ def _record_sample() -> TrainConfig:
     return cfg.with_total_steps(50)
 
 
-PRESETS = {"record": _record, "tiny": _tiny, "record-sample": _record_sample}
+def public_2508_windows(steps: int, growth: float = 1728 / 128) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """(stage starts, short windows, long windows) in blocks of the public trainer of August 2025, whose long
+    window grows with the step as W = max(1, ceil(13.5 * step / steps)) blocks (1728 tokens rounded up to whole
+    128-token blocks, L922-928) and whose short window is W // 2 (at least one block): one stage per value of W,
+    the last (extension) stage at the final W."""
+    long_at = [max(1, math.ceil(growth * step / steps)) for step in range(steps)]
+    starts = tuple(step for step in range(steps) if step == 0 or long_at[step] != long_at[step - 1])
+    longs = tuple(long_at[s] for s in starts) + (long_at[-1],)
+    return starts, tuple(max(1, w // 2) for w in longs), longs
+
+
+def _public_2508() -> TrainConfig:
+    """The architecture, optimisers and schedule of the public speedrun trainer of August 2025 (the
+    `../shared/reference/public_train_gpt.py` of this project; its line numbers in the comments): 12 layers
+    without attention on layer 7, three value-embedding tables shared as 012...012 and mixed by learned lambdas,
+    plain Muon (quintic Newton-Schulz) with the attention gates, Adam groups at 0.6 / 0.008 / 0.04, windows
+    growing 128 -> 1792 tokens with the step, softcap 30·σ(z/7.5), FP8 lm_head only, no multi-token prediction."""
+    steps = 1695  # num_iterations (L834)
+    starts, shorts, longs = public_2508_windows(steps)
+    n = len(starts) + 1
+    return TrainConfig(
+        model=ModelConfig(n_layer=12, no_attn_layers=(7,), long_window_layers=(0, 4, 7, 11),  # L643, L739
+                          value_embed_layers=(0, 1, 2, 9, 10, 11), value_embed_tables=3, value_embed_mix="lambda",
+                          use_smear_gate=False, use_bigram_embed=False, use_paired_heads=False, paired_head_layers=(),
+                          use_key_offset=False, key_offset_dims=0,
+                          use_yarn=False, softcap_scale=30.0, softcap_shift=0.0, softcap_div=7.5, untie_step=-1,
+                          fp8_mlp=False, init="public-2508"),
+        optim=OptimConfig(muon_lr=0.05, muon_wd=0.0, muon_momentum_cooldown_steps=0, muon_mlp_out_lr_mult=1.0,
+                          # our fc is (3072, 768): max(1, rows/cols)^0.5 = 2, the public file's (768, 3072) gets 1
+                          muon_mlp_in_lr_mult=0.5, muon_variant="muon", muon_ns="quintic", attn_gate_on_muon=True,
+                          # its loss is a sum over each rank's 49,152 tokens: eps 1e-10 on that scale (8 GPUs)
+                          adam_eps=1e-10 / 49152, adam_wd=0.0, adam_every=1, embed_lr_mult=75.0, head_lr_mult=1.0,
+                          embed_betas=(0.8, 0.95), value_embed_betas=(0.8, 0.95), scalar_betas=(0.8, 0.95),
+                          cautious_wd=False),
+        schedule=ScheduleConfig(num_scheduled_steps=steps, extension_steps=0, cooldown_frac=0.45, final_lr_frac=0.1,
+                                stage_starts=starts, tokens_per_step=(393216,) * n, max_seq_lens=(49152,) * n,
+                                short_windows=shorts, long_windows=longs, stage_lr_mults=(1.0,) * n,
+                                mtp_start=((1.0,),) * n, mtp_end=((1.0,),) * n, final_long_window=longs[-1]),
+        data=DataConfig(val_micro_batch_tokens=262144),
+        run=RunConfig(val_every=125),
+    )
+
+
+PRESETS = {"record": _record, "tiny": _tiny, "record-sample": _record_sample, "public-2508": _public_2508}
 
 
 # ---- validation --------------------------------------------------------------------------------
@@ -334,9 +386,13 @@ def validate(cfg: TrainConfig) -> None:
     need(0 < m.rope_min_freq < 1, "model.rope_min_freq", "must be in (0, 1)")
     need(m.attn_scale > 0, "model.attn_scale", "must be > 0")
     need(m.attn_kernel in ("auto", "flex", "sdpa"), "model.attn_kernel", "must be auto, flex or sdpa")
+    need(m.value_embed_tables >= 0, "model.value_embed_tables", "must be >= 0 (0: one table per layer)")
+    need(m.value_embed_mix in ("gate", "lambda"), "model.value_embed_mix", "must be gate or lambda")
+    need(m.init in ("record", "public-2508"), "model.init", "must be record or public-2508")
 
     for key in ("optim.muon_lr", "optim.adam_lr", "optim.adam_eps", "optim.muon_mlp_out_lr_mult",
-                "optim.embed_lr_mult", "optim.value_embed_lr_mult", "optim.scalar_lr_mult"):
+                "optim.muon_mlp_in_lr_mult", "optim.embed_lr_mult", "optim.head_lr_mult", "optim.value_embed_lr_mult",
+                "optim.scalar_lr_mult"):
         need(_get(cfg, key) > 0, key, "must be > 0")
     for key in ("optim.muon_wd", "optim.adam_wd", "optim.embed_wd_mult", "optim.value_embed_wd_mult",
                 "optim.scalar_wd_mult", "optim.muon_momentum_warmup_steps", "optim.muon_momentum_cooldown_steps"):
@@ -347,6 +403,8 @@ def validate(cfg: TrainConfig) -> None:
         b = _get(cfg, key)
         need(len(b) == 2 and all(0 <= x < 1 for x in b), key, "must be two betas in [0, 1)")
     need(o.polar_express_steps >= 1, "optim.polar_express_steps", "must be >= 1")
+    need(o.muon_variant in ("normuon", "muon"), "optim.muon_variant", "must be normuon or muon")
+    need(o.muon_ns in ("polar_express", "quintic"), "optim.muon_ns", "must be polar_express or quintic")
     need(o.adam_every >= 1, "optim.adam_every", "must be >= 1")
 
     n = s.num_stages
@@ -485,7 +543,7 @@ def _jsonable(v: Any) -> Any:
 _MODEL_TENSOR_KNOBS = {"softcap_scale", "softcap_shift", "softcap_div", "attn_scale", "rope_min_freq", "untie_step"}
 _GRAPH_KNOBS = {
     "schedule": {"tokens_per_step", "max_seq_lens", "short_windows", "long_windows", "final_long_window"},
-    "optim": {"polar_express_steps", "cautious_wd"},
+    "optim": {"polar_express_steps", "cautious_wd", "muon_variant", "muon_ns", "attn_gate_on_muon"},
     "data": {"max_micro_batch_tokens", "val_micro_batch_tokens", "val_tokens", "bos_id"},
     "run": {"compile", "dtype", "device"},
 }

@@ -1,7 +1,8 @@
 """The GPT of the speedrun record, one readable block per technique.
 
 Input rows are packed, BOS-separated documents. Techniques (each switchable in ModelConfig): bigram hash
-embedding, smear gate, value embeddings with gates, U-net skip connections with residual lambdas,
+embedding, smear gate, value embeddings (per layer or shared tables, mixed by gates or by learned lambdas),
+U-net skip connections with residual lambdas,
 QK-norm, half-RoPE with YaRN when the window grows, paired-head attention, partial key offset, sparse
 attention gates, ReLU^2 MLP, logit softcap, multi-token prediction, tied embedding/lm_head until a step.
 
@@ -99,9 +100,10 @@ class Rotary(nn.Module):
 class LayerContext:
     """Per-forward facts every block needs."""
     segment: torch.Tensor  # (B, T) segment ids
-    window: int  # tokens
+    window: int | torch.Tensor  # tokens (a tensor on the fast path: a new window then needs no new graph)
     rotary: Rotary
-    block_masks: dict | None = None  # (window, paired) -> FlexAttention BlockMask; None: the SDPA kernel
+    block_masks: dict | None = None  # (long, paired) -> FlexAttention BlockMask; None: the SDPA kernel
+    long: bool = False  # the layer's window is the long one
 
 
 class CausalSelfAttention(nn.Module):
@@ -113,7 +115,10 @@ class CausalSelfAttention(nn.Module):
         self.qkv.weight.muon_split = 3  # orthogonalise q, k and v separately
         self.proj = CastedLinear(cfg.dim, cfg.dim, zero_init=True)
         self.gate = nn.Parameter(torch.zeros(cfg.n_head, cfg.gate_dims)) if cfg.use_attn_gate else None
-        self.ve_gate = nn.Parameter(torch.zeros(cfg.n_head, cfg.gate_dims)) if has_value_embed else None
+        gated = cfg.value_embed_mix == "gate"
+        self.ve_gate = nn.Parameter(torch.zeros(cfg.n_head, cfg.gate_dims)) if has_value_embed and gated else None
+        # lambda mixing: v <- l0 * v + l1 * ve on every attention layer (l0 * v where a layer has no table)
+        self.ve_lambdas = None if gated or not cfg.use_value_embeds else nn.Parameter(torch.tensor([0.5, 0.5]))
 
     def forward(self, x: torch.Tensor, ve: torch.Tensor | None, ctx: LayerContext) -> torch.Tensor:
         B, T, _ = x.shape
@@ -125,12 +130,16 @@ class CausalSelfAttention(nn.Module):
             q, k = ctx.rotary(q), ctx.rotary(k)
         if self.key_offset:
             k = self.offset_keys(k, ctx.segment)
-        if ve is not None:
+        if self.ve_lambdas is not None:
+            v = self.ve_lambdas[0].type_as(v) * v
+            if ve is not None:
+                v = v + self.ve_lambdas[1].type_as(v) * ve.view(B, T, H, D)
+        elif ve is not None:
             ve_gate = 2 * torch.sigmoid(F.linear(x[..., :gd], self.ve_gate.type_as(x)))
             v = v + ve_gate.unsqueeze(-1) * ve.view(B, T, H, D)
         scale = ctx.rotary.attn_scale if self.cfg.use_yarn else self.cfg.attn_scale
         if ctx.block_masks is not None:
-            y = self.flex_attention(q, k, v, ctx.block_masks[ctx.window, self.paired], scale)
+            y = self.flex_attention(q, k, v, ctx.block_masks[ctx.long, self.paired], scale)
         elif self.paired:
             y = self.paired_attention(q, k, v, ctx.segment, ctx.window, scale)
         else:
@@ -172,6 +181,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.fc = CastedLinear(cfg.dim, cfg.mlp_dim)
+        self.fc.weight.is_mlp_in = True
         self.proj = CastedLinear(cfg.mlp_dim, cfg.dim, zero_init=True)
         self.proj.weight.is_mlp_out = True  # NorMuon gives it its own lr multiplier
 
@@ -235,22 +245,26 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         V, dim = cfg.padded_vocab_size, cfg.dim
-        self.lm_head = CastedLinear(dim, V)
-        nn.init.normal_(self.lm_head.weight, std=0.005)
+        public = cfg.init == "public-2508"  # lm_head zero, embeddings N(0, 1) (public_train_gpt.py L672, L666)
+        self.lm_head = CastedLinear(dim, V, zero_init=public)
+        if not public:
+            nn.init.normal_(self.lm_head.weight, std=0.005)
         self.embed = nn.Embedding(V, dim)  # while tied: a copy of lm_head.weight (see share_tied_weights)
         self.tied = cfg.untie_step != -1
         if self.tied:
             self.share_tied_weights()
-        else:
+        elif not public:
             nn.init.normal_(self.embed.weight, std=0.5)
         self.bigram = BigramHashEmbedding(cfg) if cfg.use_bigram_embed else None
         self.smear = SmearGate(cfg) if cfg.use_smear_gate else None
         ve_layers = [i for i in range(cfg.n_layer)
                      if cfg.use_value_embeds and i in cfg.value_embed_layers and i not in cfg.no_attn_layers]
-        self.ve_bank = {layer: bank for bank, layer in enumerate(ve_layers)}
-        self.value_embeds = nn.ModuleList(nn.Embedding(V, dim) for _ in ve_layers)
+        tables = cfg.value_embed_tables or len(ve_layers)  # shared tables: the j-th such layer reads table j % k
+        self.ve_bank = {layer: j % tables for j, layer in enumerate(ve_layers)}
+        self.value_embeds = nn.ModuleList(nn.Embedding(V, dim) for _ in range(min(tables, len(ve_layers))))
         for e in self.value_embeds:
-            nn.init.normal_(e.weight, std=0.01)
+            if not public:
+                nn.init.normal_(e.weight, std=0.01)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.n_skip = cfg.n_layer // 2 if cfg.use_skip_connections else 0
         self.skip_weights = nn.Parameter(torch.ones(self.n_skip))
@@ -260,10 +274,11 @@ class GPT(nn.Module):
         self.flex = False
 
     def set_fast_path(self, flex: bool, fp8: bool) -> None:
-        """flex: FlexAttention (only worth it under torch.compile on a GPU); fp8: FP8 MLP and lm_head."""
+        """flex: FlexAttention (only worth it under torch.compile on a GPU); fp8: FP8 lm_head, and MLP (fp8_mlp)."""
         self.flex = flex
-        for lin in [self.lm_head] + [b.mlp.fc for b in self.blocks] + [b.mlp.proj for b in self.blocks]:
-            lin.fp8 = fp8
+        self.lm_head.fp8 = fp8
+        for lin in [b.mlp.fc for b in self.blocks] + [b.mlp.proj for b in self.blocks]:
+            lin.fp8 = fp8 and self.cfg.fp8_mlp
 
     # Tying is kept out of the forward graph, so tied and untied steps run one compiled graph: while tied, the
     # input embedding reads a copy of lm_head.weight, and its gradient is added to lm_head's after backward.
@@ -293,20 +308,20 @@ class GPT(nn.Module):
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.embedding(tokens, self.embed.weight)
 
-    def block_masks(self, segment: torch.Tensor, windows: tuple[int, int]) -> dict:
-        """One BlockMask per (window, paired) combination that some layer uses."""
+    def block_masks(self, segment: torch.Tensor, windows) -> dict:
+        """One BlockMask per (long window, paired) combination that some layer uses."""
         cfg, masks = self.cfg, {}
         for block in self.blocks:
-            if block.attn is not None:
+            if block.attn is not None and (block.long, block.attn.paired) not in masks:
                 w = windows[1] if block.long else windows[0]
-                if (w, block.attn.paired) not in masks:
-                    masks[w, block.attn.paired] = sliding_block_mask(segment, w, block.attn.paired, cfg.block_size)
+                masks[block.long, block.attn.paired] = sliding_block_mask(segment, w, block.attn.paired, cfg.block_size)
         return masks
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor, mtp_weights: torch.Tensor | tuple[float, ...],
-                windows: tuple[int, int], max_seq_len: int, bos_id: int,
+                windows: tuple[int, int] | torch.Tensor, max_seq_len: int, bos_id: int,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Weighted sum of next-k-token losses (k = 1..len(mtp_weights)). windows: (short, long) in tokens."""
+        """Weighted sum of next-k-token losses (k = 1..len(mtp_weights)). windows: (short, long) in tokens; on the
+        FlexAttention path it may be a tensor of the two, so that the windows' growth compiles no new graph."""
         cfg = self.cfg
         segment = segment_ids(tokens, bos_id, max_seq_len)
         masks = self.block_masks(segment, windows) if self.flex else None
@@ -323,7 +338,7 @@ class GPT(nn.Module):
                 x = x + self.skip_weights[cfg.n_layer - 1 - i].type_as(x) * skips.pop()
             bank = self.ve_bank.get(i)
             ve = self.value_embeds[bank](tokens).to(dtype) if bank is not None else None
-            ctx = LayerContext(segment, windows[1] if block.long else windows[0], self.rotary, masks)
+            ctx = LayerContext(segment, windows[1] if block.long else windows[0], self.rotary, masks, block.long)
             x = block(x, x0, ve, ctx)
             if i < self.n_skip:
                 skips.append(x)

@@ -1,4 +1,5 @@
-"""The record's optimisers: NorMuon (Polar Express orthogonalisation) for block matrices, Adam for the rest.
+"""The record's optimisers: NorMuon (Polar Express orthogonalisation) for block matrices, Adam for the rest;
+plain Muon with the quintic Newton-Schulz iteration of the public trainer of August 2025 as switches.
 
 Both use cautious weight decay (only entries where the update and the parameter agree in sign decay), with
 the decay scaled by the scheduled learning rate. Adam steps once every `adam_every` steps on the gradient
@@ -45,6 +46,27 @@ def polar_express(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     return x.mT if transposed else x
 
 
+# Muon's quintic Newton-Schulz coefficients (Keller Jordan 2024), the same at every iteration.
+QUINTIC_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Muon's orthogonalisation: `steps` quintic iterations on each matrix of g (..., m), scaled to norm 1."""
+    x = g.bfloat16() if g.is_cuda else g.float()
+    transposed = x.size(-2) > x.size(-1)
+    if transposed:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    a, b, c = QUINTIC_COEFFS
+    for _ in range(steps):
+        A = x @ x.mT
+        x = a * x + (b * A + c * (A @ A)) @ x
+    return x.mT if transposed else x
+
+
+ORTHOGONALISERS = {"polar_express": polar_express, "quintic": newton_schulz}
+
+
 @torch.no_grad()
 def cautious_decay_(param: torch.Tensor, update: torch.Tensor, decay: float | torch.Tensor) -> None:
     """param -= decay * param where sign(update) == sign(param) (the step already moves it towards 0)."""
@@ -66,21 +88,23 @@ def _decay_and_step_(p: torch.Tensor, update: torch.Tensor, step_size: torch.Ten
 @torch.no_grad()
 def normuon_update(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor],
                    second_moments: list[torch.Tensor], hp: torch.Tensor, split: int, steps: int,
-                   cautious: bool) -> None:
-    """One NorMuon step for same-shaped matrices. hp: (step size, decay, momentum, beta2) as a tensor."""
+                   cautious: bool, normalise: bool = True, ns: str = "polar_express") -> None:
+    """One NorMuon step (plain Muon without `normalise`) for same-shaped matrices. hp: (step size, decay, momentum,
+    beta2) as a tensor; ns: the orthogonaliser (ORTHOGONALISERS)."""
     step_size, decay, momentum, beta2 = hp.unbind()
     n, (out, cols) = len(params), params[0].shape
     rows = out // split
     g = torch.stack(grads)
     buf = torch.stack(bufs).lerp(g, 1 - momentum)
     nesterov = g.lerp(buf, momentum)
-    ortho = polar_express(nesterov.view(n * split, rows, cols), steps).float().view(n, split, rows, cols)
-    # NorMuon: normalise each output neuron by a running RMS, then restore each matrix's overall norm.
-    v = torch.stack(second_moments).lerp(ortho.square().mean(dim=-1, keepdim=True), 1 - beta2)
-    normed = ortho * v.clamp_min(1e-10).rsqrt()
-    l2 = lambda t: t.square().sum(dim=(1, 2, 3), keepdim=True).sqrt()  # noqa: E731  (each matrix's norm)
-    normed = normed * (l2(ortho) / l2(normed).clamp_min(1e-10))
-    update = normed.view(n, out, cols)
+    ortho = ORTHOGONALISERS[ns](nesterov.view(n * split, rows, cols), steps).float().view(n, split, rows, cols)
+    v = torch.stack(second_moments)
+    if normalise:  # NorMuon: normalise each output neuron by a running RMS, then restore each matrix's norm
+        v = v.lerp(ortho.square().mean(dim=-1, keepdim=True), 1 - beta2)
+        normed = ortho * v.clamp_min(1e-10).rsqrt()
+        l2 = lambda t: t.square().sum(dim=(1, 2, 3), keepdim=True).sqrt()  # noqa: E731  (each matrix's norm)
+        ortho = normed * (l2(ortho) / l2(normed).clamp_min(1e-10))
+    update = ortho.view(n, out, cols)
     for i, p in enumerate(params):
         bufs[i].copy_(buf[i])
         second_moments[i].copy_(v[i])
@@ -114,19 +138,25 @@ class ParamGroup:
 
 def build_groups(model: nn.Module, cfg: OptimConfig) -> list[ParamGroup]:
     """Sort every trainable parameter into exactly one group by its role in the model."""
-    muon, mlp_out, embed, value, scalars = [], [], [], [], []
+    muon, muon_mults, head, embed, value, scalars = [], [], [], [], [], []
     for name, p in model.named_parameters():
-        if name.startswith("blocks.") and p.ndim == 2 and ("qkv" in name or ".proj." in name or ".fc." in name):
-            (mlp_out if getattr(p, "is_mlp_out", False) else muon).append(p)
-        elif name in ("lm_head.weight", "embed.weight"):
+        matrix = name.startswith("blocks.") and p.ndim == 2
+        if matrix and ("qkv" in name or ".proj." in name or ".fc." in name or
+                       (cfg.attn_gate_on_muon and name.endswith(".attn.gate"))):
+            muon.append(p)
+            muon_mults.append(cfg.muon_mlp_out_lr_mult if getattr(p, "is_mlp_out", False) else
+                              cfg.muon_mlp_in_lr_mult if getattr(p, "is_mlp_in", False) else 1.0)
+        elif name == "lm_head.weight":
+            head.append(p)
+        elif name == "embed.weight":
             embed.append(p)
         elif name.startswith(("value_embeds.", "bigram.")):
             value.append(p)
         else:
             scalars.append(p)
     groups = [
-        ParamGroup("muon", muon + mlp_out, "muon",
-                   per_param_lr_mult=[1.0] * len(muon) + [cfg.muon_mlp_out_lr_mult] * len(mlp_out)),
+        ParamGroup("muon", muon, "muon", per_param_lr_mult=muon_mults),
+        ParamGroup("head", head, "adam", cfg.head_lr_mult, cfg.embed_wd_mult, tuple(cfg.embed_betas)),
         ParamGroup("embed", embed, "adam", cfg.embed_lr_mult, cfg.embed_wd_mult, tuple(cfg.embed_betas)),
         ParamGroup("value_embed", value, "adam", cfg.value_embed_lr_mult, cfg.value_embed_wd_mult,
                    tuple(cfg.value_embed_betas)),
@@ -223,7 +253,8 @@ class SpeedrunOptimizer:
                 st["second_moment"] = torch.zeros(split, p.size(0) // split, 1, device=p.device, dtype=torch.float32)
         self._normuon(params, [p.grad for p in params], [self.state[p]["momentum"] for p in params],
                       [self.state[p]["second_moment"] for p in params], hp,
-                      getattr(params[0], "muon_split", 1), self.cfg.polar_express_steps, self.cfg.cautious_wd)
+                      getattr(params[0], "muon_split", 1), self.cfg.polar_express_steps, self.cfg.cautious_wd,
+                      self.cfg.muon_variant == "normuon", self.cfg.muon_ns)
 
     def _adam_step(self, params: list[nn.Parameter], hp: torch.Tensor) -> None:
         params = [p for p in params if p.grad is not None]

@@ -191,6 +191,7 @@ class _Trainer:
         self.compiled = self.device.type == "cuda" and cfg.run.compile
         self.flex, fp8 = fast_path_kernels(cfg, self.device)
         self.model.set_fast_path(self.flex, fp8)
+        self._window_tensors: dict[tuple[int, int], torch.Tensor] = {}
         self.forward = self.model
         self.val_mtp = torch.ones(1, device=self.device)  # validation: the next-token loss alone
         if self.compiled:
@@ -224,12 +225,22 @@ class _Trainer:
             self.model.rotary.yarn_extend(self.long_window * bs, long_blocks * bs)
         self.long_window = long_blocks
 
-    def _loss(self, batch, stage: S.Stage, mtp: torch.Tensor, short: int, long: int) -> torch.Tensor:
+    def _windows(self, short: int, long: int):
+        """(short, long) in tokens; for FlexAttention a device tensor (cached), which the compiled forward takes as
+        an input: windows that grow over the run (public-2508: 14 sizes) then share one graph per shape."""
         bs = self.cfg.model.block_size
+        if not self.flex:
+            return short * bs, long * bs
+        key = (short, long)
+        if key not in self._window_tensors:
+            self._window_tensors[key] = torch.tensor([short * bs, long * bs], dtype=torch.int32).to(self.device)
+        return self._window_tensors[key]
+
+    def _loss(self, batch, stage: S.Stage, mtp: torch.Tensor, short: int, long: int) -> torch.Tensor:
         with self._autocast():
             return self.forward(batch.inputs.to(self.device, non_blocking=True),
                                 batch.targets.to(self.device, non_blocking=True),
-                                mtp, (short * bs, long * bs), stage.max_seq_len, self.cfg.data.bos_id, self.dtype)
+                                mtp, self._windows(short, long), stage.max_seq_len, self.cfg.data.bos_id, self.dtype)
 
     def train_step(self, step: int) -> torch.Tensor:
         """One optimiser step; returns the global mean training loss (next-k weighted) as a tensor."""

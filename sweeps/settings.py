@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial (default: all GPUs, or 1)")
     p.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker (default 1 with GPUs)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker (default 1)")
-    p.add_argument("--preset", choices=["record", "tiny", "record-sample"],
+    p.add_argument("--preset", choices=["record", "tiny", "record-sample", "public-2508"],
                    help="default: record with CUDA + FineWeb, else tiny; record-sample: the record model on the "
                         "generated corpus (a GPU demo with a track of its own)")
     p.add_argument("--data", help="folder of FineWeb .bin shards (default $SPEEDRUN_DATA or data/fineweb10B); "

@@ -232,9 +232,12 @@ def _parse_param(key: str, spec: dict, preset: str, fail) -> Param:
 
 
 def _per_preset(value: Any, preset: str, what: str, fail) -> Any:
-    """A space's per-preset value; a derived preset ("record-sample") takes its family's ("record")."""
+    """A space's per-preset value; a derived preset ("record-sample") takes its family's ("record"), and another
+    full-size preset ("public-2508") the record's."""
     if isinstance(value, dict):
         preset = preset if preset in value else preset.split("-")[0]
+        if preset not in value and preset != "tiny" and "record" in value:
+            preset = "record"
         if preset not in value:
             raise fail(f"{what} has no value for preset {preset!r} (has {sorted(value)})")
         return value[preset]

@@ -27,3 +27,32 @@ def test_segments_split_documents_and_long_documents():
     assert s[2] == s[3] == s[4] != s[1]  # a document starts at BOS
     assert s[5] == s[6] == s[7] != s[4]  # and is cut every max_seq_len tokens
     assert s[8] == s[9] != s[7]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "public-2508"])
+def test_the_flex_path_takes_its_windows_as_a_tensor_and_equals_the_portable_path(preset):
+    """The GPU fast path's masks from a window tensor (one compiled graph while the windows grow) give the portable
+    kernel's loss; FlexAttention runs eagerly here (unfused), the same maths as on the GPU. Paired heads and the
+    key offset are in the tiny preset, shared value embeddings and lambda mixing in public-2508."""
+    from speedrun.config import TrainConfig
+    from speedrun.model import GPT
+
+    small = {"model.vocab_size": 128, "model.padded_vocab_size": 128, "model.n_head": 2, "model.head_dim": 32,
+             "model.dim": 64, "model.mlp_dim": 128, "model.block_size": 16, "data.source": "sample", "data.bos_id": 127}
+    cfg = TrainConfig.preset(preset).override(small if preset != "tiny" else {}).model
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    for p in model.parameters():  # zero-initialised projections and gates would hide the attention
+        torch.nn.init.normal_(p, std=0.3)
+    tokens = torch.randint(0, 127, (1, 129))
+    tokens[0, ::23] = 127
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    windows = (32, 64)
+    with torch.no_grad():  # FlexAttention has no backward on CPU
+        portable = model(inputs, targets, (1.0,), windows, 128, 127)
+        model.set_fast_path(flex=True, fp8=False)
+        with_ints = model(inputs, targets, (1.0,), windows, 128, 127)
+        with_tensor = model(inputs, targets, (1.0,), torch.tensor(windows, dtype=torch.int32), 128, 127)
+        other = model(inputs, targets, (1.0,), torch.tensor((16, 32), dtype=torch.int32), 128, 127)
+    assert torch.allclose(portable, with_ints, atol=1e-5) and torch.allclose(with_ints, with_tensor, atol=1e-6)
+    assert not torch.allclose(other, with_tensor, atol=1e-4)  # the tensor's values are the windows used

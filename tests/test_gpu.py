@@ -119,6 +119,24 @@ def test_knob_changes_between_trials_do_not_recompile():
     assert graphs[1] == graphs[0]
 
 
+
+def test_growing_windows_compile_one_graph():
+    """public-2508 grows its windows at 13 stage boundaries; the compiled forward takes them as a tensor, so
+    stepping through every stage (same batch shape) adds no graph after the first step's, and the loss falls."""
+    from torch._dynamo.utils import counters
+    cfg = TrainConfig.preset("public-2508").with_total_steps(28).override({
+        "data.source": "sample", "data.bos_id": 127, "model.vocab_size": 128, "model.padded_vocab_size": 128,
+        "data.val_tokens": 65536, "run.warmup_steps": 0, "schedule.tokens_per_step": [49152] * 15})
+    trainer = _Trainer(cfg, None, None)
+    losses = [trainer.train_step(0).item()]
+    torch.cuda.synchronize()
+    after_first = counters["stats"]["unique_graphs"]
+    losses += [trainer.train_step(s).item() for s in range(1, 28)]
+    torch.cuda.synchronize()
+    print("unique graphs after step 0 and after all 14 window sizes:", after_first, counters["stats"]["unique_graphs"])
+    assert counters["stats"]["unique_graphs"] == after_first
+    assert losses[-1] < losses[0] - 1
+
 def test_fused_fp8_head_on_gpu_matches_its_emulation():
     from speedrun.fp8 import fp8_head_loss
     torch.manual_seed(3)
