@@ -116,7 +116,8 @@ def execute(make_tuner_fn, address: str | None, env: dict, need: tuple | None = 
     if address:  # a remote cluster gets this checkout's code, not whatever its nodes have installed
         import speedrun
         import sweeps
-        runtime_env["py_modules"] = [speedrun, sweeps]
+        # as folders, not module objects: inside a Ray job, ray.init merges (deep-copies) this with the job's env
+        runtime_env["py_modules"] = [os.path.dirname(m.__file__) for m in (speedrun, sweeps)]
     if own_ray:
         extra = {} if address else local_ray_options()
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False,

@@ -41,6 +41,7 @@ def two_nodes(tmp_path):
         subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env, timeout=180)
 
 
+@pytest.mark.long
 def test_a_sweep_on_a_two_node_cluster_uses_both_nodes(two_nodes, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     rc = sweep_cli.main(["--preset", "tiny", "--space", "muon_lr", "--trials", "2", "--steps", "6", "--scheduler", "none",
