@@ -5,6 +5,7 @@ Also the one way the CLIs refuse bad input (BadInput -> one `error:` line, exit 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -165,7 +166,7 @@ def wait_for_capacity(limits: dict, need: tuple, timeout_s: float, poll_s: float
         return
     bundle = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
     request_resources(bundles=[bundle] * workers + [{"CPU": TRIAL_CPU}])
-    t0, said = time.time(), -1.0
+    t0, said = time.time(), -math.inf
     while missing is not None:
         waited = time.time() - t0
         if waited > timeout_s:

@@ -64,3 +64,26 @@ def test_a_trial_no_node_can_hold_is_refused_by_the_clusters_resources(two_nodes
                          "--storage", str(tmp_path), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
     err = capsys.readouterr().err
     assert rc == 2 and f"the Ray cluster at {two_nodes} has 2" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_an_autoscaling_cluster_is_waited_for_and_what_it_can_never_hold_is_refused(local_ray, capsys):
+    """wait_for_capacity against a real local Ray, given the maximum an autoscaler would report: a trial beyond
+    that maximum is refused at once; one within it but beyond what the cluster has now is asked for and waited
+    for, with progress, until the timeout; one that fits now starts at once. (Ray's fake autoscaling provider did
+    not scale up on this machine, so the scale-up itself is not exercised here.)"""
+    import time
+
+    from sweeps.cluster import BadInput, wait_for_capacity
+
+    have = local_ray.cluster_resources()["CPU"]
+    big = (1, False, 0.0, have + 1)  # one worker wanting more CPUs than the cluster has now
+    with pytest.raises(BadInput, match="at its autoscaler's maximum has"):
+        wait_for_capacity({"CPU": have}, big, timeout_s=30)
+    t0 = time.time()
+    with pytest.raises(BadInput, match="did not scale up within 3s"):
+        wait_for_capacity({"CPU": have + 8}, big, timeout_s=3, poll_s=0.5)
+    assert 3 <= time.time() - t0 < 30
+    assert "waiting for the cluster to scale up (0s): a trial needs" in capsys.readouterr().err
+    t0 = time.time()
+    wait_for_capacity({"CPU": have + 8}, (1, False, 0.0, 0.5), timeout_s=30)
+    assert time.time() - t0 < 5
