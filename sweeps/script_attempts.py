@@ -122,6 +122,9 @@ def run_with_torchrun(arms: dict, env: dict, order, folder: Path, nproc: int, se
             ok = code == 0 and run.complete
         except LogError:
             run, ok = None, False
+        if not ok:
+            tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-10:])
+            print(f"run seed {seed} ({arm}) failed (exit {code}); last lines of {log}:\n{tail}", flush=True)
         out.append({"run": f"seed {seed}", "arm": arm, "status": TrialStatus.FINISHED if ok else TrialStatus.FAILED,
                     "val_loss": run.val_loss if ok else math.nan,
                     "train_time_s": run.train_time_s if run else math.nan})

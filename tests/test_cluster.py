@@ -30,7 +30,10 @@ def two_nodes(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    # Ray 2.60's `ray start` turns token authentication on when a token exists (~/.ray/auth_token); this
+    # throwaway local cluster runs without, as the local Ray the sweep starts itself does
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+           "RAY_AUTH_MODE": "disabled"}
     address = f"127.0.0.1:{port}"
     try:
         ray_cli("start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0",

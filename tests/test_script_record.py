@@ -54,7 +54,10 @@ def test_a_knob_interleaved_with_the_unchanged_file_through_ray(local_ray, tmp_p
 def test_runs_under_plain_torchrun_without_ray(tmp_path, capsys):
     rc, v = attempt(tmp_path, "--torchrun", "--runs", "2", "--seed-env", "SEED", "--env", "NUM_ITERS=16",
                     "--target", "2.6", "--workers-per-trial", "2")
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    logs = "".join(p.read_text()[-1500:] for p in sorted((tmp_path / "att" / "runs").glob("*/stdout.txt")))
+    assert rc in (0, 1), captured.out + captured.err + logs
+    out = captured.out
     assert rc == (0 if v["accepted"] else 1), out
     assert [r["arm"] for r in v["runs"]] == ["candidate", "candidate"]
     logs = sorted((tmp_path / "att" / "runs").glob("candidate_seed*/stdout.txt"))
