@@ -39,11 +39,15 @@ class ModelConfig:
     use_smear_gate: bool = True
     use_bigram_embed: bool = True
     bigram_buckets: int = 65536
+    bigram_hash: str = "mul"  # mul: (prev * 1000003 + tok) % buckets | xor: record #89's (36313 tok ^ 27191 prev)
+    bigram_sign_rows: int = 0  # > 0: the sign trick, each bigram's row times a +-1 vector of this many (record: 8192)
     use_skip_connections: bool = True
     use_paired_heads: bool = True
     use_key_offset: bool = True
     key_offset_dims: int = 32  # trailing head dims of the key taken from the previous token
     use_attn_gate: bool = True
+    xsa_layers: tuple[int, ...] = ()  # learnable XSA: remove tanh(a_h) of the output's part along the own value
+    qk_head_pairs: bool = False  # q and k as one matrix per pair of heads for Muon (record #89), v apart
     gate_dims: int = 12  # residual dims read by the sparse gates (attention, value embedding, smear)
     use_qk_norm: bool = True
     use_rope: bool = True
@@ -74,6 +78,7 @@ class OptimConfig:
     muon_mlp_out_lr_mult: float = 2.0
     muon_mlp_in_lr_mult: float = 1.0
     muon_variant: str = "normuon"  # normuon: per-neuron RMS normalisation after orthogonalising | muon: none
+    normuon_axis: str = "rows"  # rows: a statistic per output row | larger: per row or column, the longer side
     muon_ns: str = "polar_express"  # polar_express | quintic (Newton-Schulz, fixed coefficients 3.4445, -4.775, 2.0315)
     polar_express_steps: int = 5  # orthogonalisation iterations (either kind)
     attn_gate_on_muon: bool = False  # the attention gates' matrices with Muon (else with the Adam scalars)
@@ -248,7 +253,14 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
 
 # ---- presets -----------------------------------------------------------------------------------
 def _record() -> TrainConfig:
-    return TrainConfig()
+    """Record #89's values; of the blocks it added to the list in DESIGN.md, those built so far are on here: the
+    bigram embedding's xor hash over 377,280 buckets with the sign trick, learnable XSA on layers 1, 3, 4, 7 (a
+    learned strength per head: record #89 takes it per token from its MUDD gates, not built yet), q and k
+    orthogonalised per pair of heads, and NorMuon's statistic along each matrix's longer side."""
+    base = TrainConfig()
+    return replace(base, model=replace(base.model, bigram_buckets=377_280, bigram_hash="xor", bigram_sign_rows=8192,
+                                       xsa_layers=(1, 3, 4, 7), qk_head_pairs=True),
+                   optim=replace(base.optim, normuon_axis="larger"))
 
 
 def _tiny() -> TrainConfig:
@@ -389,6 +401,13 @@ def validate(cfg: TrainConfig) -> None:
     need(m.value_embed_tables >= 0, "model.value_embed_tables", "must be >= 0 (0: one table per layer)")
     need(m.value_embed_mix in ("gate", "lambda"), "model.value_embed_mix", "must be gate or lambda")
     need(m.init in ("record", "public-2508"), "model.init", "must be record or public-2508")
+    need(m.bigram_hash in ("mul", "xor"), "model.bigram_hash", "must be mul or xor")
+    need(m.bigram_sign_rows >= 0, "model.bigram_sign_rows", "must be >= 0 (0: no sign trick)")
+    need(all(0 <= i < m.n_layer and i not in m.no_attn_layers for i in m.xsa_layers), "model.xsa_layers",
+         "must be layers with attention")
+    need(not (m.use_paired_heads and set(m.xsa_layers) & set(m.paired_head_layers)), "model.xsa_layers",
+         "XSA needs a layer's own values: not on paired-head layers")
+    need(not m.qk_head_pairs or m.n_head % 2 == 0, "model.qk_head_pairs", "needs an even model.n_head")
 
     for key in ("optim.muon_lr", "optim.adam_lr", "optim.adam_eps", "optim.muon_mlp_out_lr_mult",
                 "optim.muon_mlp_in_lr_mult", "optim.embed_lr_mult", "optim.head_lr_mult", "optim.value_embed_lr_mult",
@@ -404,6 +423,7 @@ def validate(cfg: TrainConfig) -> None:
         need(len(b) == 2 and all(0 <= x < 1 for x in b), key, "must be two betas in [0, 1)")
     need(o.polar_express_steps >= 1, "optim.polar_express_steps", "must be >= 1")
     need(o.muon_variant in ("normuon", "muon"), "optim.muon_variant", "must be normuon or muon")
+    need(o.normuon_axis in ("rows", "larger"), "optim.normuon_axis", "must be rows or larger")
     need(o.muon_ns in ("polar_express", "quintic"), "optim.muon_ns", "must be polar_express or quintic")
     need(o.adam_every >= 1, "optim.adam_every", "must be >= 1")
 
@@ -543,7 +563,7 @@ def _jsonable(v: Any) -> Any:
 _MODEL_TENSOR_KNOBS = {"softcap_scale", "softcap_shift", "softcap_div", "attn_scale", "rope_min_freq", "untie_step"}
 _GRAPH_KNOBS = {
     "schedule": {"tokens_per_step", "max_seq_lens", "short_windows", "long_windows", "final_long_window"},
-    "optim": {"polar_express_steps", "cautious_wd", "muon_variant", "muon_ns", "attn_gate_on_muon"},
+    "optim": {"polar_express_steps", "cautious_wd", "muon_variant", "muon_ns", "attn_gate_on_muon", "normuon_axis"},
     "data": {"max_micro_batch_tokens", "val_micro_batch_tokens", "val_tokens", "bos_id"},
     "run": {"compile", "dtype", "device"},
 }

@@ -107,12 +107,18 @@ class LayerContext:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, paired: bool, key_offset: bool, has_value_embed: bool):
+    def __init__(self, cfg: ModelConfig, paired: bool, key_offset: bool, has_value_embed: bool, xsa: bool = False):
         super().__init__()
         self.cfg, self.paired, self.key_offset = cfg, paired, key_offset
         self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
-        self.qkv = CastedLinear(cfg.dim, 3 * cfg.dim)
-        self.qkv.weight.muon_split = 3  # orthogonalise q, k and v separately
+        if cfg.qk_head_pairs:  # Muon orthogonalises q and k per pair of heads (2 x head_dim rows each), v whole
+            self.qk, self.v = CastedLinear(cfg.dim, 2 * cfg.dim), CastedLinear(cfg.dim, cfg.dim)
+            self.qk.weight.muon_split = cfg.n_head
+        else:
+            self.qkv = CastedLinear(cfg.dim, 3 * cfg.dim)
+            self.qkv.weight.muon_split = 3  # orthogonalise q, k and v separately
+        # learnable XSA: a per-head strength, 0 at the start (tanh(0): off)
+        self.xsa_alpha = nn.Parameter(torch.zeros(cfg.n_head)) if xsa else None
         self.proj = CastedLinear(cfg.dim, cfg.dim, zero_init=True)
         self.gate = nn.Parameter(torch.zeros(cfg.n_head, cfg.gate_dims)) if cfg.use_attn_gate else None
         gated = cfg.value_embed_mix == "gate"
@@ -123,7 +129,11 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, ve: torch.Tensor | None, ctx: LayerContext) -> torch.Tensor:
         B, T, _ = x.shape
         H, D, gd = self.n_head, self.head_dim, self.cfg.gate_dims
-        q, k, v = self.qkv(x).view(B, T, 3, H, D).unbind(dim=2)
+        if self.cfg.qk_head_pairs:
+            q, k = self.qk(x).view(B, T, 2, H, D).unbind(dim=2)
+            v = self.v(x).view(B, T, H, D)
+        else:
+            q, k, v = self.qkv(x).view(B, T, 3, H, D).unbind(dim=2)
         if self.cfg.use_qk_norm:
             q, k = norm(q), norm(k)
         if self.cfg.use_rope:
@@ -144,9 +154,16 @@ class CausalSelfAttention(nn.Module):
             y = self.paired_attention(q, k, v, ctx.segment, ctx.window, scale)
         else:
             y = windowed_attention(q, k, v, ctx.segment, ctx.window, scale)
+        if self.xsa_alpha is not None:
+            y = self.exclusive(y, v)
         if self.gate is not None:
             y = y * torch.sigmoid(F.linear(x[..., :gd], self.gate.type_as(x))).unsqueeze(-1)
         return self.proj(y.reshape(B, T, H * D))
+
+    def exclusive(self, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Learnable XSA: per token and head, remove tanh(alpha_h) of y's component along the token's own value."""
+        along = (y * v).sum(-1, keepdim=True) / v.square().sum(-1, keepdim=True).clamp_min(1e-8)
+        return y - torch.tanh(self.xsa_alpha).type_as(y).view(1, 1, -1, 1) * along * v
 
     def offset_keys(self, k: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
         """The last key_offset_dims (unrotated) dims of each key come from the previous token of the document."""
@@ -201,6 +218,7 @@ class Block(nn.Module):
             paired=cfg.use_paired_heads and layer in cfg.paired_head_layers,
             key_offset=cfg.use_key_offset and self.long and cfg.key_offset_dims > 0,
             has_value_embed=has_ve,
+            xsa=layer in cfg.xsa_layers,
         ) if has_attn else None
         self.mlp = MLP(cfg)
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # residual: x <- l0 * x + l1 * x0
@@ -227,17 +245,39 @@ class SmearGate(nn.Module):
 
 
 class BigramHashEmbedding(nn.Module):
-    """An embedding of the hashed (previous token, token) pair."""
+    """An embedding of the hashed (previous token, token) pair. Hash `mul`: (prev * 1000003 + token) % buckets;
+    `xor` (record #89): (36313 token ^ 27191 prev) % (buckets - 1), the last bucket for a row's first token.
+    With sign rows (the sign trick), each bigram's row is multiplied by a fixed +-1 vector picked by
+    (prev ^ token), so bigrams sharing a bucket pull it in different directions."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.buckets = cfg.bigram_buckets
+        self.buckets, self.hash = cfg.bigram_buckets, cfg.bigram_hash
         self.embed = nn.Embedding(cfg.bigram_buckets, cfg.dim)
         nn.init.zeros_(self.embed.weight)
+        if cfg.bigram_sign_rows:  # the same table on every rank: a fixed generator, not the run's seed
+            g = torch.Generator(device="cpu").manual_seed(8192)
+            table = torch.randn(cfg.bigram_sign_rows, cfg.dim, generator=g, device="cpu").sign()
+            self.signs = nn.Buffer(table.to(torch.get_default_device()), persistent=False)
+        else:
+            self.signs = None
+
+    def bucket(self, tokens: torch.Tensor) -> torch.Tensor:
+        prev = F.pad(tokens[:, :-1], (1, 0), value=0)
+        if self.hash == "mul":
+            return (prev * 1_000_003 + tokens) % self.buckets
+        mixed = torch.bitwise_xor(36313 * tokens, 27191 * prev) % (self.buckets - 1)
+        mixed[:, 0] = self.buckets - 1
+        return mixed
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        prev = F.pad(tokens[:, :-1], (1, 0), value=0)
-        return self.embed((prev * 1_000_003 + tokens) % self.buckets)
+        out = self.embed(self.bucket(tokens))
+        if self.signs is not None:
+            prev = F.pad(tokens[:, :-1], (1, 0), value=0)
+            idx = torch.bitwise_xor(prev, tokens) % self.signs.size(0)
+            idx[:, 0] = 0
+            out = out * self.signs[idx].type_as(out)
+        return out
 
 
 class GPT(nn.Module):

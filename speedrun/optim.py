@@ -85,12 +85,18 @@ def _decay_and_step_(p: torch.Tensor, update: torch.Tensor, step_size: torch.Ten
     p.sub_(update * step_size)
 
 
+def second_axis(rows: int, cols: int, axis: str) -> bool:
+    """Whether NorMuon keeps its statistic per column (a wide matrix under axis "larger") rather than per row."""
+    return axis == "larger" and rows < cols
+
+
 @torch.no_grad()
 def normuon_update(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor],
                    second_moments: list[torch.Tensor], hp: torch.Tensor, split: int, steps: int,
-                   cautious: bool, normalise: bool = True, ns: str = "polar_express") -> None:
+                   cautious: bool, normalise: bool = True, ns: str = "polar_express", axis: str = "rows") -> None:
     """One NorMuon step (plain Muon without `normalise`) for same-shaped matrices. hp: (step size, decay, momentum,
-    beta2) as a tensor; ns: the orthogonaliser (ORTHOGONALISERS)."""
+    beta2) as a tensor; ns: the orthogonaliser (ORTHOGONALISERS); axis: NorMuon's statistic per output row
+    ("rows") or along the longer side ("larger": per column of a wide matrix, as record #89 does)."""
     step_size, decay, momentum, beta2 = hp.unbind()
     n, (out, cols) = len(params), params[0].shape
     rows = out // split
@@ -100,7 +106,7 @@ def normuon_update(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: 
     ortho = ORTHOGONALISERS[ns](nesterov.view(n * split, rows, cols), steps).float().view(n, split, rows, cols)
     v = torch.stack(second_moments)
     if normalise:  # NorMuon: normalise each output neuron by a running RMS, then restore each matrix's norm
-        v = v.lerp(ortho.square().mean(dim=-1, keepdim=True), 1 - beta2)
+        v = v.lerp(ortho.square().mean(dim=-2 if second_axis(rows, cols, axis) else -1, keepdim=True), 1 - beta2)
         normed = ortho * v.clamp_min(1e-10).rsqrt()
         l2 = lambda t: t.square().sum(dim=(1, 2, 3), keepdim=True).sqrt()  # noqa: E731  (each matrix's norm)
         ortho = normed * (l2(ortho) / l2(normed).clamp_min(1e-10))
@@ -141,7 +147,7 @@ def build_groups(model: nn.Module, cfg: OptimConfig) -> list[ParamGroup]:
     muon, muon_mults, head, embed, value, scalars = [], [], [], [], [], []
     for name, p in model.named_parameters():
         matrix = name.startswith("blocks.") and p.ndim == 2
-        if matrix and ("qkv" in name or ".proj." in name or ".fc." in name or
+        if matrix and ("qkv" in name or ".qk." in name or ".attn.v." in name or ".proj." in name or ".fc." in name or
                        (cfg.attn_gate_on_muon and name.endswith(".attn.gate"))):
             muon.append(p)
             muon_mults.append(cfg.muon_mlp_out_lr_mult if getattr(p, "is_mlp_out", False) else
@@ -249,12 +255,14 @@ class SpeedrunOptimizer:
             st = self.state.setdefault(p, {})
             if "momentum" not in st:
                 split = getattr(p, "muon_split", 1)
+                rows, cols = p.size(0) // split, p.size(1)
+                shape = (split, 1, cols) if second_axis(rows, cols, self.cfg.normuon_axis) else (split, rows, 1)
                 st["momentum"] = torch.zeros_like(p)
-                st["second_moment"] = torch.zeros(split, p.size(0) // split, 1, device=p.device, dtype=torch.float32)
+                st["second_moment"] = torch.zeros(shape, device=p.device, dtype=torch.float32)
         self._normuon(params, [p.grad for p in params], [self.state[p]["momentum"] for p in params],
                       [self.state[p]["second_moment"] for p in params], hp,
                       getattr(params[0], "muon_split", 1), self.cfg.polar_express_steps, self.cfg.cautious_wd,
-                      self.cfg.muon_variant == "normuon", self.cfg.muon_ns)
+                      self.cfg.muon_variant == "normuon", self.cfg.muon_ns, self.cfg.normuon_axis)
 
     def _adam_step(self, params: list[nn.Parameter], hp: torch.Tensor) -> None:
         params = [p for p in params if p.grad is not None]

@@ -1,0 +1,100 @@
+"""Blocks of record #89 built so far (DESIGN.md's list after record #89): the bigram embedding's xor hash and sign
+trick, learnable XSA, q and k orthogonalised per pair of heads, and NorMuon's statistic along the longer side.
+Each does what it says, each is on in the record preset, and switching any one off changes a run."""
+
+import pytest
+import torch
+
+from conftest import fast_tiny
+from speedrun.config import TrainConfig
+from speedrun.model import GPT, BigramHashEmbedding, CausalSelfAttention
+from speedrun.optim import SpeedrunOptimizer, normuon_update
+from speedrun.train import _Trainer
+
+BLOCKS = {"model.bigram_hash": ("xor", "mul"), "model.bigram_sign_rows": (256, 0),
+          "model.xsa_layers": ([1, 2, 5], []), "model.qk_head_pairs": (True, False),
+          "optim.normuon_axis": ("larger", "rows")}
+
+
+def test_the_record_preset_has_them_on():
+    r = TrainConfig.preset("record")
+    assert (r.model.bigram_hash, r.model.bigram_buckets, r.model.bigram_sign_rows) == ("xor", 377_280, 8192)
+    assert r.model.xsa_layers == (1, 3, 4, 7) and r.model.qk_head_pairs and r.optim.normuon_axis == "larger"
+
+
+def losses(overrides: dict, steps: int = 8) -> list[float]:
+    trainer = _Trainer(fast_tiny(16, **overrides), None, None)
+    return [trainer.train_step(s).item() for s in range(steps)]
+
+
+@pytest.mark.parametrize("key", list(BLOCKS))
+def test_switching_a_block_off_changes_the_run(key):
+    on = {k: v[0] for k, v in BLOCKS.items()}
+    with_all = losses(on)
+    without = losses({**on, key: BLOCKS[key][1]})
+    assert with_all[0] == pytest.approx(without[0], abs=0.05)  # the same model at the start (zero-initialised)
+    assert max(abs(a - b) for a, b in zip(with_all, without)) > 1e-5, key
+
+
+def test_xor_hash_and_sign_trick():
+    cfg = TrainConfig.preset("tiny").override({"model.bigram_hash": "xor", "model.bigram_sign_rows": 64}).model
+    a, b = BigramHashEmbedding(cfg), BigramHashEmbedding(cfg)
+    assert torch.equal(a.signs, b.signs) and set(a.signs.unique().tolist()) == {-1.0, 1.0}  # same on every rank
+    tokens = torch.tensor([[5, 7, 9, 127, 3]])
+    buckets = a.bucket(tokens)
+    expected = [(36313 * t ^ 27191 * p) % (cfg.bigram_buckets - 1) for p, t in [(5, 7), (7, 9), (9, 127), (127, 3)]]
+    assert buckets[0, 0] == cfg.bigram_buckets - 1 and buckets[0, 1:].tolist() == expected
+    torch.nn.init.ones_(a.embed.weight)
+    out = a(tokens)
+    assert torch.equal(out[0, 0], a.signs[0]) and torch.equal(out[0, 1], a.signs[(5 ^ 7) % 64])
+
+
+def test_xsa_removes_the_part_along_the_own_value():
+    cfg = TrainConfig.preset("tiny").override({"model.xsa_layers": [1]}).model
+    attn = CausalSelfAttention(cfg, paired=False, key_offset=False, has_value_embed=False, xsa=True)
+    y, v = torch.randn(2, 5, cfg.n_head, cfg.head_dim), torch.randn(2, 5, cfg.n_head, cfg.head_dim)
+    assert torch.equal(attn.exclusive(y, v), y)  # alpha 0 at the start: off
+    with torch.no_grad():
+        attn.xsa_alpha.fill_(20.0)  # tanh = 1: the whole component along v goes
+    out = attn.exclusive(y, v)
+    assert (out * v).sum(-1).abs().max() < 1e-4 and not torch.allclose(out, y)
+
+
+def test_q_and_k_per_pair_of_heads_give_the_same_attention_and_are_orthogonalised_per_pair():
+    base = TrainConfig.preset("tiny").model
+    paired = TrainConfig.preset("tiny").override({"model.qk_head_pairs": True}).model
+    torch.manual_seed(0)
+    one, two = CausalSelfAttention(base, False, False, False), CausalSelfAttention(paired, False, False, False)
+    with torch.no_grad():  # the same maps: q and k rows in qk, v apart
+        two.qk.weight.copy_(one.qkv.weight[: 2 * base.dim])
+        two.v.weight.copy_(one.qkv.weight[2 * base.dim :])
+        two.proj.weight.copy_(torch.randn_like(two.proj.weight))
+        one.proj.weight.copy_(two.proj.weight)
+    from speedrun.attention import segment_ids
+    from speedrun.model import LayerContext, Rotary
+    x = torch.randn(1, 32, base.dim)
+    ctx = LayerContext(segment_ids(torch.ones(1, 32, dtype=torch.long), 127, 32), 16,
+                       Rotary(base.head_dim, base.rope_min_freq, base.attn_scale))
+    assert torch.allclose(one(x, None, ctx), two(x, None, ctx), atol=1e-6)
+    assert two.qk.weight.muon_split == base.n_head  # 2 x head_dim rows per pair, for q then for k
+    rows = 2 * base.head_dim
+    g = torch.randn(2 * base.dim, base.dim)
+    params = [torch.zeros(2 * base.dim, base.dim)]
+    normuon_update(params, [g], [torch.zeros_like(g)], [torch.zeros(base.n_head, rows, 1)],
+                   torch.tensor([1.0, 0.0, 0.0, 0.0]), base.n_head, 5, False, False)
+    for block in (-params[0]).view(base.n_head, rows, base.dim):
+        s = torch.linalg.svdvals(block)
+        assert s.min() > 0.5 and s.max() < 1.5  # each pair's block orthogonalised on its own
+
+
+def test_normuon_keeps_its_statistic_along_the_longer_side():
+    cfg = TrainConfig.preset("tiny").override({"optim.normuon_axis": "larger"})
+    model = GPT(cfg.model)
+    opt = SpeedrunOptimizer(model, cfg.optim)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step(1.0, 0.9, adam=True)
+    proj = model.blocks[0].mlp.proj.weight  # (dim, mlp_dim): wide, a statistic per hidden unit (column)
+    fc = model.blocks[0].mlp.fc.weight  # (mlp_dim, dim): tall, per row
+    assert opt.state[proj]["second_moment"].shape == (1, 1, cfg.model.mlp_dim)
+    assert opt.state[fc]["second_moment"].shape == (1, cfg.model.mlp_dim, 1)
