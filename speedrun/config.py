@@ -53,6 +53,7 @@ class ModelConfig:
     use_rope: bool = True
     rope_min_freq: float = 1 / 1024
     use_yarn: bool = True
+    yarn_attn_slope: float = 0.1  # on each window growth the attention scale is multiplied by 1 + slope * ln(new/old)
     attn_scale: float = 0.12
     use_softcap: bool = True
     softcap_scale: float = 23.0
@@ -86,6 +87,7 @@ class OptimConfig:
     adam_eps: float = 1e-10
     adam_wd: float = 0.005
     adam_every: int = 2  # Adam steps once every this many steps, on the accumulated gradient
+    adam_wd_power: int = 1  # Adam's decay per step: wd * wd_mult * lr ** power (record #89: lr squared)
     embed_betas: tuple[float, ...] = (0.5, 0.95)
     embed_lr_mult: float = 1.0
     head_lr_mult: float = 1.0  # lm_head's Adam lr multiplier (its betas and decay are the embedding's)
@@ -258,9 +260,15 @@ def _record() -> TrainConfig:
     learned strength per head: record #89 takes it per token from its MUDD gates, not built yet), q and k
     orthogonalised per pair of heads, and NorMuon's statistic along each matrix's longer side."""
     base = TrainConfig()
-    return replace(base, model=replace(base.model, bigram_buckets=377_280, bigram_hash="xor", bigram_sign_rows=8192,
-                                       xsa_layers=(1, 3, 4, 7), qk_head_pairs=True),
-                   optim=replace(base.optim, normuon_axis="larger"))
+    return replace(
+        base,
+        model=replace(base.model, bigram_buckets=377_280, bigram_hash="xor", bigram_sign_rows=8192,
+                      xsa_layers=(1, 3, 4, 7), qk_head_pairs=True,
+                      # record #89's train_gpt.py: keys shifted on head_dim // 2 dims, Yarn's scale 0.1, slope 0.2
+                      key_offset_dims=64, attn_scale=0.1, yarn_attn_slope=0.2),
+        # its MLP matrices are stored (3072, 768), so c_proj's shape factor is 2, times its own 2; ours is (768,
+        # 3072), factor 1: the same step needs 4 here. Adam decays by lr^2 * wd * wd_mult.
+        optim=replace(base.optim, normuon_axis="larger", muon_mlp_out_lr_mult=4.0, adam_wd_power=2))
 
 
 def _tiny() -> TrainConfig:
@@ -424,6 +432,7 @@ def validate(cfg: TrainConfig) -> None:
     need(o.polar_express_steps >= 1, "optim.polar_express_steps", "must be >= 1")
     need(o.muon_variant in ("normuon", "muon"), "optim.muon_variant", "must be normuon or muon")
     need(o.normuon_axis in ("rows", "larger"), "optim.normuon_axis", "must be rows or larger")
+    need(o.adam_wd_power in (1, 2), "optim.adam_wd_power", "must be 1 (lr * wd) or 2 (lr^2 * wd)")
     need(o.muon_ns in ("polar_express", "quintic"), "optim.muon_ns", "must be polar_express or quintic")
     need(o.adam_every >= 1, "optim.adam_every", "must be >= 1")
 
@@ -560,7 +569,8 @@ def _jsonable(v: Any) -> Any:
 # Knobs whose values are baked into compiled graphs: shapes (batch, sequence, windows, widths), layer
 # switches, Python-level branches and loop counts. Every other knob reaches compiled code as a tensor or
 # only moves the schedule, so changing it between trials reuses the compiled graphs.
-_MODEL_TENSOR_KNOBS = {"softcap_scale", "softcap_shift", "softcap_div", "attn_scale", "rope_min_freq", "untie_step"}
+_MODEL_TENSOR_KNOBS = {"softcap_scale", "softcap_shift", "softcap_div", "attn_scale", "rope_min_freq", "untie_step",
+                       "yarn_attn_slope"}
 _GRAPH_KNOBS = {
     "schedule": {"tokens_per_step", "max_seq_lens", "short_windows", "long_windows", "final_long_window"},
     "optim": {"polar_express_steps", "cautious_wd", "muon_variant", "muon_ns", "attn_gate_on_muon", "normuon_axis"},

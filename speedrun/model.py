@@ -63,9 +63,9 @@ class CastedLinear(nn.Linear):
 class Rotary(nn.Module):
     """Half-truncated RoPE: a quarter of the pairs rotate, the rest keep frequency 0; YaRN rescales on window growth."""
 
-    def __init__(self, head_dim: int, min_freq: float, attn_scale: float):
+    def __init__(self, head_dim: int, min_freq: float, attn_scale: float, yarn_slope: float = 0.1):
         super().__init__()
-        self.head_dim, self.min_freq, self.base_scale = head_dim, min_freq, attn_scale
+        self.head_dim, self.min_freq, self.base_scale, self.yarn_slope = head_dim, min_freq, attn_scale, yarn_slope
         self.freq = nn.Buffer(torch.zeros(head_dim // 2), persistent=False)
         self.attn_scale = nn.Buffer(torch.zeros(()), persistent=False)
         self.reset()
@@ -86,7 +86,7 @@ class Rotary(nn.Module):
         keep = ((turns - alpha) / (beta - alpha)).clamp(0, 1)
         ratio = old_window / new_window
         self.freq.mul_(ratio + keep * (1 - ratio))
-        self.attn_scale.mul_(0.1 * math.log(new_window / old_window) + 1)
+        self.attn_scale.mul_(self.yarn_slope * math.log(new_window / old_window) + 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, H, D)
         t = torch.arange(x.size(1), device=x.device, dtype=torch.float32)
@@ -308,7 +308,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.n_skip = cfg.n_layer // 2 if cfg.use_skip_connections else 0
         self.skip_weights = nn.Parameter(torch.ones(self.n_skip))
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_min_freq, cfg.attn_scale)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_min_freq, cfg.attn_scale, cfg.yarn_attn_slope)
         softcap = (cfg.softcap_scale, cfg.softcap_shift, cfg.softcap_div)
         self.softcap = nn.Buffer(torch.tensor(softcap, dtype=torch.float32), persistent=False)
         self.flex = False

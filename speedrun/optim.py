@@ -219,8 +219,9 @@ class SpeedrunOptimizer:
         # every scalar of this step in one host-to-device copy
         rows = [[c.muon_lr * lr_mult * factor, c.muon_lr * lr_mult * c.muon_wd, momentum, c.muon_beta2, 0, 0]
                 for _, factor in self.muon_buckets]
-        rows += [[c.adam_lr * g.lr_mult * lr_mult, c.adam_lr * g.lr_mult * lr_mult * c.adam_wd * g.wd_mult,
-                  g.betas[0], g.betas[1], c.adam_eps, adam_grad_scale] for g in adam_groups]
+        adam_lrs = [c.adam_lr * g.lr_mult * lr_mult for g in adam_groups]
+        rows += [[lr, lr ** c.adam_wd_power * c.adam_wd * g.wd_mult, g.betas[0], g.betas[1], c.adam_eps, adam_grad_scale]
+                 for lr, g in zip(adam_lrs, adam_groups)]
         device = self.groups[0].params[0].device
         hp = torch.tensor(rows, dtype=torch.float32).to(device, non_blocking=True)
         for i, (params, _) in enumerate(self.muon_buckets):

@@ -15,7 +15,9 @@ def test_record_preset_matches_design():
     assert (m.softcap_scale, m.softcap_shift, m.softcap_div) == (23.0, 5.0, 7.5)
     assert m.untie_step == 847
     assert (o.muon_lr, o.muon_momentum, o.muon_momentum_min, o.muon_beta2, o.muon_wd) == (0.023, 0.95, 0.85, 0.9, 1.2)
-    assert (o.muon_momentum_warmup_steps, o.muon_momentum_cooldown_steps, o.muon_mlp_out_lr_mult) == (300, 50, 2.0)
+    # DESIGN's "MLP out-projection x2" multiplies the shape factor of the record's (3072, 768) storage, 2; this
+    # model stores the out-projection (768, 3072), shape factor 1, so the same step is a multiplier of 4
+    assert (o.muon_momentum_warmup_steps, o.muon_momentum_cooldown_steps, o.muon_mlp_out_lr_mult) == (300, 50, 4.0)
     assert (o.adam_lr, o.adam_eps, o.adam_wd, o.adam_every) == (0.008, 1e-10, 0.005, 2)
     assert o.embed_betas == (0.5, 0.95) and o.embed_wd_mult == 150
     assert o.value_embed_betas == (0.75, 0.95) and (o.value_embed_lr_mult, o.value_embed_wd_mult) == (75, 5)

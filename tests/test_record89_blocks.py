@@ -98,3 +98,28 @@ def test_normuon_keeps_its_statistic_along_the_longer_side():
     fc = model.blocks[0].mlp.fc.weight  # (mlp_dim, dim): tall, per row
     assert opt.state[proj]["second_moment"].shape == (1, 1, cfg.model.mlp_dim)
     assert opt.state[fc]["second_moment"].shape == (1, cfg.model.mlp_dim, 1)
+
+
+@pytest.mark.parametrize("power", [1, 2])
+def test_adam_decay_follows_the_lr_to_its_power(power):
+    cfg = TrainConfig.preset("tiny").override({"optim.adam_wd_power": power, "optim.cautious_wd": False})
+    model = GPT(cfg.model)
+    opt = SpeedrunOptimizer(model, cfg.optim)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # no gradient: only the decay moves a weight
+    w = model.embed.weight if not model.tied else model.lm_head.weight
+    before = w.detach().clone()
+    opt.step(0.5, 0.9, adam=True)
+    lr = cfg.optim.adam_lr * cfg.optim.embed_lr_mult * 0.5
+    expected = 1 - lr ** power * cfg.optim.adam_wd * cfg.optim.embed_wd_mult
+    assert torch.allclose(w, before * expected, rtol=1e-5)
+
+
+def test_yarn_rescales_the_attention_by_its_slope():
+    from speedrun.model import Rotary
+    import math
+    rot = Rotary(128, 1 / 1024, 0.1, yarn_slope=0.2)
+    rot.yarn_extend(384, 896)
+    assert rot.attn_scale.item() == pytest.approx(0.1 * (1 + 0.2 * math.log(896 / 384)))
+    r = TrainConfig.preset("record").model
+    assert (r.attn_scale, r.yarn_attn_slope, r.key_offset_dims) == (0.1, 0.2, 64)
