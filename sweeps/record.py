@@ -354,8 +354,10 @@ def attempt(args, uri: str, name: str, storage, folder: Path) -> int:
 
 def report_attempt(runs, logged_base, judge, name, folder, notes, tracker, t0) -> int:
     """The verdict over an attempt's runs, printed, written and logged; the exit code."""
-    cand = [r for r in runs if r["arm"] == "candidate"]
-    base = [r for r in runs if r["arm"] == "baseline"] or logged_base
+    from sweeps.attempts import BASELINE_ARM, CANDIDATE_ARM
+
+    cand = [r for r in runs if r["arm"] == CANDIDATE_ARM]
+    base = [r for r in runs if r["arm"] == BASELINE_ARM] or logged_base
     test, rows = judge_and_report(cand, base, judge, folder, f"Record attempt {name}", notes)
     if tracker is not None:
         log_to_mlflow(tracker, name, test, folder)
