@@ -262,8 +262,7 @@ class BigramHashEmbedding(nn.Module):
         else:
             self.signs = None
 
-    def bucket(self, tokens: torch.Tensor) -> torch.Tensor:
-        prev = F.pad(tokens[:, :-1], (1, 0), value=0)
+    def bucket(self, tokens: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         if self.hash == "mul":
             return (prev * 1_000_003 + tokens) % self.buckets
         mixed = torch.bitwise_xor(36313 * tokens, 27191 * prev) % (self.buckets - 1)
@@ -271,9 +270,9 @@ class BigramHashEmbedding(nn.Module):
         return mixed
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        out = self.embed(self.bucket(tokens))
+        prev = F.pad(tokens[:, :-1], (1, 0), value=0)
+        out = self.embed(self.bucket(tokens, prev))
         if self.signs is not None:
-            prev = F.pad(tokens[:, :-1], (1, 0), value=0)
             idx = torch.bitwise_xor(prev, tokens) % self.signs.size(0)
             idx[:, 0] = 0
             out = out * self.signs[idx].type_as(out)
