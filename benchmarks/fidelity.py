@@ -37,6 +37,7 @@ from speedrun.sample import MarkovMixture, SampleSpec  # noqa: E402
 
 GPT2_BOS = 50256
 TOKENS_PER_STEP = 393_216  # the public file's 8 x 49,152 (grad accumulation 8 on one GPU)
+VAL_WINDOW = 8 * 262_144  # what the public file's validation loader keeps ahead of its position on one GPU
 
 
 def gpt2_ids(symbols: np.ndarray, spec: SampleSpec) -> np.ndarray:
@@ -56,8 +57,9 @@ def write_fidelity_shards(folder: Path, train_tokens: int, val_tokens: int, shar
     train = gpt2_ids(source.generate(train_tokens, rng, lanes=4096)[:train_tokens], spec)
     for k, start in enumerate(range(0, train.size, shard_tokens)):
         write_shard(folder / f"fineweb_train_{k + 1:06d}.bin", train[start : start + shard_tokens])
-    val = gpt2_ids(source.generate(val_tokens + 1, np.random.default_rng(spec.seed + 2), lanes=4096)[: val_tokens + 1],
-                   spec)
+    # the public file's loader refills once fewer than 8 x 262,144 (+1) tokens remain ahead of it: a margin beyond them
+    n_val = val_tokens + 2 * VAL_WINDOW + 1
+    val = gpt2_ids(source.generate(n_val, np.random.default_rng(spec.seed + 2), lanes=4096)[:n_val], spec)
     write_shard(folder / "fineweb_val_000000.bin", val)
     meta.write_text(json.dumps({"train_tokens": int(train.size), "val_tokens": int(val.size)}))
     return folder
@@ -120,7 +122,8 @@ def run_side_by_side(args) -> None:
     if torch.cuda.device_count() < 2:
         sys.exit("error: the fidelity runs need two GPUs (one per trainer): run on nvidia-h200-x2")
     out = Path(args.out).resolve()
-    write_fidelity_shards(out / "shards", (args.steps + 2) * TOKENS_PER_STEP, args.val_tokens)
+    # the loader aligns each sequence to a BOS, skipping up to a document per sequence, and keeps a window ahead
+    write_fidelity_shards(out / "shards", int((args.steps + 4) * TOKENS_PER_STEP * 1.1), args.val_tokens)
     jobs = []
     for trainer, gpu in zip(("public", "ours"), args.gpus):
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu), "PYTHONUNBUFFERED": "1"}
