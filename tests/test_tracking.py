@@ -179,6 +179,14 @@ def test_mlflow_ui_shows_the_trials(store, tmp_path):
         hint_url = next(w for w in store_hint(uri).split() if w.startswith("http"))
         client_url = hint_url.replace("127.0.0.1:5000", f"127.0.0.1:{port}")
         render(chromium, tmp_path / "runs", client_url, ["Model training", "Runs"], OUTPUT / "mlflow_ui_runs.png")
+        # a trial's overview: its source with the git commit, the validation set as a dataset input, system metrics
+        run = runs[0]
+        commit = run.data.tags["mlflow.source.git.commit"][:7]
+        (dataset,) = [i.dataset.name for i in client.get_run(run.info.run_id).inputs.dataset_inputs]
+        overview = (f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}"
+                    "?workflowType=machine_learning")
+        render(chromium, tmp_path / "overview", overview, [commit, dataset, "system/cpu_utilization_percentage"],
+               OUTPUT / "mlflow_ui_overview.png")
         system = (f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}/runs/{runs[0].info.run_id}/system-metrics"
                   "?workflowType=machine_learning")
         render(chromium, tmp_path / "system", system, ["cpu_utilization_percentage", "system_memory_usage_megabytes"],
