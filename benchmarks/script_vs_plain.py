@@ -55,7 +55,9 @@ def cache_env(work: Path) -> dict:
 
 
 def sweep(args, work: Path) -> int:
-    space = ROOT / ".ref" / "pub_lr.toml"
+    space = work / "muon_lr.toml"  # trial 0 is the file as it is (the control), trial 1 another Muon lr
+    space.write_text('description = "the file\'s Muon learning rate"\n[defaults]\ntrials = 2\n'
+                     '[params."Muon.lr"]\ntype = "float"\nlow = 0.02\nhigh = 0.1\nlog = true\n')
     cmd = [sys.executable, "-m", "sweeps.run", "--trainer", args.trainer, "--space", str(space), "--trials", "2",
            "--workers-per-trial", "1", "--scheduler", "none", "--storage", str(work / "sweeps"), "--name", SWEEP,
            "--tracking-uri", f"sqlite:///{work}/mlflow.db", "--env", f"NUM_ITERS={args.iters}", "--env", "VAL_EVERY=0",
@@ -99,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--phase", choices=["warm", "measure"])
     p.add_argument("--table", action="store_true")
-    p.add_argument("--trainer", default=str(ROOT / ".ref" / "public_train_gpt.py"))
-    p.add_argument("--run-sh", default=str(ROOT / ".ref" / "run.sh"))
+    p.add_argument("--trainer", default=str(ROOT / ".ref" / "public_train_gpt.py"),
+                   help="the file to sweep (a copy of ../shared/reference/public_train_gpt.py by default)")
+    p.add_argument("--run-sh", default=str(ROOT / ".ref" / "run.sh"), help="the script that runs it plainly")
     p.add_argument("--iters", type=int, default=60)
     p.add_argument("--gpus", type=int, default=2)
     p.add_argument("--work", default="/tmp/script-vs-plain")
