@@ -223,7 +223,8 @@ def script_worker(loop_config: dict) -> None:
                 ray.train.report({**metrics, **(sampler.take() if sampler else {})})
             if batch["end"]:
                 break
-        check_end(batch, rank, proc, script.name, stderr_path, loop_config["stall_s"])
+        exit_note = check_end(batch, rank, proc, script.name, stderr_path, loop_config["stall_s"],
+                              complete=bool(last_val) and last_val["step"] >= last_val["total_steps"])
     finally:
         if sampler is not None:
             sampler.stop()
@@ -231,7 +232,16 @@ def script_worker(loop_config: dict) -> None:
         stdout_sink.close()
         stderr_sink.close()
         push_paths(loop_config.get("storage", ""), str(folder))  # this rank's output, the script's log and diff
-    final = {**final_metrics(last_val, loop_config.get("track")), **node}
+    report_end(rank, loop_config, {**final_metrics(last_val, loop_config.get("track")), **node}, exit_note)
+
+
+def report_end(rank: int, loop_config: dict, final: dict, exit_note: "ExitAfterEnd | None") -> None:
+    """The trial's final report, from every rank; rank 0 first leaves it as the trial's done marker."""
+    import ray.train
+
+    if exit_note:  # it crashed after its final validation: the result stands, the exit is on record
+        print(f"warning: {exit_note.message}", file=sys.stderr, flush=True)
+        final["script_exit_code"] = exit_note.code
     if rank == 0 and loop_config.get("done_path"):
         from .trial import write_json_atomic
         write_json_atomic(loop_config["done_path"], final)
@@ -239,21 +249,37 @@ def script_worker(loop_config: dict) -> None:
     ray.train.report(final)
 
 
-def check_end(batch: dict, rank: int, proc: subprocess.Popen, name: str, stderr_path: Path, stall_s: float) -> None:
+@dataclass(frozen=True)
+class ExitAfterEnd:
+    """A script's non-zero exit after its final validation line (a crash in its teardown, such as a process group
+    aborting at exit): the run's result is complete, so the trial keeps it; the exit is reported beside it."""
+    message: str
+    code: int
+
+
+def check_end(batch: dict, rank: int, proc: subprocess.Popen, name: str, stderr_path: Path, stall_s: float,
+              complete: bool = False) -> ExitAfterEnd | None:
     """ScriptFailed unless the scripts of every rank ended with 0: a stall, a non-zero exit of this rank's script,
-    or of rank 0's (told in the batch), with the last lines of this rank's stderr."""
+    or of rank 0's (told in the batch), with the last lines of this rank's stderr. A run that had printed its
+    final validation (`complete`) and then exited non-zero is not failed: the exit comes back as ExitAfterEnd."""
     if batch["end"] == "stall":
         raise ScriptFailed(f"no output from {name} for {stall_s:.0f}s (stalled); last stderr lines of rank "
                            f"{rank}:\n{_tail(stderr_path)}")
     code = batch["exit"] if rank == 0 else (_wait(proc, 120) if batch["exit"] == 0 else proc.poll())
+    failure = None
     if code != 0 and code is not None:
-        raise ScriptFailed(f"{name} exited with {code} on rank {rank}; last stderr lines:\n{_tail(stderr_path)}")
-    if batch["exit"] != 0:
-        raise ScriptFailed(f"{name} on rank 0 exited with {batch['exit']} (rank {rank}'s own script "
-                           f"{'is still running' if code is None else 'ended'}); last stderr lines of rank "
-                           f"{rank}:\n{_tail(stderr_path)}")
-    if code is None:
+        failure, exit_code = f"{name} exited with {code} on rank {rank}", code
+    elif batch["exit"] != 0:
+        failure = (f"{name} on rank 0 exited with {batch['exit']} (rank {rank}'s own script "
+                   f"{'is still running' if code is None else 'ended'})")
+        exit_code = batch["exit"]
+    elif code is None:
         raise ScriptFailed(f"{name} on rank {rank} did not exit within 120 s of rank 0's end")
+    if failure is None:
+        return None
+    if not complete:
+        raise ScriptFailed(f"{failure}; last stderr lines of rank {rank}:\n{_tail(stderr_path)}")
+    return ExitAfterEnd(f"{failure} after its final validation line; its result is kept", int(exit_code))
 
 
 def _next_batch(lines: queue.Queue, stall_s: float) -> dict:

@@ -39,7 +39,7 @@ REPORT_KEYS = ("train_loss", "val_loss", "train_time_s", "tokens", "compile_s", 
                "compile_artifacts_loaded", "compile_artifacts_saved_bytes",
                "compile_artifacts_load_s", "worker_start_s", "init_s")
 FINAL_KEYS = ("val_loss", "final_val_loss", "objective_time_s", "train_time_s", "tokens", "compile_s", "startup_s", "val_time_s",
-              "peak_mem_bytes", "floor")
+              "peak_mem_bytes", "floor", "script_exit_code")  # the last: a script's crash after its final validation
 
 
 def resolve_uri(flag: str | None) -> str:

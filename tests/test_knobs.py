@@ -120,3 +120,30 @@ def test_a_script_worker_sees_its_own_gpu_as_cuda_local_rank():
     assert visible_devices("3,1,0,2", ["0"], 0) == "0,3,1,2"
     assert visible_devices("4", ["4"], 0) == "4"  # one GPU per trial
     assert visible_devices("", ["7"], 0) == "7"  # not shared: only its own
+
+
+@pytest.mark.parametrize("complete", [True, False])
+def test_a_script_that_aborts_after_its_final_validation_keeps_its_result(tmp_path, complete):
+    """A real process that exits with SIGABRT (a teardown crash, as gloo's at exit): before its final validation
+    the trial fails with the stderr tail; after it, the result stands and the exit code is reported."""
+    import subprocess
+    import sys
+
+    from sweeps.script_trial import ScriptFailed, check_end
+
+    stderr = tmp_path / "stderr.rank0.txt"
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", "import os, sys; print('terminate called', file=sys.stderr, "
+                                 "flush=True); os.abort()"], stderr=err)
+        code = proc.wait()
+    assert code < 0
+    batch = {"end": "eof", "exit": code, "reports": []}
+    if complete:
+        note = check_end(batch, 0, proc, "train_gpt.py", stderr, 15.0, complete=True)
+        assert note.code == code and "after its final validation line" in note.message
+    else:
+        with pytest.raises(ScriptFailed, match="exited with .* on rank 0; last stderr lines of rank 0:\n.*terminate called"):
+            check_end(batch, 0, proc, "train_gpt.py", stderr, 15.0, complete=False)
+    clean = subprocess.Popen([sys.executable, "-c", "pass"])
+    clean.wait()
+    assert check_end({"end": "eof", "exit": 0, "reports": []}, 0, clean, "train_gpt.py", stderr, 15.0) is None
