@@ -158,7 +158,8 @@ def per_run_rows(runs: list[dict], judge, baseline_times: list[float] | None) ->
         if r.get("arm") == "baseline":
             verdict = "baseline " + verdict if verdict in ("reached", "missed") else "baseline"
         rows.append({"run": r["run"], "arm": r.get("arm", "candidate"), "val_loss": r["val_loss"],
-                     "train_time_s": r["train_time_s"], "verdict": verdict})
+                     "train_time_s": r["train_time_s"], "verdict": verdict,
+                     **({"script_exit_code": r["script_exit_code"]} if r.get("script_exit_code") else {})})
     return rows
 
 

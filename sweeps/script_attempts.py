@@ -119,13 +119,15 @@ def run_with_torchrun(arms: dict, env: dict, order, folder: Path, nproc: int, se
                                   stderr=subprocess.STDOUT, check=False).returncode
         try:
             run = parse_log(log)
-            ok = code == 0 and run.complete
         except LogError:
-            run, ok = None, False
-        if not ok:
+            run = None
+        ok = run is not None and run.complete  # a crash after the final validation keeps the run, as in sweeps
+        if not ok or code != 0:
             tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-10:])
-            print(f"run seed {seed} ({arm}) failed (exit {code}); last lines of {log}:\n{tail}", flush=True)
-        out.append({"run": f"seed {seed}", "arm": arm, "status": TrialStatus.FINISHED if ok else TrialStatus.FAILED,
-                    "val_loss": run.val_loss if ok else math.nan,
-                    "train_time_s": run.train_time_s if run else math.nan})
+            what = "exited with {code} after its final validation line; its result is kept" if ok else "failed (exit {code})"
+            print(f"{'warning: ' if ok else ''}run seed {seed} ({arm}) {what.format(code=code)}; last lines of {log}:\n"
+                  f"{tail}", flush=True)
+        row = {"run": f"seed {seed}", "arm": arm, "status": TrialStatus.FINISHED if ok else TrialStatus.FAILED,
+               "val_loss": run.val_loss if ok else math.nan, "train_time_s": run.train_time_s if run else math.nan}
+        out.append({**row, "script_exit_code": code} if code != 0 else row)
     return out

@@ -67,6 +67,19 @@ def test_runs_under_plain_torchrun_without_ray(tmp_path, capsys):
     assert "the runs read their own data" in out
 
 
+
+def test_a_run_that_aborts_after_its_final_validation_keeps_its_result_under_torchrun(tmp_path, capsys):
+    """The stand-in's rank 0 really aborts (SIGABRT) after its last line: the run is judged on its log, as in a
+    sweep's script trial, and the exit code is on record beside it."""
+    rc, v = attempt(tmp_path, "--torchrun", "--runs", "2", "--seed-env", "SEED", "--env", "NUM_ITERS=8",
+                    "--set", "ABORT_AT_EXIT=True", "--target", "3.5", "--workers-per-trial", "2")
+    out = capsys.readouterr().out
+    assert rc in (0, 1), out
+    assert len(v["runs"]) == 2 and all(r["script_exit_code"] != 0 and r["verdict"] != "failed" for r in v["runs"])
+    assert out.count("after its final validation line; its result is kept") == 2, out
+    assert len(v["losses"]) == 2 and all(loss < 3.5 for loss in v["losses"])
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--set", "Muon.nope=0.9"], "Muon.nope"),
     (["--set", "Muon.lr=abc"], "not a Python literal"),

@@ -49,6 +49,7 @@ class Hyperparameters:
 
 KILL_AT_STEP = 0  # tests: rank 1 SIGKILLs itself at this step (0: never)
 STALL_AT_STEP = 0  # tests: rank 0 stops printing and sleeps at this step (0: never)
+ABORT_AT_EXIT = False  # tests: rank 0 aborts after its last line, as a crash in a script's teardown would
 args = Hyperparameters()
 
 rank = int(os.environ["RANK"])
@@ -163,4 +164,9 @@ for step in range(train_steps + 1):
            f"step_avg:{approx_training_time_ms / (step + 1):.2f}ms", console=True)
 
 print0(f"peak memory allocated: 0 MiB reserved: 0 MiB", console=True)
+# gloo (unlike NCCL) aborts a rank whose peer tears down first ("terminate called without an active exception",
+# a third of the runs here): the ranks leave together
+dist.barrier()
 dist.destroy_process_group()
+if ABORT_AT_EXIT and master_process:
+    os.abort()
