@@ -100,10 +100,15 @@ def main() -> None:
         return
 
     from speedrun.config import parse_overrides
+    from speedrun.prefix import vocab_for_speed
     from speedrun.config import TrainConfig
 
     cfg = TrainConfig.preset("tiny" if args.tiny else "record").with_total_steps(args.steps)
     cfg = cfg.override({"data.source": "sample", "data.bos_id": 127, "run.val_every": 10 ** 6, **parse_overrides(args.set)})
+    vocab, note = vocab_for_speed(cfg.model.prefix_vocab, tempfile.mkdtemp(prefix="speedrun-startup-"))
+    cfg = cfg.override({"model.prefix_vocab": vocab})
+    if note:
+        print(f"# {note}", flush=True)
     if args.cache_dir and set(args.runs) != {"node"}:
         sys.exit("startup: --cache-dir measures warm runs against an existing cache: pass --runs node with it")
     if not args.cache_dir and args.runs[0] != "cold":

@@ -36,6 +36,7 @@ import torch
 from speedrun import schedule as S  # noqa: E402
 from speedrun.config import TrainConfig  # noqa: E402
 from speedrun.data import write_shard  # noqa: E402
+from speedrun.prefix import vocab_for_speed  # noqa: E402
 from speedrun.train import _Trainer  # noqa: E402
 
 PEAK_BF16 = 989e12
@@ -89,6 +90,10 @@ def main() -> None:
     if args.preset != "record":
         over.update({"data.source": "fineweb", "data.bos_id": 127, "data.val_tokens": 4096})
     cfg = TrainConfig.preset(args.preset).override(over)
+    vocab, note = vocab_for_speed(cfg.model.prefix_vocab, work)
+    cfg = cfg.override({"model.prefix_vocab": vocab})
+    if note:
+        print(f"# {note}", flush=True)
     stages = S.all_stages(cfg.schedule)
     chosen = [stages[i - 1] for i in (args.stage or range(1, len(stages) + 1))]
     need = sum(st.tokens_per_step for st in chosen) * (args.steps + args.warmup) + (1 << 22)

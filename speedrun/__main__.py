@@ -12,6 +12,7 @@ import sys
 
 from .config import TrainConfig, parse_overrides
 from .data import ShardError
+from .prefix import VocabularyMissing
 from .train import train
 
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         result = train(cfg, log=lambda line: print(line, flush=True))
-    except ShardError as e:
+    except (ShardError, VocabularyMissing) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 prints the summary

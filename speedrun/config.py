@@ -48,6 +48,16 @@ class ModelConfig:
     use_attn_gate: bool = True
     xsa_layers: tuple[int, ...] = ()  # learnable XSA: remove tanh(a_h) of the output's part along the own value
     qk_head_pairs: bool = False  # q and k as one matrix per pair of heads for Muon (record #89), v apart
+    use_sa_lambdas: bool = False  # per attention layer: v scaled by l0 (q, k too without QK-norm), the output by l1
+    mudd: bool = False  # record #89's MUDD routing (speedrun.mudd) instead of U-net skips and x0 lambdas
+    mudd_dim: int = 64  # hidden width of MUDD's per-token coefficient MLPs
+    mudd_skip_from: int = 3  # this layer's output reaches the attention-free layer through a gated skip
+    mudd_attn_from: int = 7  # later layers attend over this layer's output; a MUDD source, backed out at the end
+    mudd_gate_layer: int = 4  # the second gate generator reads the stream entering this layer
+    attn_gate_layers: tuple[int, ...] = (3, 10)  # with mudd: attention outputs gated per token by MUDD gates
+    dc_layers: tuple[int, ...] = ()  # with mudd: DC-MHA (heads share a composed local pattern) on these layers
+    dc_window: int = 112  # DC-MHA's local window in tokens
+    prefix_vocab: str = ""  # prefix-token loss's vocabulary: gpt2 (tiktoken) | a .tiktoken file | empty: no such loss
     gate_dims: int = 12  # residual dims read by the sparse gates (attention, value embedding, smear)
     use_qk_norm: bool = True
     use_rope: bool = True
@@ -99,6 +109,12 @@ class OptimConfig:
     scalar_lr_mult: float = 5.0
     scalar_wd_mult: float = 0.0
     cautious_wd: bool = True
+    mudd_lr_mult: float = 0.25  # MUDD's coefficient MLPs (their biases without decay)
+    mudd_gate_lr_mult: float = 0.1  # MUDD's gate generators
+    mudd_betas: tuple[float, ...] = (0.9, 0.99)
+    resid_lambda_lr_mult: float = 5.0  # MUDD's per-layer residual lambdas
+    post_lambda_lr_mult: float = 1.0  # MUDD's per-layer update lambdas
+    lambda_betas: tuple[float, ...] = (0.9, 0.95)
 
 
 @dataclass(frozen=True)
@@ -118,6 +134,10 @@ class ScheduleConfig:
     mtp_start: tuple[tuple[float, ...], ...] = ((1.0, 0.5, 0.25), (1.0, 0.5), (1.0,), (1.0,))
     mtp_end: tuple[tuple[float, ...], ...] = ((1.0, 0.5, 0.0), (1.0, 0.0), (1.0,), (1.0,))
     final_long_window: int = 20
+    # The prefix-token loss's weight per stage, annealed linearly from start to end (with model.prefix_vocab);
+    # empty: no such loss.
+    prefix_start: tuple[float, ...] = ()
+    prefix_end: tuple[float, ...] = ()
 
     @property
     def total_steps(self) -> int:
@@ -256,19 +276,26 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
 # ---- presets -----------------------------------------------------------------------------------
 def _record() -> TrainConfig:
     """Record #89's values; of the blocks it added to the list in DESIGN.md, those built so far are on here: the
-    bigram embedding's xor hash over 377,280 buckets with the sign trick, learnable XSA on layers 1, 3, 4, 7 (a
-    learned strength per head: record #89 takes it per token from its MUDD gates, not built yet), q and k
-    orthogonalised per pair of heads, and NorMuon's statistic along each matrix's longer side."""
+    bigram embedding's xor hash over 377,280 buckets with the sign trick, MUDD routing (speedrun.mudd: per-token
+    gates and coefficients, the layer-3 skip and layer-7 snapshot, instead of U-net skips and x0 lambdas) with
+    learnable XSA on layers 1, 3, 4, 7, attention gates on 3 and 10 and DC-MHA on 10 taking their per-token
+    weights from it, per-layer SA lambdas, the prefix-token loss, q and k orthogonalised per pair of heads, and
+    NorMuon's statistic along each matrix's longer side."""
     base = TrainConfig()
     return replace(
         base,
         model=replace(base.model, bigram_buckets=377_280, bigram_hash="xor", bigram_sign_rows=8192,
-                      xsa_layers=(1, 3, 4, 7), qk_head_pairs=True,
+                      xsa_layers=(1, 3, 4, 7), qk_head_pairs=True, use_sa_lambdas=True,
+                      mudd=True, use_skip_connections=False, dc_layers=(10,), prefix_vocab="gpt2",
                       # record #89's train_gpt.py: keys shifted on head_dim // 2 dims, Yarn's scale 0.1, slope 0.2
                       key_offset_dims=64, attn_scale=0.1, yarn_attn_slope=0.2),
         # its MLP matrices are stored (3072, 768), so c_proj's shape factor is 2, times its own 2; ours is (768,
         # 3072), factor 1: the same step needs 4 here. Adam decays by lr^2 * wd * wd_mult.
-        optim=replace(base.optim, normuon_axis="larger", muon_mlp_out_lr_mult=4.0, adam_wd_power=2))
+        optim=replace(base.optim, normuon_axis="larger", muon_mlp_out_lr_mult=4.0, adam_wd_power=2),
+        # the prefix-token loss (GPT-2's vocabulary, through tiktoken): 0.25 through stage 0, annealed to 0 over
+        # stage 1
+        schedule=replace(base.schedule, prefix_start=(0.25, 0.25, 0.0, 0.0), prefix_end=(0.25, 0.0, 0.0, 0.0)),
+        )
 
 
 def _tiny() -> TrainConfig:
@@ -289,6 +316,10 @@ def _tiny() -> TrainConfig:
             paired_head_layers=(0, 4),
             bigram_buckets=4096,
             key_offset_dims=8,
+            mudd_skip_from=1,  # MUDD's layers, should it be switched on here (model.mudd=true,
+            mudd_attn_from=4,  # model.use_skip_connections=false)
+            mudd_gate_layer=2,
+            attn_gate_layers=(2, 5),
             untie_step=170,
         ),
         optim=OptimConfig(muon_lr=0.02, muon_wd=0.5, adam_lr=0.008, muon_momentum_warmup_steps=50,
@@ -325,7 +356,9 @@ def _record_sample() -> TrainConfig:
         rec,
         schedule=replace(s, tokens_per_step=(s.tokens_per_step[2],) * n, max_seq_lens=(s.max_seq_lens[2],) * n,
                          short_windows=(s.short_windows[2],) * n, long_windows=(s.long_windows[2],) * n,
-                         mtp_start=((1.0,),) * n, mtp_end=((1.0,),) * n, final_long_window=s.long_windows[2]),
+                         mtp_start=((1.0,),) * n, mtp_end=((1.0,),) * n, final_long_window=s.long_windows[2],
+                         prefix_start=(), prefix_end=()),
+        model=replace(rec.model, prefix_vocab=""),  # the sample corpus's symbols have no byte strings
         data=replace(rec.data, source="sample", bos_id=SAMPLE_BOS_ID, val_tokens=196_608,
                      val_micro_batch_tokens=rec.data.max_micro_batch_tokens),
     )
@@ -381,6 +414,30 @@ PRESETS = {"record": _record, "tiny": _tiny, "record-sample": _record_sample, "p
 
 
 # ---- validation --------------------------------------------------------------------------------
+def validate_mudd(m: ModelConfig, need) -> None:
+    """The MUDD routing's layers must exist where it reads and writes them (speedrun.mudd)."""
+    L, last = m.n_layer, m.n_layer - 1
+    attn_layers = [i for i in range(L) if i not in m.no_attn_layers]
+    need(all(i in attn_layers for i in m.dc_layers), "model.dc_layers", "must be layers with attention")
+    need(not m.dc_layers or m.mudd, "model.dc_layers", "DC-MHA takes its weights from MUDD: set model.mudd=true")
+    need(not (m.use_paired_heads and set(m.dc_layers) & set(m.paired_head_layers)), "model.dc_layers",
+         "not on paired-head layers")
+    need(m.dc_window >= 1, "model.dc_window", "must be >= 1")
+    if not m.mudd:
+        return
+    need(not m.use_skip_connections, "model.use_skip_connections", "MUDD replaces the U-net skips: set it false")
+    need(m.mudd_dim > 0, "model.mudd_dim", "must be > 0")
+    need(last in attn_layers and 0 in attn_layers, "model.no_attn_layers",
+         "MUDD needs attention on the first and the last layer")
+    need(m.n_head % 2 == 0, "model.n_head", "MUDD's value-embedding gate has two lanes: needs an even n_head")
+    need(0 <= m.mudd_attn_from < last, "model.mudd_attn_from", f"must be a layer before the last ({last})")
+    need(all(m.mudd_skip_from < i for i in m.no_attn_layers) and m.mudd_skip_from >= 0, "model.mudd_skip_from",
+         "must be a layer before the attention-free layer")
+    need(1 <= m.mudd_gate_layer < L, "model.mudd_gate_layer", f"must be in [1, {L})")
+    need(all(i in attn_layers for i in m.attn_gate_layers), "model.attn_gate_layers",
+         "must be layers with attention")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Raise ValueError naming the first bad key and what would fix it."""
     m, o, s, d, r = cfg.model, cfg.optim, cfg.schedule, cfg.data, cfg.run
@@ -418,6 +475,7 @@ def validate(cfg: TrainConfig) -> None:
     need(not (m.use_paired_heads and set(m.xsa_layers) & set(m.paired_head_layers)), "model.xsa_layers",
          "XSA needs a layer's own values: not on paired-head layers")
     need(not m.qk_head_pairs or m.n_head % 2 == 0, "model.qk_head_pairs", "needs an even model.n_head")
+    validate_mudd(m, need)
 
     for key in ("optim.muon_lr", "optim.adam_lr", "optim.adam_eps", "optim.muon_mlp_out_lr_mult",
                 "optim.muon_mlp_in_lr_mult", "optim.embed_lr_mult", "optim.head_lr_mult", "optim.value_embed_lr_mult",
@@ -428,7 +486,11 @@ def validate(cfg: TrainConfig) -> None:
         need(_get(cfg, key) >= 0, key, "must be >= 0")
     for key in ("optim.muon_momentum", "optim.muon_momentum_min", "optim.muon_beta2"):
         need(0 <= _get(cfg, key) < 1, key, "must be in [0, 1)")
-    for key in ("optim.embed_betas", "optim.value_embed_betas", "optim.scalar_betas"):
+    for key in ("optim.mudd_lr_mult", "optim.mudd_gate_lr_mult", "optim.resid_lambda_lr_mult",
+                "optim.post_lambda_lr_mult"):
+        need(_get(cfg, key) > 0, key, "must be > 0")
+    for key in ("optim.embed_betas", "optim.value_embed_betas", "optim.scalar_betas", "optim.mudd_betas",
+                "optim.lambda_betas"):
         b = _get(cfg, key)
         need(len(b) == 2 and all(0 <= x < 1 for x in b), key, "must be two betas in [0, 1)")
     need(o.polar_express_steps >= 1, "optim.polar_express_steps", "must be >= 1")
@@ -458,6 +520,10 @@ def validate(cfg: TrainConfig) -> None:
         need(s.stage_lr_mults[k] >= 0, "schedule.stage_lr_mults", "must be >= 0")
         need(len(s.mtp_start[k]) == len(s.mtp_end[k]) >= 1, "schedule.mtp_start",
              f"stage {k}: mtp_start and mtp_end need the same number (>=1) of weights")
+    for key in ("schedule.prefix_start", "schedule.prefix_end"):
+        need(len(_get(cfg, key)) in (0, n) and all(w >= 0 for w in _get(cfg, key)), key,
+             f"needs one weight >= 0 per stage ({n}), or none (no prefix-token loss)")
+    need(len(s.prefix_start) == len(s.prefix_end), "schedule.prefix_end", "needs as many weights as prefix_start")
     need(s.final_long_window >= 1, "schedule.final_long_window", "must be >= 1")
 
     need(d.source in ("fineweb", "sample"), "data.source", "must be 'fineweb' or 'sample'")
@@ -596,4 +662,6 @@ def graph_signature(cfg: TrainConfig) -> dict[str, Any]:
     sig = {k: v for k, v in flat.items() if recompiles(k)}
     sig["schedule.num_stages"] = cfg.schedule.num_stages
     sig["schedule.mtp_lengths"] = [len(w) for w in cfg.schedule.mtp_start]
+    s = cfg.schedule  # a stage with a prefix-token loss has its own graph; the weights themselves are tensors
+    sig["schedule.prefix_stages"] = [bool(a or b) for a, b in zip(s.prefix_start, s.prefix_end)]
     return sig

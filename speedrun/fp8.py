@@ -106,14 +106,20 @@ class _FP8HeadLoss(torch.autograd.Function):
     folds the upstream gradient into that scale."""
 
     @staticmethod
-    def forward(ctx, x, w, targets, weights, softcap, emulate, need_grad):
+    def forward(ctx, x, w, targets, weights, softcap, emulate, need_grad, prefix_targets, prefix_weight):
         B, T, D = x.shape
         xq, sx = quantize(x.reshape(-1, D), E4M3, E4M3_MAX)
         wq, sw = quantize(w, E4M3, E4M3_MAX)
         z = scaled_mm(xq, sx, wq.t(), sw, torch.bfloat16, emulate)
         tgt, coef = row_targets(targets, weights)
+        bound = sum((weights[k] / (B * (T - k))).abs() for k in range(weights.numel()))
+        if prefix_targets is not None:  # the prefix-token loss: one more target per row (-1: none)
+            valid = prefix_targets.reshape(-1, 1) >= 0
+            tgt = torch.cat([tgt, prefix_targets.reshape(-1, 1).to(tgt.dtype)], dim=1)
+            coef = torch.cat([coef, torch.where(valid, prefix_weight.float() / (B * T), 0.0)], dim=1)
+            bound = bound + prefix_weight.abs() / (B * T)
         scale, _, div = softcap.unbind()
-        bound = sum((weights[k] / (B * (T - k))).abs() for k in range(weights.numel())) * scale / (4 * div)
+        bound = bound * scale / (4 * div)
         sg0 = (bound / E5M2_MAX).clamp_min(1e-30)
         loss, gq, gqt = head_loss_and_grad(z, tgt, coef, softcap, 1.0 / sg0 if need_grad else None,
                                            use_triton=not emulate)
@@ -128,13 +134,16 @@ class _FP8HeadLoss(torch.autograd.Function):
         sg = sg0 * g_out
         gx = scaled_mm(gq, sg, wq, sw, torch.bfloat16, ctx.emulate)
         gw = scaled_mm(gqt, sg, xq, sx, torch.float32, ctx.emulate).to(ctx.w_dtype)
-        return gx.view(ctx.x_shape), gw, None, None, None, None, None
+        return gx.view(ctx.x_shape), gw, None, None, None, None, None, None, None
 
 
 def fp8_head_loss(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
-                  softcap: torch.Tensor, emulate: bool | None = None) -> torch.Tensor:
-    """The multi-token loss of softcap(x @ w.T) with the product in FP8 (see _FP8HeadLoss)."""
+                  softcap: torch.Tensor, emulate: bool | None = None,
+                  prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The multi-token loss of softcap(x @ w.T) with the product in FP8 (see _FP8HeadLoss), plus the prefix-token
+    loss when `prefix` (targets, -1 where none; weight) is given."""
     if emulate is None:
         emulate = not fp8_hardware(x.device)
     need_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
-    return _FP8HeadLoss.apply(x, w, targets, weights, softcap, emulate, need_grad)
+    prefix_targets, prefix_weight = prefix if prefix is not None else (None, None)
+    return _FP8HeadLoss.apply(x, w, targets, weights, softcap, emulate, need_grad, prefix_targets, prefix_weight)

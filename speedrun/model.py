@@ -25,7 +25,9 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import flex_windowed_attention, segment_ids, sliding_block_mask, windowed_attention
 from .config import ModelConfig
+from .dc_attention import dc_correction
 from .fp8 import capped_logsumexp, fp8_head_loss, fp8_linear, mtp_from_lse
+from .mudd import FINAL, LAST_LAYER, AttnInputs, MuddRouting
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -110,6 +112,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, paired: bool, key_offset: bool, has_value_embed: bool, xsa: bool = False):
         super().__init__()
         self.cfg, self.paired, self.key_offset = cfg, paired, key_offset
+        self.sa_lambdas = nn.Parameter(torch.tensor([0.5, 1.0])) if cfg.use_sa_lambdas else None
         self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
         if cfg.qk_head_pairs:  # Muon orthogonalises q and k per pair of heads (2 x head_dim rows each), v whole
             self.qk, self.v = CastedLinear(cfg.dim, 2 * cfg.dim), CastedLinear(cfg.dim, cfg.dim)
@@ -117,36 +120,45 @@ class CausalSelfAttention(nn.Module):
         else:
             self.qkv = CastedLinear(cfg.dim, 3 * cfg.dim)
             self.qkv.weight.muon_split = 3  # orthogonalise q, k and v separately
-        # learnable XSA: a per-head strength, 0 at the start (tanh(0): off)
-        self.xsa_alpha = nn.Parameter(torch.zeros(cfg.n_head)) if xsa else None
+        # learnable XSA: a per-head strength, 0 at the start (tanh(0): off); with MUDD a per-token one from its gates
+        self.xsa_alpha = nn.Parameter(torch.zeros(cfg.n_head)) if xsa and not cfg.mudd else None
         self.proj = CastedLinear(cfg.dim, cfg.dim, zero_init=True)
-        self.gate = nn.Parameter(torch.zeros(cfg.n_head, cfg.gate_dims)) if cfg.use_attn_gate else None
+        self.gate = nn.Parameter(torch.zeros(cfg.n_head, cfg.gate_dims)) if cfg.use_attn_gate and not cfg.mudd else None
         gated = cfg.value_embed_mix == "gate"
         self.ve_gate = nn.Parameter(torch.zeros(cfg.n_head, cfg.gate_dims)) if has_value_embed and gated else None
         # lambda mixing: v <- l0 * v + l1 * ve on every attention layer (l0 * v where a layer has no table)
         self.ve_lambdas = None if gated or not cfg.use_value_embeds else nn.Parameter(torch.tensor([0.5, 0.5]))
 
-    def forward(self, x: torch.Tensor, ve: torch.Tensor | None, ctx: LayerContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ve: torch.Tensor | None, ctx: LayerContext,
+                given: AttnInputs | None = None) -> torch.Tensor:
+        """given: per-token gates from the MUDD routing, used instead of the layer's own."""
         B, T, _ = x.shape
         H, D, gd = self.n_head, self.head_dim, self.cfg.gate_dims
+        given = given or AttnInputs()
         if self.cfg.qk_head_pairs:
             q, k = self.qk(x).view(B, T, 2, H, D).unbind(dim=2)
             v = self.v(x).view(B, T, H, D)
         else:
             q, k, v = self.qkv(x).view(B, T, 3, H, D).unbind(dim=2)
+        if self.sa_lambdas is not None:
+            q, k, v = (self.sa_lambdas[0].type_as(t) * t for t in (q, k, v))
         if self.cfg.use_qk_norm:
             q, k = norm(q), norm(k)
         if self.cfg.use_rope:
             q, k = ctx.rotary(q), ctx.rotary(k)
         if self.key_offset:
             k = self.offset_keys(k, ctx.segment)
-        if self.ve_lambdas is not None:
+        if given.ve_gate is not None and ve is not None:
+            v = v + given.ve_gate.unsqueeze(-1) * ve.view(B, T, H, D)
+        elif self.ve_lambdas is not None:
             v = self.ve_lambdas[0].type_as(v) * v
             if ve is not None:
                 v = v + self.ve_lambdas[1].type_as(v) * ve.view(B, T, H, D)
         elif ve is not None:
             ve_gate = 2 * torch.sigmoid(F.linear(x[..., :gd], self.ve_gate.type_as(x)))
             v = v + ve_gate.unsqueeze(-1) * ve.view(B, T, H, D)
+        if given.v_extra is not None:
+            v = v + given.v_extra.view(B, T, H, D)
         scale = ctx.rotary.attn_scale if self.cfg.use_yarn else self.cfg.attn_scale
         if ctx.block_masks is not None:
             y = self.flex_attention(q, k, v, ctx.block_masks[ctx.long, self.paired], scale)
@@ -154,16 +166,25 @@ class CausalSelfAttention(nn.Module):
             y = self.paired_attention(q, k, v, ctx.segment, ctx.window, scale)
         else:
             y = windowed_attention(q, k, v, ctx.segment, ctx.window, scale)
-        if self.xsa_alpha is not None:
-            y = self.exclusive(y, v)
-        if self.gate is not None:
+        if given.dc is not None:
+            y = y + dc_correction(q, k, v, ctx.segment, *given.dc, self.cfg.dc_window, scale)
+        if given.xsa is not None:
+            y = self.exclusive(y, v, given.xsa.unsqueeze(-1))
+        elif self.xsa_alpha is not None:
+            y = self.exclusive(y, v, self.xsa_alpha.view(1, 1, -1, 1))
+        if given.gate is not None:
+            y = y * given.gate.unsqueeze(-1)
+        elif self.gate is not None:
             y = y * torch.sigmoid(F.linear(x[..., :gd], self.gate.type_as(x))).unsqueeze(-1)
+        if self.sa_lambdas is not None:
+            y = self.sa_lambdas[1].type_as(y) * y
         return self.proj(y.reshape(B, T, H * D))
 
-    def exclusive(self, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Learnable XSA: per token and head, remove tanh(alpha_h) of y's component along the token's own value."""
+    @staticmethod
+    def exclusive(y: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        """Learnable XSA: per token and head, remove tanh(alpha) of y's component along the token's own value."""
         along = (y * v).sum(-1, keepdim=True) / v.square().sum(-1, keepdim=True).clamp_min(1e-8)
-        return y - torch.tanh(self.xsa_alpha).type_as(y).view(1, 1, -1, 1) * along * v
+        return y - torch.tanh(alpha).type_as(y) * along * v
 
     def offset_keys(self, k: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
         """The last key_offset_dims (unrotated) dims of each key come from the previous token of the document."""
@@ -221,7 +242,10 @@ class Block(nn.Module):
             xsa=layer in cfg.xsa_layers,
         ) if has_attn else None
         self.mlp = MLP(cfg)
-        self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # residual: x <- l0 * x + l1 * x0
+        if cfg.mudd and layer == cfg.n_layer - 1 and self.attn is not None:
+            self.attn.ve_gate = None  # MUDD gates the last layer's value embedding from its own coefficients
+        # residual: x <- l0 * x + l1 * x0 (with MUDD, the routing's lambdas and gates instead)
+        self.lambdas = None if cfg.mudd else nn.Parameter(torch.tensor([1.0, 0.0]))
 
     def forward(self, x, x0, ve, ctx: LayerContext):
         x = self.lambdas[0].type_as(x) * x + self.lambdas[1].type_as(x) * x0
@@ -306,7 +330,10 @@ class GPT(nn.Module):
                 nn.init.normal_(e.weight, std=0.01)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.n_skip = cfg.n_layer // 2 if cfg.use_skip_connections else 0
-        self.skip_weights = nn.Parameter(torch.ones(self.n_skip))
+        self.skip_weights = nn.Parameter(torch.ones(self.n_skip)) if self.n_skip else None
+        self.mudd = MuddRouting(cfg) if cfg.mudd else None
+        # each token's prefix token (speedrun.prefix), filled by the trainer; -1: none. None: no prefix-token loss
+        self.prefix_table = nn.Buffer(torch.full((V,), -1), persistent=False) if cfg.prefix_vocab else None
         self.rotary = Rotary(cfg.head_dim, cfg.rope_min_freq, cfg.attn_scale, cfg.yarn_attn_slope)
         softcap = (cfg.softcap_scale, cfg.softcap_shift, cfg.softcap_div)
         self.softcap = nn.Buffer(torch.tensor(softcap, dtype=torch.float32), persistent=False)
@@ -358,30 +385,99 @@ class GPT(nn.Module):
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor, mtp_weights: torch.Tensor | tuple[float, ...],
                 windows: tuple[int, int] | torch.Tensor, max_seq_len: int, bos_id: int,
-                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Weighted sum of next-k-token losses (k = 1..len(mtp_weights)). windows: (short, long) in tokens; on the
-        FlexAttention path it may be a tensor of the two, so that the windows' growth compiles no new graph."""
-        cfg = self.cfg
+                dtype: torch.dtype = torch.float32, prefix_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Weighted sum of next-k-token losses (k = 1..len(mtp_weights)), plus prefix_weight times the loss of
+        predicting the next token's prefix token where the model has a prefix table. windows: (short, long) in
+        tokens; on the FlexAttention path it may be a tensor of the two, so that their growth compiles no graph."""
         segment = segment_ids(tokens, bos_id, max_seq_len)
         masks = self.block_masks(segment, windows) if self.flex else None
         x = self.embed_tokens(tokens)
-        if self.bigram is not None:
-            x = x + self.bigram(tokens)
+        bigram = self.bigram(tokens).to(dtype) if self.bigram is not None else None
+        if bigram is not None and self.mudd is None:
+            x = x + bigram  # with MUDD it is injected into every layer's stream instead, through gates
         x = x.to(dtype)
         if self.smear is not None:
             x = self.smear(x, segment)
-        x = x0 = norm(x)
-        skips = []
+        x0 = norm(x)
+        ctxs = [LayerContext(segment, windows[1] if b.long else windows[0], self.rotary, masks, b.long)
+                for b in self.blocks]
+        if self.mudd is not None:
+            x = self.forward_mudd(x0, bigram, tokens, ctxs, dtype)
+        else:
+            x = self.forward_unet(x0, tokens, ctxs, dtype)
+        prefix = None
+        if prefix_weight is not None and self.prefix_table is not None:
+            prefix = (self.prefix_table[targets], torch.as_tensor(prefix_weight, dtype=torch.float32, device=x.device))
+        return self.head_loss(norm(x), targets, mtp_weights, prefix)
+
+    def value_embed(self, layer: int, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        bank = self.ve_bank.get(layer)
+        return self.value_embeds[bank](tokens).to(dtype) if bank is not None else None
+
+    def forward_unet(self, x0: torch.Tensor, tokens: torch.Tensor, ctxs: list[LayerContext], dtype) -> torch.Tensor:
+        """The blocks with U-net skips: the first half's outputs are added back, weighted, in reverse order."""
+        cfg, x, skips = self.cfg, x0, []
         for i, block in enumerate(self.blocks):
             if self.n_skip and i >= cfg.n_layer - self.n_skip:
                 x = x + self.skip_weights[cfg.n_layer - 1 - i].type_as(x) * skips.pop()
-            bank = self.ve_bank.get(i)
-            ve = self.value_embeds[bank](tokens).to(dtype) if bank is not None else None
-            ctx = LayerContext(segment, windows[1] if block.long else windows[0], self.rotary, masks, block.long)
-            x = block(x, x0, ve, ctx)
+            x = block(x, x0, self.value_embed(i, tokens, dtype), ctxs[i])
             if i < self.n_skip:
                 skips.append(x)
-        return self.head_loss(norm(x), targets, mtp_weights)
+        return x
+
+    def forward_mudd(self, x0: torch.Tensor, bigram: torch.Tensor | None, tokens: torch.Tensor,
+                     ctxs: list[LayerContext], dtype) -> torch.Tensor:
+        """The blocks with record #89's MUDD routing (speedrun.mudd): per-token gates from x0 and from the stream
+        entering mudd_gate_layer; snapshots `first` (layer 0's input), `skip` and `from`; the last layer mixed
+        by its own coefficients; after it, the snapshots added back."""
+        cfg, m, last = self.cfg, self.mudd, self.cfg.n_layer - 1
+        gates: dict[str, dict[int, torch.Tensor]] = {}
+        m.gates(x0, False, gates)
+        x = x0 if bigram is None else x0 + gates["bigram"][0] * bigram
+        snaps = {"first": x}
+        for i, block in enumerate(self.blocks):
+            if i == cfg.mudd_gate_layer:
+                m.gates(x, True, gates)
+            ve = self.value_embed(i, tokens, dtype)
+            if i == last:
+                x = self.mudd_last_layer(block, x, bigram, ve, ctxs[i], snaps, gates)
+                continue
+            (ra, rm), (pa, pm) = m.resid_lambdas[i].type_as(x).unbind(), m.post_lambdas[i].type_as(x).unbind()
+            if block.attn is None:  # the attention-free layer: the gated skip instead
+                x = x + torch.sigmoid(m.skip_lambda).type_as(x) * gates["skip"][i] * snaps["skip"]
+            else:
+                y = block.attn(norm(snaps.get("from", x)), ve, ctxs[i], m.attn_inputs(gates, i))
+                x = ra * x + pa * y + gates["x0"][i] * x0
+                if bigram is not None and i > 0:
+                    x = x + gates["bigram"][i] * bigram
+            x = rm * x + pm * block.mlp(norm(x))
+            if i == cfg.mudd_skip_from:
+                snaps["skip"] = x
+            if i == cfg.mudd_attn_from:
+                snaps["from"] = x
+        c = dict(zip(FINAL, m.final(x).split(1, dim=-1)))
+        first_ve = self.value_embed(min(self.ve_bank), tokens, dtype) if self.ve_bank else None
+        x = x + c["first"] * snaps["first"] + c["from"] * snaps["from"] + c["last_input"] * snaps["last_input"]
+        x = x + c["skip"] * snaps["skip"]
+        return x if first_ve is None else x + c["value_embed"] * first_ve
+
+    def mudd_last_layer(self, block, x, bigram, ve, ctx, snaps, gates) -> torch.Tensor:
+        """The last layer: 14 per-token coefficients mix the `first` and `from` snapshots into its stream and
+        its values, gate its value embedding (two lanes, one per half of the heads) and set its lambdas."""
+        m, H = self.mudd, self.cfg.n_head
+        first, src = snaps["first"], snaps["from"]
+        attn_in = norm(src)
+        snaps["last_input"] = x
+        mu = dict(zip(LAST_LAYER, m.last_layer(x).split(1, dim=-1)))
+        given = m.attn_inputs(gates, self.cfg.n_layer - 1)
+        given.v_extra = mu["v_first"] * first + mu["v_from"] * src + mu["v_self"] * x
+        given.ve_gate = torch.cat([mu["ve_lane0"], mu["ve_lane1"]], dim=-1).repeat_interleave(H // 2, dim=-1)
+        x = (1 + mu["res_self"]) * x + mu["res_first"] * first + mu["res_from"] * src
+        y = block.attn(attn_in, ve, ctx, given)
+        x = mu["resid_attn"] * x + mu["post_attn"] * y + mu["x0"] * first
+        if bigram is not None:
+            x = x + mu["bigram"] * bigram
+        return mu["resid_mlp"] * x + mu["post_mlp"] * block.mlp(norm(x))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
@@ -391,31 +487,34 @@ class GPT(nn.Module):
             z = scale * torch.sigmoid((z + shift) / div)
         return z
 
-    def head_loss(self, x: torch.Tensor, targets: torch.Tensor,
-                  weights: torch.Tensor | tuple[float, ...]) -> torch.Tensor:
+    def head_loss(self, x: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | tuple[float, ...],
+                  prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """mtp_loss(self.logits(x), ...) computed in token chunks, recomputing logits in backward:
         full-vocabulary fp32 logits of a long row would otherwise dominate memory. Under torch.compile the
         loss is one graph instead: the compiler keeps only the bf16 logits, and no recomputation is paid."""
         weights = torch.as_tensor(weights, dtype=torch.float32, device=x.device)
         T, chunk = x.size(1), self.cfg.loss_chunk_tokens
         if torch.compiler.is_compiling() and self.lm_head.fp8 and self.cfg.use_softcap:
-            return fp8_head_loss(x, self.lm_head.weight, targets, weights, self.softcap)
+            return fp8_head_loss(x, self.lm_head.weight, targets, weights, self.softcap, prefix=prefix)
         if T <= chunk or torch.compiler.is_compiling():
-            return mtp_loss(self.logits(x), targets, weights, capped=self.cfg.use_softcap)
+            return mtp_loss(self.logits(x), targets, weights, capped=self.cfg.use_softcap, prefix=prefix)
         total = x.new_zeros((), dtype=torch.float32)
         for a in range(0, T, chunk):
-            part = partial(self._chunk_loss, targets=targets, weights=weights, start=a)
+            part = partial(self._chunk_loss, targets=targets, weights=weights, start=a, prefix=prefix)
             if torch.is_grad_enabled():
                 total = total + checkpoint(part, x[:, a : a + chunk], use_reentrant=False)
             else:
                 total = total + part(x[:, a : a + chunk])
         return total
 
-    def _chunk_loss(self, xs, targets, weights, start):
+    def _chunk_loss(self, xs, targets, weights, start, prefix=None):
         B, T = targets.shape
         logits = self.logits(xs)
         lse = logits.logsumexp(dim=-1)
         loss = logits.new_zeros(())
+        if prefix is not None:
+            part = prefix[0][:, start : start + xs.size(1)]
+            loss = loss + prefix_loss(logits, lse, (part, prefix[1])) * part.numel() / (B * T)
         for k in range(weights.numel()):
             end = min(start + xs.size(1), T - k)
             if end <= start:
@@ -433,17 +532,31 @@ def pick(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def mtp_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | tuple[float, ...],
-             capped: bool = False) -> torch.Tensor:
+             capped: bool = False, prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """sum_k w_k * CE(predict token t+1+k from position t); the log-sum-exp is shared by every k.
-    capped: the logits are softcapped (bounded), which allows a one-pass log-sum-exp when compiled."""
+    capped: the logits are softcapped (bounded), which allows a one-pass log-sum-exp when compiled.
+    prefix: (prefix targets, -1 where none; weight): adds the weight times the prefix-token loss."""
     T = targets.size(1)
     weights = torch.as_tensor(weights, dtype=torch.float32, device=logits.device)
     if torch.compiler.is_compiling():
         lse = capped_logsumexp(logits) if capped else logits.logsumexp(dim=-1)
-        return mtp_from_lse(logits, lse, targets, weights)
+        extra = prefix_loss(logits, lse, prefix) if prefix is not None else 0.0
+        return mtp_from_lse(logits, lse, targets, weights) + extra
     lse = logits.logsumexp(dim=-1)
-    total = logits.new_zeros(())
+    total = logits.new_zeros(()) if prefix is None else prefix_loss(logits, lse, prefix)
     for k in range(min(weights.numel(), T)):
         picked = pick(logits[:, : T - k], targets[:, k:])
         total = total + weights[k] * (lse[:, : T - k] - picked).mean()
     return total
+
+
+def prefix_loss(logits: torch.Tensor, lse: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """weight * mean over positions of CE(the next token's prefix token), 0 where it has none (record #89)."""
+    targets, weight = prefix
+    valid = targets >= 0
+    if torch.compiler.is_compiling():  # masked sums, as mtp_from_lse picks
+        vocab = torch.arange(logits.size(-1), device=logits.device)
+        picked = torch.where(vocab == targets.unsqueeze(-1), logits, 0.0).sum(-1)
+    else:
+        picked = pick(logits, targets.clamp_min(0))
+    return weight * torch.where(valid, lse - picked, 0.0).mean()

@@ -145,9 +145,12 @@ class ParamGroup:
 def build_groups(model: nn.Module, cfg: OptimConfig) -> list[ParamGroup]:
     """Sort every trainable parameter into exactly one group by its role in the model."""
     muon, muon_mults, head, embed, value, scalars = [], [], [], [], [], []
+    tagged: dict[str, list[nn.Parameter]] = {}  # MUDD's parameters, by the group they name (speedrun.mudd)
     for name, p in model.named_parameters():
         matrix = name.startswith("blocks.") and p.ndim == 2
-        if matrix and ("qkv" in name or ".qk." in name or ".attn.v." in name or ".proj." in name or ".fc." in name or
+        if hasattr(p, "adam_group"):
+            tagged.setdefault(p.adam_group, []).append(p)
+        elif matrix and ("qkv" in name or ".qk." in name or ".attn.v." in name or ".proj." in name or ".fc." in name or
                        (cfg.attn_gate_on_muon and name.endswith(".attn.gate"))):
             muon.append(p)
             muon_mults.append(cfg.muon_mlp_out_lr_mult if getattr(p, "is_mlp_out", False) else
@@ -168,6 +171,16 @@ def build_groups(model: nn.Module, cfg: OptimConfig) -> list[ParamGroup]:
                    tuple(cfg.value_embed_betas)),
         ParamGroup("scalar", scalars, "adam", cfg.scalar_lr_mult, cfg.scalar_wd_mult, tuple(cfg.scalar_betas)),
     ]
+    mudd = (tuple(cfg.mudd_betas), tuple(cfg.lambda_betas))
+    for name, lr_mult, wd_mult, betas in (("mudd", cfg.mudd_lr_mult, 1.0, mudd[0]),
+                                          ("mudd_bias", cfg.mudd_lr_mult, 0.0, mudd[0]),
+                                          ("mudd_gate", cfg.mudd_gate_lr_mult, 1.0, mudd[0]),
+                                          ("mudd_gate_bias", cfg.mudd_gate_lr_mult, 0.0, mudd[0]),
+                                          ("resid_lambda", cfg.resid_lambda_lr_mult, 0.0, mudd[1]),
+                                          ("post_lambda", cfg.post_lambda_lr_mult, 0.0, mudd[1])):
+        groups.append(ParamGroup(name, tagged.pop(name, []), "adam", lr_mult, wd_mult, betas))
+    if tagged:
+        raise ValueError(f"parameters tagged for unknown optimiser groups: {sorted(tagged)}")
     return [g for g in groups if g.params]
 
 

@@ -56,6 +56,18 @@ def mtp_weights(s: ScheduleConfig, step: int) -> tuple[float, ...]:
     return tuple(x + (y - x) * frac for x, y in zip(a, b))
 
 
+def prefix_weight(s: ScheduleConfig, step: int) -> float | None:
+    """The prefix-token loss's weight, annealed linearly across the stage; None where the stage has none."""
+    if not s.prefix_start:
+        return None
+    st = stage_at(s, step)
+    a, b = s.prefix_start[st.index], s.prefix_end[st.index]
+    if a == 0 and b == 0:
+        return None
+    frac = 0.0 if st.end - st.start <= 1 else min(1.0, (step - st.start) / (st.end - st.start - 1))
+    return a + (b - a) * frac
+
+
 def lr_multiplier(s: ScheduleConfig, step: int) -> float:
     """Stage multiplier x (flat, then linear cooldown to final_lr_frac at num_scheduled_steps, then flat)."""
     n = s.num_scheduled_steps

@@ -26,6 +26,7 @@ from .config import TrainConfig
 from .data import TrainLoader, find_shards, val_batches
 from .model import GPT
 from .optim import SpeedrunOptimizer
+from .prefix import load_ranks, prefix_table
 from .sample import SAMPLE_TRAIN_PATTERN, SAMPLE_VAL_PATTERN, ensure_sample_corpus, sample_floor
 
 Report = Callable[[dict], None]
@@ -183,9 +184,15 @@ class _Trainer:
         val_micro = min(cfg.data.val_micro_batch_tokens, cfg.data.val_tokens)
         self.val = val_batches(self.val_paths, cfg.data.val_tokens, val_micro, self.dist.rank, self.dist.world)
 
+        # read before anything heavy, so that a missing vocabulary fails at once (record #89 builds this table
+        # inside its timed region; here it is part of start-up, ~0.1 s for GPT-2's)
+        prefixes = prefix_table(load_ranks(cfg.model.prefix_vocab), cfg.model.padded_vocab_size) \
+            if cfg.model.prefix_vocab else None
         torch.manual_seed(cfg.run.seed)
         with self.device:  # built where it trains: on a GPU, no host-side init of ~400M parameters and no copy
             self.model = GPT(cfg.model)
+        if prefixes is not None:
+            self.model.prefix_table.copy_(prefixes)
         self.dist.broadcast_params(self.model)
         self.initial_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.compiled = self.device.type == "cuda" and cfg.run.compile
@@ -236,11 +243,13 @@ class _Trainer:
             self._window_tensors[key] = torch.tensor([short * bs, long * bs], dtype=torch.int32).to(self.device)
         return self._window_tensors[key]
 
-    def _loss(self, batch, stage: S.Stage, mtp: torch.Tensor, short: int, long: int) -> torch.Tensor:
+    def _loss(self, batch, stage: S.Stage, mtp: torch.Tensor, short: int, long: int,
+              prefix_weight: torch.Tensor | None = None) -> torch.Tensor:
         with self._autocast():
             return self.forward(batch.inputs.to(self.device, non_blocking=True),
                                 batch.targets.to(self.device, non_blocking=True),
-                                mtp, self._windows(short, long), stage.max_seq_len, self.cfg.data.bos_id, self.dtype)
+                                mtp, self._windows(short, long), stage.max_seq_len, self.cfg.data.bos_id, self.dtype,
+                                prefix_weight)
 
     def train_step(self, step: int) -> torch.Tensor:
         """One optimiser step; returns the global mean training loss (next-k weighted) as a tensor."""
@@ -255,9 +264,11 @@ class _Trainer:
         batches = self.loader.next_step(stage.tokens_per_step, micro)
         n_chunks = stage.tokens_per_step // micro
         mtp = torch.tensor(S.mtp_weights(sch, step), dtype=torch.float32).to(self.device, non_blocking=True)
+        pw = S.prefix_weight(sch, step) if self.model.prefix_table is not None else None
+        pw = None if pw is None else torch.tensor(pw, dtype=torch.float32).to(self.device, non_blocking=True)
         total = torch.zeros((), device=self.device)
         for batch in batches:
-            loss = self._loss(batch, stage, mtp, stage.short_window, stage.long_window)
+            loss = self._loss(batch, stage, mtp, stage.short_window, stage.long_window, pw)
             (loss / n_chunks).backward()
             total += loss.detach()
         self.model.fold_tied_grad()

@@ -45,8 +45,10 @@ def fineweb_overrides(cfg: TrainConfig) -> dict:
 
 
 def prepare_data(cfg: TrainConfig, data_flag: str | None) -> dict:
-    """Check (or, for the sample corpus, make under the cache) the data of `cfg`; return the overrides that
-    point every worker at it. `data_flag` (--data) switches a sample-corpus config onto those FineWeb shards."""
+    """Check (or, for the sample corpus, make under the cache) the data of `cfg`, and the vocabulary of its
+    prefix-token loss; return the overrides that point every worker at the data. `data_flag` (--data) switches a
+    sample-corpus config onto those FineWeb shards."""
+    from speedrun.prefix import VocabularyMissing, load_ranks
     from speedrun.sample import ensure_sample_corpus
 
     overrides = {}
@@ -62,6 +64,11 @@ def prepare_data(cfg: TrainConfig, data_flag: str | None) -> dict:
         validate_shards(find_shards(folder, train_pattern))
         validate_shards(find_shards(folder, val_pattern))
     except (ShardError, OSError) as e:
+        raise BadData(str(e)) from None
+    try:  # here, before any trial: `gpt2` is downloaded into tiktoken's cache once, for the workers too
+        if cfg.model.prefix_vocab:
+            load_ranks(cfg.model.prefix_vocab)
+    except VocabularyMissing as e:
         raise BadData(str(e)) from None
     return {**overrides, "data.data_dir": str(Path(folder).resolve())}
 

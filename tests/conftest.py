@@ -147,6 +147,17 @@ def local_ray():
     ray.shutdown()
 
 
+def numeral_vocab() -> str:
+    """The record model's prefix-token vocabulary where GPT-2's cannot be downloaded (speedrun.prefix's stand-in),
+    written once per test process."""
+    import tempfile
+
+    from speedrun.prefix import write_numeral_vocab
+
+    path = Path(tempfile.gettempdir()) / f"speedrun-numerals-{os.getpid()}.tiktoken"
+    return str(path) if path.exists() else write_numeral_vocab(path)
+
+
 def fast_tiny(steps: int = 16, **overrides) -> TrainConfig:
     """The tiny preset compressed to a few small steps: every schedule phase occurs, seconds per run."""
     cfg = TrainConfig.preset("tiny").with_total_steps(steps)

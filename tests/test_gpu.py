@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import numeral_vocab
 from speedrun.attention import reference_attention, segment_ids, windowed_attention
 from speedrun.config import TrainConfig
 from speedrun.train import train
@@ -24,7 +25,7 @@ def test_windowed_attention_bf16_on_gpu():
 def test_record_preset_trains_on_one_gpu():
     """The full-size record model and optimiser, compressed schedule, on the sample corpus (no FineWeb here)."""
     cfg = TrainConfig.preset("record").with_total_steps(24).override({
-        "data.source": "sample", "data.bos_id": 127, "data.val_tokens": 131072, "run.val_every": 8,
+        "data.source": "sample", "data.bos_id": 127, "model.prefix_vocab": numeral_vocab(), "data.val_tokens": 131072, "run.val_every": 8,
         "run.compile": False, "run.warmup_steps": 1})
     result = train(cfg)
     losses = [h["val_loss"] for h in result.history]
@@ -64,7 +65,8 @@ def test_fp8_linear_matches_its_emulation_and_bf16():
 
 def _first_losses(overrides: dict, steps: int = 20) -> list[float]:
     cfg = TrainConfig.preset("record").override({
-        "data.source": "sample", "data.bos_id": 127, "data.val_tokens": 65536, "run.warmup_steps": 0, **overrides})
+        "data.source": "sample", "data.bos_id": 127, "data.val_tokens": 65536, "run.warmup_steps": 0,
+        "model.prefix_vocab": numeral_vocab(), **overrides})
     torch.cuda.reset_peak_memory_stats()
     trainer = _Trainer(cfg, None, None)
     t0 = time.perf_counter()
@@ -102,7 +104,7 @@ def test_knob_changes_between_trials_do_not_recompile():
     """Two trials of the compiled record preset in one process: the second compiles no new graph."""
     from torch._dynamo.utils import counters
     base = {"data.source": "sample", "data.bos_id": 127, "data.val_tokens": 65536, "run.warmup_steps": 0,
-            "schedule.tokens_per_step": [65536] * 4}
+            "schedule.tokens_per_step": [65536] * 4, "model.prefix_vocab": numeral_vocab()}
     graphs = []
     for knobs in ({}, {"optim.muon_lr": 0.03, "optim.adam_lr": 0.01, "optim.muon_wd": 0.5, "optim.adam_wd": 0.01,
                        "optim.muon_momentum": 0.9, "model.softcap_scale": 20.0, "model.softcap_div": 7.0,

@@ -1,6 +1,7 @@
 """Blocks of record #89 built so far (DESIGN.md's list after record #89): the bigram embedding's xor hash and sign
-trick, learnable XSA, q and k orthogonalised per pair of heads, and NorMuon's statistic along the longer side.
-Each does what it says, each is on in the record preset, and switching any one off changes a run."""
+trick, MUDD routing with learnable XSA, attention gates and DC-MHA taking their weights from it, SA lambdas, q and k
+orthogonalised per pair of heads, and NorMuon's statistic along the longer side. Each does what it says, each is
+on in the record preset, and switching any one off changes a run (tests/test_mudd.py: MUDD's own maths)."""
 
 import pytest
 import torch
@@ -11,15 +12,24 @@ from speedrun.model import GPT, BigramHashEmbedding, CausalSelfAttention
 from speedrun.optim import SpeedrunOptimizer, normuon_update
 from speedrun.train import _Trainer
 
+# on, off; tiny's layers for MUDD (skip from 1 into the attention-free 3, layer 4 as the `from` snapshot)
 BLOCKS = {"model.bigram_hash": ("xor", "mul"), "model.bigram_sign_rows": (256, 0),
           "model.xsa_layers": ([1, 2, 5], []), "model.qk_head_pairs": (True, False),
-          "optim.normuon_axis": ("larger", "rows")}
+          "optim.normuon_axis": ("larger", "rows"), "model.use_sa_lambdas": (True, False),
+          "model.mudd": (True, False), "model.attn_gate_layers": ([2, 5], []), "model.dc_layers": ([5], [])}
+# MUDD's gates start at their biases and learn at 0.1x Adam's lr: 50x here, so that 8 steps show what they route
+TOGETHER = {"model.use_skip_connections": False, "model.dc_window": 12, "optim.mudd_gate_lr_mult": 5.0,
+            "optim.mudd_lr_mult": 5.0}
+OFF_ALSO = {"model.mudd": {"model.dc_layers": []}}  # DC-MHA's weights come from MUDD
 
 
 def test_the_record_preset_has_them_on():
     r = TrainConfig.preset("record")
     assert (r.model.bigram_hash, r.model.bigram_buckets, r.model.bigram_sign_rows) == ("xor", 377_280, 8192)
     assert r.model.xsa_layers == (1, 3, 4, 7) and r.model.qk_head_pairs and r.optim.normuon_axis == "larger"
+    assert r.model.mudd and not r.model.use_skip_connections and r.model.use_sa_lambdas
+    assert (r.model.attn_gate_layers, r.model.dc_layers, r.model.dc_window) == ((3, 10), (10,), 112)
+    assert (r.model.mudd_skip_from, r.model.mudd_attn_from, r.model.mudd_gate_layer) == (3, 7, 4)
 
 
 def losses(overrides: dict, steps: int = 8) -> list[float]:
@@ -29,9 +39,9 @@ def losses(overrides: dict, steps: int = 8) -> list[float]:
 
 @pytest.mark.parametrize("key", list(BLOCKS))
 def test_switching_a_block_off_changes_the_run(key):
-    on = {k: v[0] for k, v in BLOCKS.items()}
+    on = {**TOGETHER, **{k: v[0] for k, v in BLOCKS.items()}}
     with_all = losses(on)
-    without = losses({**on, key: BLOCKS[key][1]})
+    without = losses({**on, key: BLOCKS[key][1], **OFF_ALSO.get(key, {})})
     assert with_all[0] == pytest.approx(without[0], abs=0.05)  # the same model at the start (zero-initialised)
     assert max(abs(a - b) for a, b in zip(with_all, without)) > 1e-5, key
 
@@ -53,10 +63,10 @@ def test_xsa_removes_the_part_along_the_own_value():
     cfg = TrainConfig.preset("tiny").override({"model.xsa_layers": [1]}).model
     attn = CausalSelfAttention(cfg, paired=False, key_offset=False, has_value_embed=False, xsa=True)
     y, v = torch.randn(2, 5, cfg.n_head, cfg.head_dim), torch.randn(2, 5, cfg.n_head, cfg.head_dim)
-    assert torch.equal(attn.exclusive(y, v), y)  # alpha 0 at the start: off
+    assert torch.equal(attn.exclusive(y, v, attn.xsa_alpha.view(1, 1, -1, 1)), y)  # alpha 0 at the start: off
     with torch.no_grad():
         attn.xsa_alpha.fill_(20.0)  # tanh = 1: the whole component along v goes
-    out = attn.exclusive(y, v)
+    out = attn.exclusive(y, v, attn.xsa_alpha.view(1, 1, -1, 1))
     assert (out * v).sum(-1).abs().max() < 1e-4 and not torch.allclose(out, y)
 
 
