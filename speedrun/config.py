@@ -59,6 +59,7 @@ class ModelConfig:
     dc_window: int = 112  # DC-MHA's local window in tokens
     prefix_vocab: str = ""  # prefix-token loss's vocabulary: gpt2 (tiktoken) | a .tiktoken file | empty: no such loss
     gate_dims: int = 12  # residual dims read by the sparse gates (attention, value embedding, smear)
+    ve_gate_input: str = "x"  # x: the value-embedding gate reads gate_dims dims of x | x_ve: half of x, half of ve
     use_qk_norm: bool = True
     use_rope: bool = True
     rope_min_freq: float = 1 / 1024
@@ -108,6 +109,9 @@ class OptimConfig:
     scalar_betas: tuple[float, ...] = (0.9, 0.99)
     scalar_lr_mult: float = 5.0
     scalar_wd_mult: float = 0.0
+    ve_gate_lr_mult: float = 5.0  # the value-embedding gates (record #89: 1.0, decayed like the matrices of Adam)
+    ve_gate_wd_mult: float = 0.0
+    smear_gate_lr_mult: float = 5.0  # the smear gate's weights (record #89: 0.01); its lambda is a scalar
     cautious_wd: bool = True
     mudd_lr_mult: float = 0.25  # MUDD's coefficient MLPs (their biases without decay)
     mudd_gate_lr_mult: float = 0.1  # MUDD's gate generators
@@ -287,11 +291,13 @@ def _record() -> TrainConfig:
         model=replace(base.model, bigram_buckets=377_280, bigram_hash="xor", bigram_sign_rows=8192,
                       xsa_layers=(1, 3, 4, 7), qk_head_pairs=True, use_sa_lambdas=True,
                       mudd=True, use_skip_connections=False, dc_layers=(10,), prefix_vocab="gpt2",
+                      ve_gate_input="x_ve",
                       # record #89's train_gpt.py: keys shifted on head_dim // 2 dims, Yarn's scale 0.1, slope 0.2
                       key_offset_dims=64, attn_scale=0.1, yarn_attn_slope=0.2),
         # its MLP matrices are stored (3072, 768), so c_proj's shape factor is 2, times its own 2; ours is (768,
         # 3072), factor 1: the same step needs 4 here. Adam decays by lr^2 * wd * wd_mult.
-        optim=replace(base.optim, normuon_axis="larger", muon_mlp_out_lr_mult=4.0, adam_wd_power=2),
+        optim=replace(base.optim, normuon_axis="larger", muon_mlp_out_lr_mult=4.0, adam_wd_power=2,
+                      ve_gate_lr_mult=1.0, ve_gate_wd_mult=1.0, smear_gate_lr_mult=0.01),
         # the prefix-token loss (GPT-2's vocabulary, through tiktoken): 0.25 through stage 0, annealed to 0 over
         # stage 1
         schedule=replace(base.schedule, prefix_start=(0.25, 0.25, 0.0, 0.0), prefix_end=(0.25, 0.0, 0.0, 0.0)),
@@ -469,6 +475,8 @@ def validate(cfg: TrainConfig) -> None:
     need(m.value_embed_mix in ("gate", "lambda"), "model.value_embed_mix", "must be gate or lambda")
     need(m.init in ("record", "public-2508"), "model.init", "must be record or public-2508")
     need(m.bigram_hash in ("mul", "xor"), "model.bigram_hash", "must be mul or xor")
+    need(m.ve_gate_input in ("x", "x_ve"), "model.ve_gate_input", "must be x or x_ve")
+    need(m.ve_gate_input == "x" or m.gate_dims % 2 == 0, "model.gate_dims", "must be even with ve_gate_input=x_ve")
     need(m.bigram_sign_rows >= 0, "model.bigram_sign_rows", "must be >= 0 (0: no sign trick)")
     need(all(0 <= i < m.n_layer and i not in m.no_attn_layers for i in m.xsa_layers), "model.xsa_layers",
          "must be layers with attention")
@@ -487,7 +495,7 @@ def validate(cfg: TrainConfig) -> None:
     for key in ("optim.muon_momentum", "optim.muon_momentum_min", "optim.muon_beta2"):
         need(0 <= _get(cfg, key) < 1, key, "must be in [0, 1)")
     for key in ("optim.mudd_lr_mult", "optim.mudd_gate_lr_mult", "optim.resid_lambda_lr_mult",
-                "optim.post_lambda_lr_mult"):
+                "optim.post_lambda_lr_mult", "optim.ve_gate_lr_mult", "optim.smear_gate_lr_mult"):
         need(_get(cfg, key) > 0, key, "must be > 0")
     for key in ("optim.embed_betas", "optim.value_embed_betas", "optim.scalar_betas", "optim.mudd_betas",
                 "optim.lambda_betas"):

@@ -126,6 +126,8 @@ class CausalSelfAttention(nn.Module):
         self.gate = nn.Parameter(torch.zeros(cfg.n_head, cfg.gate_dims)) if cfg.use_attn_gate and not cfg.mudd else None
         gated = cfg.value_embed_mix == "gate"
         self.ve_gate = nn.Parameter(torch.zeros(cfg.n_head, cfg.gate_dims)) if has_value_embed and gated else None
+        if self.ve_gate is not None:
+            self.ve_gate.adam_group = "ve_gate"
         # lambda mixing: v <- l0 * v + l1 * ve on every attention layer (l0 * v where a layer has no table)
         self.ve_lambdas = None if gated or not cfg.use_value_embeds else nn.Parameter(torch.tensor([0.5, 0.5]))
 
@@ -155,7 +157,9 @@ class CausalSelfAttention(nn.Module):
             if ve is not None:
                 v = v + self.ve_lambdas[1].type_as(v) * ve.view(B, T, H, D)
         elif ve is not None:
-            ve_gate = 2 * torch.sigmoid(F.linear(x[..., :gd], self.ve_gate.type_as(x)))
+            # record #89 reads half its dims from x, half from the value embedding itself
+            gate_in = x[..., :gd] if self.cfg.ve_gate_input == "x" else torch.cat([x[..., :gd // 2], ve[..., :gd // 2]], -1)
+            ve_gate = 2 * torch.sigmoid(F.linear(gate_in, self.ve_gate.type_as(x)))
             v = v + ve_gate.unsqueeze(-1) * ve.view(B, T, H, D)
         if given.v_extra is not None:
             v = v + given.v_extra.view(B, T, H, D)
@@ -261,6 +265,7 @@ class SmearGate(nn.Module):
         super().__init__()
         self.gd = cfg.gate_dims
         self.gate = nn.Parameter(torch.zeros(1, cfg.gate_dims))
+        self.gate.adam_group = "smear_gate"
         self.lam = nn.Parameter(torch.zeros(()))
 
     def forward(self, x: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:

@@ -145,7 +145,7 @@ class ParamGroup:
 def build_groups(model: nn.Module, cfg: OptimConfig) -> list[ParamGroup]:
     """Sort every trainable parameter into exactly one group by its role in the model."""
     muon, muon_mults, head, embed, value, scalars = [], [], [], [], [], []
-    tagged: dict[str, list[nn.Parameter]] = {}  # MUDD's parameters, by the group they name (speedrun.mudd)
+    tagged: dict[str, list[nn.Parameter]] = {}  # parameters that name their group (p.adam_group: MUDD's, gates)
     for name, p in model.named_parameters():
         matrix = name.startswith("blocks.") and p.ndim == 2
         if hasattr(p, "adam_group"):
@@ -177,7 +177,9 @@ def build_groups(model: nn.Module, cfg: OptimConfig) -> list[ParamGroup]:
                                           ("mudd_gate", cfg.mudd_gate_lr_mult, 1.0, mudd[0]),
                                           ("mudd_gate_bias", cfg.mudd_gate_lr_mult, 0.0, mudd[0]),
                                           ("resid_lambda", cfg.resid_lambda_lr_mult, 0.0, mudd[1]),
-                                          ("post_lambda", cfg.post_lambda_lr_mult, 0.0, mudd[1])):
+                                          ("post_lambda", cfg.post_lambda_lr_mult, 0.0, mudd[1]),
+                                          ("ve_gate", cfg.ve_gate_lr_mult, cfg.ve_gate_wd_mult, cfg.scalar_betas),
+                                          ("smear_gate", cfg.smear_gate_lr_mult, 0.0, cfg.scalar_betas)):
         groups.append(ParamGroup(name, tagged.pop(name, []), "adam", lr_mult, wd_mult, betas))
     if tagged:
         raise ValueError(f"parameters tagged for unknown optimiser groups: {sorted(tagged)}")

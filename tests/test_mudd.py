@@ -107,6 +107,9 @@ def test_the_optimiser_gives_mudd_its_groups():
     assert model.mudd.gate_scale in groups["mudd_gate_bias"].params
     assert (groups["resid_lambda"].lr_mult, groups["post_lambda"].lr_mult) == (5.0, 1.0)
     assert groups["resid_lambda"].betas == (0.9, 0.95) and groups["mudd"].betas == (0.9, 0.99)
+    # record #89's value-embedding gates: lr x1 and decayed; its smear gate's weights: lr x0.01
+    assert (groups["ve_gate"].lr_mult, groups["ve_gate"].wd_mult, groups["smear_gate"].lr_mult) == (1.0, 1.0, 0.01)
+    assert len(groups["ve_gate"].params) == 4  # layers 1, 2, 8, 9 (layer 10's lanes come from MUDD)
 
 
 def test_a_tiny_mudd_run_learns():
