@@ -127,3 +127,28 @@ def test_a_tiny_mudd_run_learns():
 def test_mudd_layouts_that_cannot_work_are_refused(sets, words):
     with pytest.raises(ValueError, match=words):
         TrainConfig.preset("tiny").override(sets)
+
+
+def test_the_routing_compiles_into_one_graph(tmp_path):
+    """Dynamo captures MUDD, DC-MHA and the prefix-token loss whole (fullgraph), as the GPU's compiled path needs;
+    the captured graph computes the eager loss. Prefix weights changing per step compile nothing new."""
+    from torch._dynamo.testing import CompileCounter
+
+    from speedrun.prefix import write_numeral_vocab
+
+    torch._dynamo.reset()
+    cfg = fast_tiny(16, **TINY_MUDD, **{"model.prefix_vocab": write_numeral_vocab(tmp_path / "n.tiktoken", 128)})
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    model.prefix_table.copy_(torch.arange(128) // 10 - 1)  # any table will do: 0-9 none, 10-19 -> 0, ...
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=False)
+    tokens = torch.randint(0, 127, (1, 256))
+    tokens[0, ::60] = 127
+    args = (tokens, tokens.roll(-1, 1), torch.tensor([1.0, 0.5]), (32, 96), 256, 127)
+    for weight in (0.25, 0.1):
+        loss = compiled(*args, prefix_weight=torch.tensor(weight))
+        loss.backward()
+        assert torch.allclose(loss, model(*args, prefix_weight=torch.tensor(weight)), rtol=1e-5)
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
