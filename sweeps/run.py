@@ -19,6 +19,7 @@ from sweeps.script_plan import plan_script_sweep
 from sweeps.settings import parse_settings
 
 EXIT_INTERRUPTED = 130
+EXIT_ALL_FAILED = 1  # every trial failed: nothing was measured (the trials stay recorded)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,6 +101,10 @@ def run_sweep(sweep: Sweep, tracker) -> int:
         from sweeps.attempts import confirm_top
         confirm_top(sweep, rows, tracker)
     print(f"MLflow:  {tracker.ui_hint()}")
+    if rows and all(r["status"] == "failed" for r in rows):
+        print(f"error: all {len(rows)} trials failed, nothing was measured; their errors: "
+              f"{plan.folder}/trial_*/error.txt", file=sys.stderr)
+        return EXIT_ALL_FAILED
     return 0
 
 

@@ -17,12 +17,12 @@ STANDIN = str(HERE / "trainers" / "train_gpt.py")
 pytestmark = pytest.mark.slow
 
 
-def script_sweep(tmp_path, space: str, *args) -> list[dict]:
+def script_sweep(tmp_path, space: str, *args, exit_code: int = 0) -> list[dict]:
     rc = sweep_cli.main(["--trainer", STANDIN, "--space", str(HERE / "spaces" / space), "--env", "NUM_ITERS=40",
                          "--workers-per-trial", "2", "--cpus-per-worker", "0.5", "--concurrency", "1",
                          "--storage", str(tmp_path), "--name", "s", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
                          *args])
-    assert rc == 0
+    assert rc == exit_code
     return sorted(pq.read_table(tmp_path / "s" / "results.parquet").to_pylist(), key=lambda r: r["trial_index"])
 
 
@@ -70,3 +70,15 @@ def test_killed_and_stalled_scripts_fail_and_the_sweep_goes_on(local_ray, tmp_pa
     assert "exited with" in errors[1] and "train_gpt.py" in errors[1]
     assert "stalled" in errors[2]
     assert not leftover_scripts(tmp_path / "s" / "trial_code")
+
+
+@pytest.mark.long
+def test_a_sweep_whose_every_trial_fails_exits_non_zero_with_its_trials_recorded(local_ray, tmp_path, capsys):
+    rows = script_sweep(tmp_path, "standin_all_fail.toml", "--scheduler", "none", "--max-failures", "0",
+                        exit_code=sweep_cli.EXIT_ALL_FAILED)
+    assert [r["status"] for r in rows] == ["failed", "failed"]
+    assert "error: all 2 trials failed" in capsys.readouterr().err
+    runs = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_runs(
+        [e.experiment_id for e in MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_experiments()],
+        "tags.kind = 'trial'")
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FAILED"]
