@@ -184,15 +184,18 @@ def check_stopped_trials_are_freed(timeout_s: float = 10.0, wait_s: float = 30.0
     """BadInput unless Ray's State API (served by its dashboard) answers. When a scheduler stops a trial, Tune kills
     the trial's actor, and the placement group of its Ray Train workers is freed only by Ray's cleaner, which asks
     the State API; without it the reservation leaks and the next trial waits for resources for ever (seen on a
-    one-GPU machine: docs/ARCHITECTURE.md)."""
+    one-GPU machine: docs/ARCHITECTURE.md). Asks the cluster this process is connected to: with another Ray on
+    the machine (a second sweep, a `ray start`), the State API's own discovery cannot tell which to ask."""
     import time
 
+    import ray
     from ray.util.state import list_nodes
 
+    address = ray.get_runtime_context().gcs_address
     deadline = time.time() + wait_s  # a dashboard that is still starting gets that long to answer
     while True:
         try:
-            list_nodes(limit=1, timeout=timeout_s, raise_on_missing_output=False)
+            list_nodes(address=address, limit=1, timeout=timeout_s, raise_on_missing_output=False)
             return
         except Exception as e:  # noqa: BLE001 - whatever the cause, the cleaner cannot work
             if time.time() < deadline:

@@ -48,3 +48,25 @@ def test_a_trial_that_cannot_get_its_workers_fails_with_the_reason(tmp_path, mon
     assert row["status"] == "failed"
     error = next((tmp_path / "s").glob("trial_0000_*/error.txt")).read_text()
     assert "WorkerGroupStartupTimeoutError" in error or "timed out" in error
+
+
+def test_the_state_api_check_asks_its_own_cluster_beside_another_ray():
+    """Another Ray on the machine (a second sweep's own local Ray): the check asks the cluster this driver is
+    connected to (the State API's own discovery refuses to choose between two: seen in CI as a refused sweep)."""
+    import subprocess
+    import sys
+
+    from sweeps.cluster import check_stopped_trials_are_freed, local_ray_options
+
+    other = subprocess.Popen([sys.executable, "-c", "import ray, time; ray.init(num_cpus=1, log_to_driver=False); "
+                              "print('up', flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "up"
+        ray.init(log_to_driver=False, logging_level="WARNING", **local_ray_options())
+        try:
+            check_stopped_trials_are_freed(wait_s=60)
+        finally:
+            ray.shutdown()
+    finally:
+        other.terminate()
+        other.wait(timeout=60)
