@@ -43,7 +43,7 @@ def test_a_trial_that_cannot_get_its_workers_fails_with_the_reason(tmp_path, mon
     finally:
         remove_placement_group(leaked)
         ray.shutdown()
-    assert rc == 0
+    assert rc == sweep_cli.EXIT_ALL_FAILED  # its only trial failed: nothing measured
     (row,) = pq.read_table(tmp_path / "s" / "results.parquet").to_pylist()
     assert row["status"] == "failed"
     error = next((tmp_path / "s").glob("trial_0000_*/error.txt")).read_text()
