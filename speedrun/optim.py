@@ -120,9 +120,10 @@ def normuon_update(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: 
 @torch.no_grad()
 def adam_update(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                 exp_avg_sqs: list[torch.Tensor], counts: list[torch.Tensor], hp: torch.Tensor, cautious: bool) -> None:
-    """One Adam step. hp: (lr, decay, beta1, beta2, eps, gradient scale) as a tensor."""
-    lr, decay, b1, b2, eps, grad_scale = hp.unbind()
-    for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, counts):
+    """One Adam step of every Adam parameter. hp: (n, 6), each parameter's (lr, decay, beta1, beta2, eps, gradient
+    scale): one compiled graph for all groups (a graph per group recompiled the function once per group)."""
+    for p, g, m, v, t, row in zip(params, grads, exp_avgs, exp_avg_sqs, counts, hp.unbind(0)):
+        lr, decay, b1, b2, eps, grad_scale = row.unbind()
         t.add_(1)
         g = g * grad_scale
         m.lerp_(g, 1 - b1)
@@ -234,15 +235,20 @@ class SpeedrunOptimizer:
         # every scalar of this step in one host-to-device copy
         rows = [[c.muon_lr * lr_mult * factor, c.muon_lr * lr_mult * c.muon_wd, momentum, c.muon_beta2, 0, 0]
                 for _, factor in self.muon_buckets]
-        adam_lrs = [c.adam_lr * g.lr_mult * lr_mult for g in adam_groups]
-        rows += [[lr, lr ** c.adam_wd_power * c.adam_wd * g.wd_mult, g.betas[0], g.betas[1], c.adam_eps, adam_grad_scale]
-                 for lr, g in zip(adam_lrs, adam_groups)]
+        adam_params = []  # each with its group's row
+        for g in adam_groups:
+            lr = c.adam_lr * g.lr_mult * lr_mult
+            row = [lr, lr ** c.adam_wd_power * c.adam_wd * g.wd_mult, g.betas[0], g.betas[1], c.adam_eps, adam_grad_scale]
+            for p in g.params:
+                if p.grad is not None:
+                    adam_params.append(p)
+                    rows.append(row)
         device = self.groups[0].params[0].device
         hp = torch.tensor(rows, dtype=torch.float32).to(device, non_blocking=True)
         for i, (params, _) in enumerate(self.muon_buckets):
             self._muon_step(params, hp[i, :4])
-        for i, g in enumerate(adam_groups):
-            self._adam_step(g.params, hp[len(self.muon_buckets) + i])
+        if adam_params:
+            self._adam_step(adam_params, hp[len(self.muon_buckets):])
         if adam:
             self.adam_steps += 1
 
@@ -281,9 +287,6 @@ class SpeedrunOptimizer:
                       self.cfg.muon_variant == "normuon", self.cfg.muon_ns, self.cfg.normuon_axis)
 
     def _adam_step(self, params: list[nn.Parameter], hp: torch.Tensor) -> None:
-        params = [p for p in params if p.grad is not None]
-        if not params:
-            return
         for p in params:
             st = self.state.setdefault(p, {})
             if "exp_avg" not in st:

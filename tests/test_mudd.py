@@ -152,3 +152,25 @@ def test_the_routing_compiles_into_one_graph(tmp_path):
         assert torch.allclose(loss, model(*args, prefix_weight=torch.tensor(weight)), rtol=1e-5)
     assert counter.frame_count == 1
     torch._dynamo.reset()
+
+
+def test_the_optimiser_steps_every_adam_group_in_one_compiled_graph():
+    """MUDD adds six Adam groups (twelve in the record preset): one compiled Adam graph takes them all, so the
+    compiled optimiser never hits dynamo's recompile limit (a graph per group did, at eight)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from speedrun.optim import SpeedrunOptimizer
+
+    torch._dynamo.reset()
+    cfg = fast_tiny(16, **TINY_MUDD)
+    model = GPT(cfg.model)
+    counter = CompileCounter()
+    opt = SpeedrunOptimizer(model, cfg.optim, compile=counter)
+    assert sum(g.kind == "adam" for g in opt.groups) >= 10
+    for step in range(3):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        model.embed.weight.grad = None
+        opt.step(1.0, 0.9, adam=True)
+    assert counter.frame_count == len(opt.muon_buckets) + 1
+    torch._dynamo.reset()
