@@ -178,6 +178,8 @@ def judge_and_report(cand: list[dict], base: list[dict] | None, judge, folder: P
     dropped = len(cand) - len(c) + ((len(base) - len(b)) if base is not None else 0)
     if dropped:
         notes.append(f"{dropped} run(s) did not finish their schedule and are left out of the statistics")
+    notes += [f"run {r['run']} ({r['arm']}) exited with code {r['script_exit_code']} after its final validation "
+              "line; its result is kept" for r in cand + (base or []) if r.get("script_exit_code")]
     if len(c) < 2 or (b is not None and len(b) < 2):
         raise BadInput(f"{len(c)} finished candidate run(s)" + (f" and {len(b)} baseline run(s)" if b is not None
                        else "") + ": the tests need at least 2 of each; give more runs or logs")

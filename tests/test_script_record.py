@@ -76,7 +76,8 @@ def test_a_run_that_aborts_after_its_final_validation_keeps_its_result_under_tor
     out = capsys.readouterr().out
     assert rc in (0, 1), out
     assert len(v["runs"]) == 2 and all(r["script_exit_code"] != 0 and r["verdict"] != "failed" for r in v["runs"])
-    assert out.count("after its final validation line; its result is kept") == 2, out
+    assert out.count("exited with 1 after its final validation line; its result is kept") == 2, out  # warnings
+    assert (tmp_path / "att" / "statistics.md").read_text().count("after its final validation line") == 2
     assert len(v["losses"]) == 2 and all(loss < 3.5 for loss in v["losses"])
 
 
