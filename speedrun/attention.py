@@ -33,6 +33,23 @@ def allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, q_seg: torch.Tensor, k_seg
     return (k_pos <= q_pos) & (q_pos - k_pos < window) & (k_seg == q_seg) & (k_pos >= 0)
 
 
+def previous_and_own_block(t: torch.Tensor) -> torch.Tensor:
+    """(B, n, C, ...) blocks -> (B, n, 2C, ...): block b-1 (zeros before the first) beside block b."""
+    before = F.pad(t, (0, 0) * (t.dim() - 3) + (0, 0, 1, 0))[:, :-1]
+    return torch.cat([before, t], dim=2)
+
+
+def block_mask_tensor(segment: torch.Tensor, C: int, window: int) -> torch.Tensor:
+    """segment (B, n*C) -> (B, n, C, 2C): `allowed` for each block's queries against blocks b-1 and b."""
+    B, n = segment.size(0), segment.size(1) // C
+    seg = segment.view(B, n, C)
+    k_seg = torch.cat([F.pad(seg, (0, 0, 1, 0), value=-2)[:, :-1], seg], dim=2)
+    base = torch.arange(n, device=segment.device).view(1, n, 1) * C
+    q_pos = base + torch.arange(C, device=segment.device).view(1, 1, C)
+    k_pos = base - C + torch.arange(2 * C, device=segment.device).view(1, 1, 2 * C)
+    return allowed(q_pos.unsqueeze(-1), k_pos.unsqueeze(-2), seg.unsqueeze(-1), k_seg.unsqueeze(-2), window)
+
+
 def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment: torch.Tensor,
                        window: int, scale: float | torch.Tensor) -> torch.Tensor:
     """q, k, v: (B, T, H, D); segment: (B, T). Returns (B, T, H, D). A tensor scale multiplies q first
@@ -47,15 +64,9 @@ def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segmen
         q, k, v = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (q, k, v))
         segment = F.pad(segment, (0, pad), value=-1)
     # (B, n, C, H, D) blocks; keys/values of block b are blocks b-1 and b.
-    qb, kb, vb = (t.view(B, n, C, H, D) for t in (q, k, v))
-    kb = torch.cat([F.pad(kb, (0, 0, 0, 0, 0, 0, 1, 0))[:, :-1], kb], dim=2)
-    vb = torch.cat([F.pad(vb, (0, 0, 0, 0, 0, 0, 1, 0))[:, :-1], vb], dim=2)
-    seg = segment.view(B, n, C)
-    k_seg = torch.cat([F.pad(seg, (0, 0, 1, 0), value=-2)[:, :-1], seg], dim=2)
-    base = torch.arange(n, device=q.device).view(1, n, 1) * C
-    q_pos = base + torch.arange(C, device=q.device).view(1, 1, C)
-    k_pos = base - C + torch.arange(2 * C, device=q.device).view(1, 1, 2 * C)
-    mask = allowed(q_pos.unsqueeze(-1), k_pos.unsqueeze(-2), seg.unsqueeze(-1), k_seg.unsqueeze(-2), window)
+    qb = q.view(B, n, C, H, D)
+    kb, vb = (previous_and_own_block(t.view(B, n, C, H, D)) for t in (k, v))
+    mask = block_mask_tensor(segment, C, window)
     out = F.scaled_dot_product_attention(
         qb.reshape(B * n, C, H, D).transpose(1, 2),
         kb.reshape(B * n, 2 * C, H, D).transpose(1, 2),

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .attention import allowed
+from .attention import block_mask_tensor, previous_and_own_block
 
 
 def dc_correction(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment: torch.Tensor, w1: torch.Tensor,
@@ -30,14 +30,9 @@ def dc_correction(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment: to
         q, k, v = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (q, k, v))
         w1, w2 = (F.pad(t, (0, 0, 0, pad)) for t in (w1, w2))
         segment = F.pad(segment, (0, pad), value=-1)
-    frame = lambda t: torch.cat([F.pad(t, (0, 0, 0, 0, 0, 0, 1, 0))[:, :-1], t], dim=2)  # noqa: E731 blocks b-1, b
-    qb, kb, vb = q.view(B, n, C, H, D), frame(k.view(B, n, C, H, D)), frame(v.view(B, n, C, H, D))
-    seg = segment.view(B, n, C)
-    k_seg = torch.cat([F.pad(seg, (0, 0, 1, 0), value=-2)[:, :-1], seg], dim=2)
-    base = torch.arange(n, device=q.device).view(1, n, 1) * C
-    q_pos = base + torch.arange(C, device=q.device).view(1, 1, C)
-    k_pos = base - C + torch.arange(2 * C, device=q.device).view(1, 1, 2 * C)
-    mask = allowed(q_pos.unsqueeze(-1), k_pos.unsqueeze(-2), seg.unsqueeze(-1), k_seg.unsqueeze(-2), window)
+    qb = q.view(B, n, C, H, D)
+    kb, vb = (previous_and_own_block(t.view(B, n, C, H, D)) for t in (k, v))
+    mask = block_mask_tensor(segment, C, window)
     scores = torch.einsum("bnqhd,bnkhd->bnhqk", qb.float(), kb.float()) * scale
     probs = scores.masked_fill(~mask.unsqueeze(2), float("-inf")).softmax(dim=-1)  # (B, n, H, C, 2C)
     mix = F.rms_norm(w1.float(), (H,), eps=1e-6).view(B, n, C, H)
