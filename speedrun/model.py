@@ -440,10 +440,13 @@ class GPT(nn.Module):
         m.gates(x0, False, gates)
         x = x0 if bigram is None else x0 + gates["bigram"][0] * bigram
         snaps = {"first": x}
+        first_ve_layer, first_ve = min(self.ve_bank, default=None), None
         for i, block in enumerate(self.blocks):
             if i == cfg.mudd_gate_layer:
                 m.gates(x, True, gates)
             ve = self.value_embed(i, tokens, dtype)
+            if i == first_ve_layer:
+                first_ve = ve  # added back after the loop: looked up once
             if i == last:
                 x = self.mudd_last_layer(block, x, bigram, ve, ctxs[i], snaps, gates)
                 continue
@@ -461,7 +464,6 @@ class GPT(nn.Module):
             if i == cfg.mudd_attn_from:
                 snaps["from"] = x
         c = dict(zip(FINAL, m.final(x).split(1, dim=-1)))
-        first_ve = self.value_embed(min(self.ve_bank), tokens, dtype) if self.ve_bank else None
         x = x + c["first"] * snaps["first"] + c["from"] * snaps["from"] + c["last_input"] * snaps["last_input"]
         x = x + c["skip"] * snaps["skip"]
         return x if first_ve is None else x + c["value_embed"] * first_ve
