@@ -48,11 +48,16 @@ def all_stages(s: ScheduleConfig) -> list[Stage]:
     return [stage_at(s, start) for start, end in stage_bounds(s) if end > start]
 
 
+def stage_fraction(st: Stage, step: int) -> float:
+    """How far through its stage a step is: 0 at the stage's first step, 1 at its last."""
+    return 0.0 if st.end - st.start <= 1 else min(1.0, (step - st.start) / (st.end - st.start - 1))
+
+
 def mtp_weights(s: ScheduleConfig, step: int) -> tuple[float, ...]:
     """Weights of the next-1, next-2, ... token losses, annealed linearly across the stage."""
     st = stage_at(s, step)
     a, b = s.mtp_start[st.index], s.mtp_end[st.index]
-    frac = 0.0 if st.end - st.start <= 1 else min(1.0, (step - st.start) / (st.end - st.start - 1))
+    frac = stage_fraction(st, step)
     return tuple(x + (y - x) * frac for x, y in zip(a, b))
 
 
@@ -64,7 +69,7 @@ def prefix_weight(s: ScheduleConfig, step: int) -> float | None:
     a, b = s.prefix_start[st.index], s.prefix_end[st.index]
     if a == 0 and b == 0:
         return None
-    frac = 0.0 if st.end - st.start <= 1 else min(1.0, (step - st.start) / (st.end - st.start - 1))
+    frac = stage_fraction(st, step)
     return a + (b - a) * frac
 
 
