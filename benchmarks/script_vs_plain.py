@@ -48,6 +48,17 @@ def shards(work: Path, run_sh: str) -> Path:
     return folder
 
 
+def data_root(work: Path, run_sh: str) -> Path:
+    """A folder laid out as the file expects under DATA_PATH (data/fineweb10B/), linked to the shared shards, so
+    the sweep needs no plain run before it."""
+    root = work / "sweep_data"
+    link = root / "data" / "fineweb10B"
+    if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(shards(work, run_sh).resolve())
+    return root
+
+
 def cache_env(work: Path) -> dict:
     folder = work / "sweeps" / SWEEP / "inductor_cache"  # the sweep's own cache folder (cluster.trial_env)
     folder.mkdir(parents=True, exist_ok=True)
@@ -61,7 +72,7 @@ def sweep(args, work: Path) -> int:
     cmd = [sys.executable, "-m", "sweeps.run", "--trainer", args.trainer, "--space", str(space), "--trials", "2",
            "--workers-per-trial", "1", "--scheduler", "none", "--storage", str(work / "sweeps"), "--name", SWEEP,
            "--tracking-uri", f"sqlite:///{work}/mlflow.db", "--env", f"NUM_ITERS={args.iters}", "--env", "VAL_EVERY=0",
-           "--env", f"DATA_PATH={work / 'plain_0'}"]
+           "--env", f"DATA_PATH={data_root(work, args.run_sh)}"]
     with open(work / "sweep.log", "w") as log:
         return subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
 
