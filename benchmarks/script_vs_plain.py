@@ -72,6 +72,7 @@ def sweep(args, work: Path) -> int:
     cmd = [sys.executable, "-m", "sweeps.run", "--trainer", args.trainer, "--space", str(space), "--trials", "2",
            "--workers-per-trial", "1", "--scheduler", "none", "--storage", str(work / "sweeps"), "--name", SWEEP,
            "--tracking-uri", f"sqlite:///{work}/mlflow.db", "--env", f"NUM_ITERS={args.iters}", "--env", "VAL_EVERY=0",
+           "--env", "VAL_TOKENS=1048576",  # as run.sh sets it: the file's default is more than the shards' 4M
            "--env", f"DATA_PATH={data_root(work, args.run_sh)}"]
     with open(work / "sweep.log", "w") as log:
         return subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
