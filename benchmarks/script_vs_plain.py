@@ -111,7 +111,7 @@ def table(work: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--phase", choices=["warm", "measure"])
+    p.add_argument("--phase", choices=["warm", "measure", "sweep"], help="sweep: the sweep alone (its cold compile)")
     p.add_argument("--table", action="store_true")
     p.add_argument("--trainer", default=str(ROOT / ".ref" / "public_train_gpt.py"),
                    help="the file to sweep (a copy of ../shared/reference/public_train_gpt.py by default)")
@@ -125,10 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     if args.phase == "warm":
         plain_runs(args, work, "warm")
-    elif args.phase == "measure":
+    elif args.phase in ("measure", "sweep"):
         rc = sweep(args, work)
         print(f"sweep exit {rc} after {time.time() - t0:.0f}s", flush=True)
-        plain_runs(args, work, "measure")
+        if args.phase == "measure":
+            plain_runs(args, work, "measure")
     if args.phase:
         print(f"phase {args.phase}: {time.time() - t0:.0f}s")
     print(table(work))
