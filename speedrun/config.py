@@ -73,6 +73,13 @@ class ModelConfig:
     untie_step: int = 847  # embedding and lm_head share weights until this step; -1: never tied
     use_fp8: bool = True  # FP8 lm_head and MLP matmuls on CUDA (torch._scaled_mm); CPU always runs them unquantised
     fp8_mlp: bool = True  # with use_fp8: the MLP's matmuls too (False: the lm_head only)
+    # current: each FP8 product, forward and backward, scaled by its operands' own amax | delayed (record #89):
+    # FP8 forward only, the down-projection's input and weight under scales from the previous forward's amax
+    # times a headroom (speedrun.fp8_mlp), the weight's current scale for the first fp8_bootstrap_steps steps
+    fp8_mlp_scaling: str = "current"
+    fp8_act_headroom: float = 1.8
+    fp8_weight_headroom: float = 1.12
+    fp8_bootstrap_steps: int = 16
     init: str = "record"  # record | public-2508: lm_head zero, embeddings N(0, 1)
     attn_kernel: str = "auto"  # auto: FlexAttention on CUDA when compiled, else SDPA | flex | sdpa
     loss_chunk_tokens: int = 8192  # lm_head + loss in chunks of this many tokens (memory, not maths)
@@ -283,15 +290,15 @@ def _record() -> TrainConfig:
     bigram embedding's xor hash over 377,280 buckets with the sign trick, MUDD routing (speedrun.mudd: per-token
     gates and coefficients, the layer-3 skip and layer-7 snapshot, instead of U-net skips and x0 lambdas) with
     learnable XSA on layers 1, 3, 4, 7, attention gates on 3 and 10 and DC-MHA on 10 taking their per-token
-    weights from it, per-layer SA lambdas, the prefix-token loss, q and k orthogonalised per pair of heads, and
-    NorMuon's statistic along each matrix's longer side."""
+    weights from it, per-layer SA lambdas, the prefix-token loss, q and k orthogonalised per pair of heads,
+    NorMuon's statistic along each matrix's longer side, and the MLP's FP8 forward with delayed scaling."""
     base = TrainConfig()
     return replace(
         base,
         model=replace(base.model, bigram_buckets=377_280, bigram_hash="xor", bigram_sign_rows=8192,
                       xsa_layers=(1, 3, 4, 7), qk_head_pairs=True, use_sa_lambdas=True,
                       mudd=True, use_skip_connections=False, dc_layers=(10,), prefix_vocab="gpt2",
-                      ve_gate_input="x_ve",
+                      ve_gate_input="x_ve", fp8_mlp_scaling="delayed",
                       # record #89's train_gpt.py: keys shifted on head_dim // 2 dims, Yarn's scale 0.1, slope 0.2
                       key_offset_dims=64, attn_scale=0.1, yarn_attn_slope=0.2),
         # its MLP matrices are stored (3072, 768), so c_proj's shape factor is 2, times its own 2; ours is (768,
@@ -475,6 +482,10 @@ def validate(cfg: TrainConfig) -> None:
     need(m.value_embed_mix in ("gate", "lambda"), "model.value_embed_mix", "must be gate or lambda")
     need(m.init in ("record", "public-2508"), "model.init", "must be record or public-2508")
     need(m.bigram_hash in ("mul", "xor"), "model.bigram_hash", "must be mul or xor")
+    need(m.fp8_mlp_scaling in ("current", "delayed"), "model.fp8_mlp_scaling", "must be current or delayed")
+    need(m.fp8_act_headroom >= 1 and m.fp8_weight_headroom >= 1, "model.fp8_act_headroom",
+         "FP8 headrooms must be >= 1 (the scale covers at least the last amax)")
+    need(m.fp8_bootstrap_steps >= 0, "model.fp8_bootstrap_steps", "must be >= 0")
     need(m.ve_gate_input in ("x", "x_ve"), "model.ve_gate_input", "must be x or x_ve")
     need(m.ve_gate_input == "x" or m.gate_dims % 2 == 0, "model.gate_dims", "must be even with ve_gate_input=x_ve")
     need(m.bigram_sign_rows >= 0, "model.bigram_sign_rows", "must be >= 0 (0: no sign trick)")
@@ -646,7 +657,7 @@ def _jsonable(v: Any) -> Any:
 # switches, Python-level branches and loop counts. Every other knob reaches compiled code as a tensor or
 # only moves the schedule, so changing it between trials reuses the compiled graphs.
 _MODEL_TENSOR_KNOBS = {"softcap_scale", "softcap_shift", "softcap_div", "attn_scale", "rope_min_freq", "untie_step",
-                       "yarn_attn_slope"}
+                       "yarn_attn_slope", "fp8_act_headroom", "fp8_weight_headroom", "fp8_bootstrap_steps"}
 _GRAPH_KNOBS = {
     "schedule": {"tokens_per_step", "max_seq_lens", "short_windows", "long_windows", "final_long_window"},
     "optim": {"polar_express_steps", "cautious_wd", "muon_variant", "muon_ns", "attn_gate_on_muon", "normuon_axis"},

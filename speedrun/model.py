@@ -27,6 +27,7 @@ from .attention import flex_windowed_attention, segment_ids, sliding_block_mask,
 from .config import ModelConfig
 from .dc_attention import dc_correction
 from .fp8 import capped_logsumexp, fp8_head_loss, fp8_linear, mtp_from_lse
+from .fp8_mlp import DelayedScales, fp8_delayed_mlp
 from .mudd import FINAL, LAST_LAYER, AttnInputs, MuddRouting
 
 
@@ -226,8 +227,13 @@ class MLP(nn.Module):
         self.fc.weight.is_mlp_in = True
         self.proj = CastedLinear(cfg.mlp_dim, cfg.dim, zero_init=True)
         self.proj.weight.is_mlp_out = True  # NorMuon gives it its own lr multiplier
+        delayed = cfg.fp8_mlp_scaling == "delayed"
+        self.scales = DelayedScales(cfg.fp8_act_headroom, cfg.fp8_weight_headroom) if delayed else None
+        self.fp8_delayed = False  # set with the fast path (GPT.set_fast_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8_delayed:
+            return fp8_delayed_mlp(x, self.fc.weight, self.proj.weight, self.scales)
         return self.proj(F.relu(self.fc(x)).square())
 
 
@@ -348,8 +354,13 @@ class GPT(nn.Module):
         """flex: FlexAttention (only worth it under torch.compile on a GPU); fp8: FP8 lm_head, and MLP (fp8_mlp)."""
         self.flex = flex
         self.lm_head.fp8 = fp8
-        for lin in [b.mlp.fc for b in self.blocks] + [b.mlp.proj for b in self.blocks]:
-            lin.fp8 = fp8 and self.cfg.fp8_mlp
+        mlp_fp8 = fp8 and self.cfg.fp8_mlp
+        for mlp in [b.mlp for b in self.blocks]:
+            mlp.fp8_delayed = mlp_fp8 and mlp.scales is not None
+            mlp.fc.fp8 = mlp.proj.fp8 = mlp_fp8 and mlp.scales is None
+
+    def delayed_fp8_scales(self) -> list[DelayedScales]:
+        return [b.mlp.scales for b in self.blocks if b.mlp.scales is not None]
 
     # Tying is kept out of the forward graph, so tied and untied steps run one compiled graph: while tied, the
     # input embedding reads a copy of lm_head.weight, and its gradient is added to lm_head's after backward.

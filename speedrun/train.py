@@ -212,6 +212,8 @@ class _Trainer:
         self.model.load_state_dict(self.initial_state)
         self.model.tied = self.cfg.model.untie_step != -1
         self.model.rotary.reset()
+        for scales in self.model.delayed_fp8_scales():
+            scales.next.zero_()
         self.opt = SpeedrunOptimizer(self.model, self.cfg.optim, compile=self.compiled)
         self.loader = TrainLoader(self.train_paths, self.cfg.data.bos_id, self.dist.rank, self.dist.world)
         self.adam_accum = 0
@@ -260,6 +262,8 @@ class _Trainer:
         if step == cfg.model.untie_step and self.model.tied:
             self.model.untie()
             self.opt.copy_state(self.model.lm_head.weight, self.model.embed.weight)
+        for scales in self.model.delayed_fp8_scales():
+            scales.bootstrap.fill_(step < cfg.model.fp8_bootstrap_steps)
         micro = micro_tokens_for(stage.tokens_per_step, self.dist.world, cfg.data.max_micro_batch_tokens)
         batches = self.loader.next_step(stage.tokens_per_step, micro)
         n_chunks = stage.tokens_per_step // micro
@@ -301,6 +305,7 @@ class _Trainer:
         stage = S.stage_at(sch, min(step, sch.total_steps - 1))
         long = stage.long_window
         saved_rotary = (self.model.rotary.freq.clone(), self.model.rotary.attn_scale.clone())
+        saved_fp8 = [scales.next.clone() for scales in self.model.delayed_fp8_scales()]  # validation leaves none
         if final and sch.final_long_window != long:
             self._set_windows(sch.final_long_window)
             long = sch.final_long_window
@@ -313,6 +318,8 @@ class _Trainer:
             totals[1] += batch.targets.numel()
         if toggle_eval:
             self.model.train()
+        for scales, saved in zip(self.model.delayed_fp8_scales(), saved_fp8):
+            scales.next.copy_(saved)
         if final:
             self.model.rotary.freq.copy_(saved_rotary[0])
             self.model.rotary.attn_scale.copy_(saved_rotary[1])
