@@ -3,6 +3,7 @@
     python benchmarks/throughput.py                 # every stage, 10 timed steps each, the fast path
     python benchmarks/throughput.py --stage 3 --steps 20
     python benchmarks/throughput.py --plain         # eager, SDPA attention, no FP8: the portable path
+    python benchmarks/throughput.py --stage 3 --blocks off   # record #89's blocks off (MUDD, XSA, DC-MHA, ...)
 
 Steps are real trainer steps (`_Trainer.train_step`: forward, backward, NorMuon and Adam) at each stage's
 shape: batch, sequence length, windows and MTP weights, from the stage's first scheduled step on. Tokens are
@@ -34,12 +35,20 @@ import torch
 
 
 from speedrun import schedule as S  # noqa: E402
-from speedrun.config import TrainConfig  # noqa: E402
+from speedrun.config import ModelConfig, TrainConfig  # noqa: E402
 from speedrun.data import write_shard  # noqa: E402
 from speedrun.prefix import vocab_for_speed  # noqa: E402
 from speedrun.train import _Trainer  # noqa: E402
 
 PEAK_BF16 = 989e12
+# record #89's blocks (README's technique table); --blocks off sets each back to the pre-#89 default
+RECORD89_BLOCKS = ("bigram_hash", "bigram_sign_rows", "use_skip_connections", "xsa_layers", "qk_head_pairs",
+                   "use_sa_lambdas", "mudd", "dc_layers", "prefix_vocab", "ve_gate_input", "fp8_mlp_scaling")
+
+
+def blocks_off() -> dict:
+    base = ModelConfig()
+    return {f"model.{k}": list(v) if isinstance(v := getattr(base, k), tuple) else v for k in RECORD89_BLOCKS}
 
 
 def random_shards(folder: Path, tokens: int, vocab: int, bos: int, mean_doc: int = 700, seed: int = 0) -> None:
@@ -77,6 +86,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     ap.add_argument("--profile", type=str, default="", help="after timing, profile 2 steps; write a table here")
     ap.add_argument("--preset", default="record", help="(tiny: a CPU smoke test of this script)")
+    ap.add_argument("--blocks", choices=["on", "off"], default="on",
+                    help="off: record #89's blocks (MUDD, XSA, DC-MHA, prefix loss, ...) switched off")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     if not cuda and args.preset == "record":
@@ -86,6 +97,8 @@ def main() -> None:
     over = {"data.data_dir": str(work), "data.val_tokens": 65536, "run.warmup_steps": 0}
     if args.plain:
         over.update({"run.compile": False, "model.use_fp8": False, "model.attn_kernel": "sdpa"})
+    if args.blocks == "off":
+        over.update(blocks_off())
     over.update(dict(kv.split("=", 1) for kv in args.set))
     if args.preset != "record":
         over.update({"data.source": "fineweb", "data.bos_id": 127, "data.val_tokens": 4096})
@@ -103,7 +116,7 @@ def main() -> None:
     trainer = _Trainer(cfg, report=None, log=None)
     setup_s = time.perf_counter() - t0
     path = "plain (eager, SDPA, bf16)" if args.plain else (
-        f"fast (compile={cfg.run.compile}, flex={trainer.flex}, fp8={cfg.model.use_fp8})")
+        f"fast (compile={cfg.run.compile}, flex={trainer.flex}, fp8={cfg.model.use_fp8})") + f" | #89 blocks {args.blocks}"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     print(f"# {torch.cuda.get_device_name() if cuda else 'cpu'} | torch {torch.__version__} | {path} | set-up {setup_s:.1f}s", flush=True)
 
