@@ -3,6 +3,7 @@ learnable shards, side by side on two GPUs, two seeds each; prints both validati
 seed-to-seed spread, the largest gap between the two means in units of that spread, and tokens/s of both.
 
     python benchmarks/fidelity.py --public ../shared/reference/public_train_gpt.py --steps 200 --seeds 1 2
+    python benchmarks/fidelity.py --public ... --seeds 1 2 --gpus 0 1 2 3    # 4 GPUs: both seeds at once
     python benchmarks/fidelity.py --table --out fidelity_runs        # the table of what --out holds
 
 The shards: the generated sample corpus (speedrun.sample, a Markov mixture whose loss floor is known) with its
@@ -89,7 +90,7 @@ def seeded_copy(source: str) -> str:
 
 
 def run_public(public: Path, data: Path, out: Path, seed: int, args, env: dict) -> Path:
-    work = out / "public_work"
+    work = out / f"public_work_seed{seed}"  # its own folder: seeds may run at once on several GPUs
     (work / "data").mkdir(parents=True, exist_ok=True)
     link = work / "data" / "fineweb10B"
     if not link.exists():
@@ -119,22 +120,31 @@ def run_ours(data: Path, out: Path, seed: int, args, env: dict) -> Path:
 
 def run_side_by_side(args) -> None:
     import torch
-    if torch.cuda.device_count() < 2:
-        sys.exit("error: the fidelity runs need two GPUs (one per trainer): run on nvidia-h200-x2")
+    if torch.cuda.device_count() < len(args.gpus):
+        sys.exit(f"error: --gpus names {len(args.gpus)} GPUs and this machine has {torch.cuda.device_count()}: "
+                 "run on a machine with that many (nvidia-h200-x2 for two), or name fewer")
     out = Path(args.out).resolve()
     # the loader aligns each sequence to a BOS, skipping up to a document per sequence, and keeps a window ahead
     write_fidelity_shards(out / "shards", int((args.steps + 4) * TOKENS_PER_STEP * 1.1), args.val_tokens)
     jobs = []
-    for trainer, gpu in zip(("public", "ours"), args.gpus):
+    for trainer, gpu, seeds in lanes(args.gpus, args.seeds):
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu), "PYTHONUNBUFFERED": "1"}
         argv = [sys.executable, __file__, "--worker", trainer, "--public", str(Path(args.public).resolve()),
                 "--steps", str(args.steps), "--val-every", str(args.val_every), "--val-tokens", str(args.val_tokens),
-                "--out", str(out), "--seeds", *map(str, args.seeds)]
+                "--out", str(out), "--seeds", *map(str, seeds)]
         jobs.append(subprocess.Popen(argv, env=env))
     t0 = time.time()
     for job in jobs:
         job.wait()
     print(f"both trainers done in {time.time() - t0:.0f}s")
+
+
+def lanes(gpus: list[int], seeds: list[int]) -> list[tuple[str, int, list[int]]]:
+    """(trainer, GPU, its seeds in order) per process: the first half of `gpus` run the public file, the second
+    half ours; lane i takes seeds i, i+k, ... (k lanes per trainer), so seed s of both trainers runs at once."""
+    k = len(gpus) // 2
+    return [(trainer, gpus[t * k + i], seeds[i::k]) for t, trainer in enumerate(("public", "ours")) for i in range(k)
+            if seeds[i::k]]
 
 
 def seeds_of(trainer: str, args) -> None:
@@ -203,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-every", type=int, default=25)
     p.add_argument("--val-tokens", type=int, default=1_048_576, help="a multiple of 262,144 (the file's val rows)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--gpus", type=int, nargs=2, default=[0, 1], help="the public file's GPU, then ours")
+    p.add_argument("--gpus", type=int, nargs="+", default=[0, 1],
+                   help="k GPUs for the public file, then k for ours (k seeds at once); default 0 1: one each, "
+                        "the seeds one after another")
     p.add_argument("--out", default="fidelity_runs")
     p.add_argument("--table", action="store_true", help="only print the table of the runs in --out")
     p.add_argument("--worker", choices=["public", "ours"], help=argparse.SUPPRESS)  # one GPU's child process
@@ -214,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.table:
         if not args.public or not Path(args.public).is_file():
             p.error("--public PATH: the public trainer file to compare with")
+        if len(args.gpus) % 2 or len(set(args.gpus)) != len(args.gpus):
+            p.error("--gpus: as many distinct GPUs for the public file as for ours (0 1, or 0 1 2 3)")
         if args.val_tokens % 262_144:
             p.error("--val-tokens must be a multiple of 262,144 (the public file's validation rows)")
         run_side_by_side(args)

@@ -176,3 +176,13 @@ def test_the_fidelity_table_measures_the_gap_in_seed_spreads(tmp_path):
     # means 4.01 and 4.06, both stds 0.01414: a gap of 3.54 spreads
     assert "largest gap after step 0: 3.54 seed-spreads" in text
     assert "561.7k tokens/s" in text  # 100 x 393,216 tokens in 70 s
+
+
+def test_the_fidelity_benchmark_spreads_seeds_over_gpu_pairs():
+    fidelity = fidelity_module()
+    assert fidelity.lanes([0, 1], [1, 2]) == [("public", 0, [1, 2]), ("ours", 1, [1, 2])]  # one after another
+    assert fidelity.lanes([0, 1, 2, 3], [1, 2, 3]) == [("public", 0, [1, 3]), ("public", 1, [2]),
+                                                      ("ours", 2, [1, 3]), ("ours", 3, [2])]
+    assert fidelity.lanes([0, 1, 2, 3], [5]) == [("public", 0, [5]), ("ours", 2, [5])]
+    with pytest.raises(SystemExit):
+        fidelity.main(["--public", __file__, "--gpus", "0", "1", "2"])
