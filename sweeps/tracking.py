@@ -7,6 +7,7 @@ id through an MlflowClient, so nothing depends on MLflow's global "active run".
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -111,11 +112,25 @@ def _value(v) -> str:
     return json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)
 
 
+def store_lock(uri: str):
+    """Held while a driver first opens the store: drivers started together on one new sqlite store raced
+    through MLflow's table migrations and left it half-migrated for good (seen in CI: "table
+    _alembic_tmp_latest_metrics already exists" on every retry of both drivers). Other stores serialise this
+    themselves."""
+    if uri.startswith("sqlite:///"):
+        from filelock import FileLock
+
+        return FileLock(uri[len("sqlite:///"):] + ".lock", timeout=600)
+    return contextlib.nullcontext()
+
+
 class MlflowTracker(tune.Callback):
     def __init__(self, uri: str, experiment: str, sweep_name: str, sweep_params: dict, judge: Judge,
                  total_steps: int, config_for, metric: str = "val_loss", child_kind: str = "trial",
                  child_tags: dict | None = None, tags_for=None, files_for=None, judge_each_run: bool = True):
-        self.client = MlflowClient(tracking_uri=uri)
+        with store_lock(uri):  # MlflowClient builds the store (and a new one's tables) at once
+            self.client = MlflowClient(tracking_uri=uri)
+            self._open(uri, experiment, sweep_name, sweep_params, judge)
         self.uri, self.judge, self.total_steps, self.config_for, self.metric = uri, judge, total_steps, config_for, metric
         self.experiment_name = experiment
         self.track: Track = judge.track
@@ -123,6 +138,18 @@ class MlflowTracker(tune.Callback):
         self.files_for = files_for  # trial id -> {artifact name: path}: a trial's own files (its real log)
         self.judge_each_run = judge_each_run  # False: the runs' data is not known (a contributor's script)
         self.fingerprints = Fingerprints()
+        self.sweep_name, self.child_kind, self.child_tags = sweep_name, child_kind, dict(child_tags or {})
+        self.done: dict[int, dict] = {}  # trial index -> history, verdict, status, run id
+        self.runs: dict[str, str] = {}
+        self.history: dict[str, list[dict]] = {}
+        self.last_step: dict[str, int] = {}
+        self.attempts: dict[str, int] = {}
+        self.replayed: set[str] = set()
+        self.configs: dict = {}  # trial id -> its TrainConfig
+        self.names: dict[str, str] = {}  # trial id -> its run name at the start
+
+    def _open(self, uri: str, experiment: str, sweep_name: str, sweep_params: dict, judge: Judge) -> None:
+        """The experiment and the sweep's parent run, found or made (the store's tables too, when it is new)."""
         self.source = source_tags()
         exp = self.client.get_experiment_by_name(experiment)
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
@@ -145,17 +172,9 @@ class MlflowTracker(tune.Callback):
                       "track_source": track.source,
                       "code_version": code_version(), "hardware": hardware()}
             self.client.log_batch(self.parent_id, params=[Param(k, _value(v)) for k, v in params.items()])
-        self.sweep_name, self.child_kind, self.child_tags = sweep_name, child_kind, dict(child_tags or {})
-        self.done: dict[int, dict] = {}  # trial index -> history, verdict, status, run id
-        self.runs: dict[str, str] = {}
-        self.history: dict[str, list[dict]] = {}
-        self.last_step: dict[str, int] = {}
-        self.attempts: dict[str, int] = {}
-        self.replayed: set[str] = set()
-        self.configs: dict = {}  # trial id -> its TrainConfig
-        self.names: dict[str, str] = {}  # trial id -> its run name at the start
 
     # ---- Tune callback hooks ---------------------------------------------------------------------
+
     def on_trial_start(self, iteration, trials, trial, **info):
         index = trial_index(trial)
         existing = self.client.search_runs(
