@@ -63,6 +63,30 @@ def test_fp8_linear_matches_its_emulation_and_bf16():
         assert _rel(a, b) < 1e-1  # e4m3 / e5m2 rounding
 
 
+def test_delayed_fp8_mlp_matches_its_emulation_and_bf16():
+    """The record's MLP (speedrun.fp8_mlp) through _scaled_mm: its emulation's numbers, bf16's within e4m3 rounding,
+    the same scales kept for the next forward, and a backward equal to the emulation's (bf16 from the same post)."""
+    from speedrun.fp8_mlp import DelayedScales, fp8_delayed_mlp
+
+    torch.manual_seed(3)
+    x = torch.randn(4096, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w_fc = (torch.randn(3072, 768, device="cuda") * 0.03).requires_grad_()
+    w_proj = (torch.randn(768, 3072, device="cuda") * 0.01).requires_grad_()
+    g = torch.randn(4096, 768, device="cuda", dtype=torch.bfloat16)
+    outs, states = {}, {}
+    for name, emulate in [("mm", False), ("emu", True)]:
+        states[name] = DelayedScales(1.8, 1.12).cuda()
+        states[name].bootstrap.fill_(False)
+        for _ in range(2):  # the second forward runs on the delayed scales
+            y = fp8_delayed_mlp(x, w_fc, w_proj, states[name], emulate=emulate)
+        outs[name] = (y, *torch.autograd.grad(y, (x, w_fc, w_proj), g))
+    bf16 = torch.relu(x @ w_fc.bfloat16().t()).square() @ w_proj.bfloat16().t()
+    for a, b in zip(outs["mm"], outs["emu"]):
+        assert _rel(a, b) < 1e-2
+    assert _rel(outs["mm"][0], bf16) < 1e-1
+    assert torch.allclose(states["mm"].next, states["emu"].next, rtol=1e-2)
+
+
 def _first_losses(overrides: dict, steps: int = 20) -> list[float]:
     cfg = TrainConfig.preset("record").override({
         "data.source": "sample", "data.bos_id": 127, "data.val_tokens": 65536, "run.warmup_steps": 0,
