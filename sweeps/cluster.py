@@ -155,11 +155,8 @@ def wait_for_capacity(limits: dict, need: tuple, timeout_s: float, poll_s: float
     workers, use_gpu, gpus_per_worker, cpus_per_worker = need
 
     def short() -> str | None:
-        try:
-            check_capacity(ray.cluster_resources(), "the Ray cluster now", *need)
-        except BadInput as e:
-            return str(e).split(": lower")[0]
-        return None
+        lacking = capacity_shortfall(ray.cluster_resources(), "the Ray cluster now", *need)
+        return lacking[0] if lacking else None
 
     missing = short()
     if missing is None:
@@ -225,19 +222,29 @@ def local_ray_cpus() -> int:
     return 2 * (os.cpu_count() or 1)
 
 
-def check_capacity(have: dict, where: str, workers: int, use_gpu: bool, gpus_per_worker: float,
-                   cpus_per_worker: float) -> None:
-    """BadInput unless `have` ({"CPU": n, "GPU": m}: this machine, or the whole Ray cluster) holds one trial."""
+def capacity_shortfall(have: dict, where: str, workers: int, use_gpu: bool, gpus_per_worker: float,
+                       cpus_per_worker: float) -> tuple[str, str] | None:
+    """(what one trial lacks in `have` ({"CPU": n, "GPU": m}: this machine, or the whole Ray cluster), the fix);
+    None when it holds one trial."""
     from sweeps.protocol import TRIAL_CPU
 
     have_gpu, have_cpu = have.get("GPU", 0), have.get("CPU", 0)
     if use_gpu and workers * gpus_per_worker > have_gpu:
-        raise BadInput(f"a trial needs {workers * gpus_per_worker:g} GPUs (--workers-per-trial {workers} x "
-                       f"--gpus-per-worker {gpus_per_worker:g}); {where} has {have_gpu:g}: lower them or add GPUs")
+        return (f"a trial needs {workers * gpus_per_worker:g} GPUs (--workers-per-trial {workers} x "
+                f"--gpus-per-worker {gpus_per_worker:g}); {where} has {have_gpu:g}", "lower them or add GPUs")
     if workers * cpus_per_worker + TRIAL_CPU > have_cpu:
-        raise BadInput(f"a trial needs {workers * cpus_per_worker + TRIAL_CPU:g} CPUs (--workers-per-trial {workers} x "
-                       f"--cpus-per-worker {cpus_per_worker:g}, +{TRIAL_CPU} for the trial itself); {where} has "
-                       f"{have_cpu:g}: lower one of them")
+        return (f"a trial needs {workers * cpus_per_worker + TRIAL_CPU:g} CPUs (--workers-per-trial {workers} x "
+                f"--cpus-per-worker {cpus_per_worker:g}, +{TRIAL_CPU} for the trial itself); {where} has "
+                f"{have_cpu:g}", "lower one of them")
+    return None
+
+
+def check_capacity(have: dict, where: str, workers: int, use_gpu: bool, gpus_per_worker: float,
+                   cpus_per_worker: float) -> None:
+    """BadInput unless `have` holds one trial (capacity_shortfall)."""
+    short = capacity_shortfall(have, where, workers, use_gpu, gpus_per_worker, cpus_per_worker)
+    if short is not None:
+        raise BadInput(f"{short[0]}: {short[1]}")
 
 
 def worker_layout(args, device: str, res: Resources, gpu_by_default: bool = True) -> tuple[bool, float, int]:
