@@ -2,7 +2,7 @@
 
 Up-projection: x and the weight cast to e4m3 under their own current per-tensor scales (amax / 448).
 Down-projection: relu(pre)^2 and the weight cast to e4m3 under *delayed* scales, set from the amax seen at the
-previous training forward times a headroom (activations 1.8, weight 1.12), so the scale is known before the
+previous forward times a headroom (activations 1.8, weight 1.12), so the scale is known before the
 tensor is; values beyond the scale's range saturate at +-448 instead of overflowing. While `bootstrap` is set (the
 first steps: the down-projection starts at zero and grows fast) and at the very first forward, the current amax
 is used instead. Backward runs in the activation dtype from the unquantised tensors, as in record #89: only the
