@@ -6,8 +6,8 @@ device-time split, and the training share of the trials that started after the f
 
 The sweep is `sweeps.run` itself (Ray Tune, Ray Train, MLflow in a sqlite store under --work), `--scheduler none`
 so every trial runs its whole schedule, over a space whose knobs recompile nothing (`muon_lr`: the trials share
-their graphs through the sweep's compile cache). Data: random GPT-2 token ids as FineWeb-format shards (speed does
-not depend on them; the trials are "not comparable" with any track). As many trials run at once as there are
+their graphs through the sweep's compile cache). Data: for `record`, random GPT-2 token ids as FineWeb-format shards
+(speed does not depend on them; the trials are "not comparable" with any track); other presets read their own. As many trials run at once as there are
 GPUs (or CPU slots); the first of them compile, later ones find the graphs in the cache ("warm" below).
 """
 
@@ -36,8 +36,9 @@ VAL_TOKENS = 1 << 19  # within random_shards' 1M-token validation shard
 def sweep_command(args, work: Path, sets: dict) -> list[str]:
     cmd = [sys.executable, "-m", "sweeps.run", "--space", args.space, "--preset", args.preset, "--trials",
            str(args.trials), "--steps", str(args.steps), "--scheduler", "none", "--workers-per-trial", "1",
-           "--data", str(work / "data"), "--storage", str(work / "sweeps"), "--name", args.name,
-           "--tracking-uri", f"sqlite:///{work}/mlflow.db"]
+           "--storage", str(work / "sweeps"), "--name", args.name, "--tracking-uri", f"sqlite:///{work}/mlflow.db"]
+    if args.preset == "record":
+        cmd += ["--data", str(work / "data")]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
     return cmd
@@ -88,11 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         sets["model.prefix_vocab"] = vocab
         print(f"# {note}", flush=True)
     sets.update(kv.split("=", 1) for kv in args.set)
-    need = sum(st.tokens_per_step * (st.end - st.start) for st in S.all_stages(cfg.schedule)) + (1 << 22)
-    if args.preset == "record":
+    if args.preset == "record":  # the other presets read the sample corpus the project makes
+        need = sum(st.tokens_per_step * (st.end - st.start) for st in S.all_stages(cfg.schedule)) + (1 << 22)
         random_shards(work / "data", need, cfg.model.vocab_size, cfg.data.bos_id)
-    else:  # the tiny model reads the sample corpus's ids
-        random_shards(work / "data", need, cfg.model.vocab_size, cfg.data.bos_id, mean_doc=200)
     slots = torch.cuda.device_count() or args.cpu_slots  # one trial per GPU, or per CPU slot without GPUs
     t0 = time.time()
     rc = subprocess.run(sweep_command(args, work, sets) + ["--concurrency", str(slots)], cwd=ROOT).returncode
