@@ -201,8 +201,8 @@ def open_tracker(sweep: Sweep):
                                  w.spec.config_for, w.space.metric, files_for=w.spec.trial_files,
                                  judge_each_run=w.preset != "script")
         except Exception as e:  # noqa: BLE001 - any store error; retried, then said in one line
-            # Two drivers started together on one new sqlite store race to create its tables and the experiment
-            # (seen: the second driver's "table ... already exists"); a moment later the store is there.
+            # A sqlite store busy with another writer (our drivers take turns at its creation: tracking.store_lock;
+            # an `mlflow ui` or a user's script do not) is there a moment later.
             if attempt < 4 and w.uri.startswith("sqlite:"):
                 time.sleep(1.0 + attempt)
                 continue
