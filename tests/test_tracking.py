@@ -127,11 +127,11 @@ def free_port():
 
 def render(chromium, profile, url, needles, screenshot):
     """Load `url` in headless Chromium until every needle is on the page, then screenshot it. The page's charts load
-    lazily and a 2-core CI machine renders slowly, so the (virtual) time allowed grows over three attempts."""
+    lazily and a 2-core CI machine renders slowly, so the (virtual) time allowed grows over four attempts."""
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1400,1000"]
     screenshot.unlink(missing_ok=True)
-    for attempt, budget_ms in enumerate((20_000, 60_000, 120_000)):
+    for attempt, budget_ms in enumerate((20_000, 60_000, 120_000, 240_000)):
         dom = subprocess.run([chromium, *flags, f"--virtual-time-budget={budget_ms}", f"--user-data-dir={profile}-{attempt}",
                               "--dump-dom", url], capture_output=True, text=True, timeout=300).stdout
         missing = [n for n in needles if n not in dom]
