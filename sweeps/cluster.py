@@ -105,11 +105,14 @@ class _NoTuneResumeHint(logging.Filter):
         return "Resume experiment with" not in record.getMessage()
 
 
-def execute(make_tuner_fn, address: str | None, env: dict, need: tuple | None = None, stops: bool = False):
+def execute(make_tuner_fn, address: str | None, env: dict, need: tuple | None = None, stops: bool = False,
+            hosts: int = 0):
     """Start (or join) Ray, run the Tuner, shut down what we started; return Tune's ResultGrid.
     `need` = (workers, use_gpu, gpus_per_worker, cpus_per_worker) of one trial: refused (BadInput) before
     any trial starts when the cluster, all nodes together, cannot hold it. `stops`: a scheduler may stop trials,
-    which needs what frees a stopped trial's resources (check_stopped_trials_are_freed)."""
+    which needs what frees a stopped trial's resources (check_stopped_trials_are_freed). `hosts` > 0
+    (--reuse-workers): that many warm trial hosts of one worker's resources live while the Tuner runs, and
+    `make_tuner_fn(hosts)` gets their handles."""
     import ray
 
     own_ray = not ray.is_initialized()  # a caller (a test, a notebook) may have started Ray already
@@ -134,7 +137,16 @@ def execute(make_tuner_fn, address: str | None, env: dict, need: tuple | None = 
                                                               RESOURCE_TIMEOUT_S)))
         if stops:
             check_stopped_trials_are_freed()
-        return make_tuner_fn().fit()
+        if not hosts:
+            return make_tuner_fn().fit()
+        from sweeps.trial_hosts import start_hosts, stop_hosts
+        workers, use_gpu, gpus_per_worker, cpus_per_worker = need
+        handles = start_hosts(hosts, {"CPU": cpus_per_worker, "GPU": gpus_per_worker if use_gpu else 0},
+                              float(env.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", RESOURCE_TIMEOUT_S)))
+        try:
+            return make_tuner_fn(handles).fit()
+        finally:
+            stop_hosts(handles)
     finally:
         if own_ray:
             ray.shutdown()

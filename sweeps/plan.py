@@ -144,6 +144,9 @@ def plan_sweep(s: SweepSettings) -> Sweep:
         faults = FaultPlan.parse(s.inject_faults) if s.inject_faults else None
     except ValueError as e:
         raise BadInput(str(e)) from None
+    if s.reuse_workers and workers > 1:
+        raise BadInput(f"--reuse-workers keeps one-worker trials warm; these trials have {workers} workers: "
+                       "add --workers-per-trial 1, or drop --reuse-workers")
     if not use_gpu:  # CPU reservations train on the CPU, never on a GPU no trial reserved
         overrides.update({"run.threads": max(1, int(s.cpus_per_worker)), "run.device": "cpu"})
     objective = s.objective or space.objective

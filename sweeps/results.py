@@ -17,13 +17,14 @@ from .protocol import TrialStatus, FINISHED, REPLAYED, index_from_dirname, trial
 METRIC_COLUMNS = ("val_loss", "final_val_loss", "train_time_s", "time_to_target_s", "objective_time_s", "tokens", "step",
                   "startup_s", "trial_startup_s", "compile_s", "val_time_s", "peak_mem_bytes", "floor", "time_total_s",
                   "compile_graphs", "compile_fx_cache_hits", "compile_fx_cache_misses", "compile_artifacts_loaded",
-                  "first_report_s", "worker_start_s", "init_s", "compile_artifacts_load_s")
+                  "first_report_s", "worker_start_s", "init_s", "compile_artifacts_load_s", "host_pid",
+                  "host_trials_before")
 NODE_COLUMNS = ("node_id", "node_ip")
 # reported once (at the first report) or cumulatively (at validations): a trial stopped early has them only
 # in an earlier report than its last
 EARLIER_REPORT_COLUMNS = ("trial_startup_s", "startup_s", "compile_s", "val_time_s", "compile_graphs",
                           "compile_fx_cache_hits", "compile_fx_cache_misses", "compile_artifacts_loaded",
-                          "worker_start_s", "init_s", "compile_artifacts_load_s")
+                          "worker_start_s", "init_s", "compile_artifacts_load_s", "host_pid", "host_trials_before")
 
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from sweeps.cluster import BadInput, execute, fail
@@ -74,9 +75,12 @@ def run_sweep(sweep: Sweep, tracker) -> int:
     t0 = time.time()
     callbacks = [ProgressPrinter(plan.total_steps, sweep.space.metric, trials=plan.trials), tracker,
                  PushSweepFiles(plan.storage.root, plan.name)]
-    grid = execute(lambda: make_tuner(plan, spec, callbacks, restore=sweep.restore), s.address, spec.env,
-                   stops=plan.scheduler != "none",
-                   need=(spec.workers, spec.use_gpu, spec.gpus_per_worker, spec.cpus_per_worker))
+    def tuner(hosts: tuple = ()):
+        return make_tuner(plan, replace(spec, hosts=hosts) if hosts else spec, callbacks, restore=sweep.restore)
+
+    grid = execute(tuner, s.address, spec.env, stops=plan.scheduler != "none",
+                   need=(spec.workers, spec.use_gpu, spec.gpus_per_worker, spec.cpus_per_worker),
+                   hosts=plan.concurrency if s.reuse_workers else 0)
     wall = add_wall_time(plan.folder, time.time() - t0, sweep.restore)
     tracker.load_done()
     rows = tracker.annotate(rows_from_grid(grid, [p.key for p in sweep.space.params]))

@@ -47,7 +47,8 @@ def check_script_flags(s: SweepSettings) -> Path:
     if not s.space:
         raise BadInput("--space is required with --trainer: a .toml file whose params are the file's knobs "
                        f"(see --list-knobs {s.trainer})")
-    for flag, value in (("--preset", s.preset), ("--set", s.sets), ("--track", s.track)):
+    for flag, value in (("--preset", s.preset), ("--set", s.sets), ("--track", s.track),
+                        ("--reuse-workers", s.reuse_workers)):
         if value:
             raise BadInput(f"{flag} applies to the speedrun trainer, not to --trainer: set your file's knobs in the "
                            f"space's [fixed] table, its environment with --env")

@@ -27,6 +27,7 @@ class SweepSettings:
     workers_per_trial: int | None = None
     gpus_per_worker: float | None = None
     cpus_per_worker: float = 1.0
+    reuse_workers: bool = False
     preset: str | None = None
     data: str | None = None
     steps: int | None = None
@@ -102,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial (default: all GPUs, or 1)")
     p.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker (default 1 with GPUs)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker (default 1)")
+    p.add_argument("--reuse-workers", action="store_true",
+                   help="run one-worker trials in warm trainer processes, one per trial slot, kept for the whole "
+                        "sweep: a trial reuses what torch compiled for the trials before it (README: Warm trials)")
     p.add_argument("--preset", choices=["record", "tiny", "record-sample", "public-2508"],
                    help="default: record with CUDA + FineWeb, else tiny; record-sample: the record model on the "
                         "generated corpus (a GPU demo with a track of its own)")

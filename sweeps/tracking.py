@@ -38,7 +38,7 @@ KILL_DRIVER_ENV = "SPEEDRUN_SWEEPS_TEST_KILL_DRIVER_AFTER_TRIAL"
 REPORT_KEYS = ("train_loss", "val_loss", "train_time_s", "tokens", "compile_s", "startup_s", "trial_startup_s",
                "val_time_s", "compile_graphs", "compile_fx_cache_hits", "compile_fx_cache_misses",
                "compile_artifacts_loaded", "compile_artifacts_saved_bytes",
-               "compile_artifacts_load_s", "worker_start_s", "init_s")
+               "compile_artifacts_load_s", "worker_start_s", "init_s", "host_trials_before")
 FINAL_KEYS = ("val_loss", "final_val_loss", "objective_time_s", "train_time_s", "tokens", "compile_s", "startup_s", "val_time_s",
               "peak_mem_bytes", "floor", "script_exit_code")  # the last: a script's crash after its final validation
 

@@ -46,6 +46,7 @@ class TrialSpec:
     track: Track | None = None  # for the time objective's projection of a missed target
     compile_cache: str = ""  # folder or URI of the sweep's portable compile-cache artifacts, if set
     storage: str = ""  # the sweeps' storage root (sweeps.storage): a URI's trial files are pushed there
+    hosts: tuple = ()  # --reuse-workers: the sweep's warm trial hosts (Ray actor handles), one per trial slot
 
     def trial_files(self, trial_id: str) -> dict:
         """A trial's own files for MLflow: rank 0's speedrun log (the last attempt's) as train.log."""
@@ -120,13 +121,18 @@ def worker_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
 
+    train_one(loop_config, ray.train.get_context().get_world_rank(), ray.train.report)
+
+
+def train_one(loop_config: dict, rank: int, send, extra: dict | None = None) -> None:
+    """One trial's run of `speedrun.train` in this process: `send(metrics)` takes every report, the final
+    one (`final_metrics`) last; `extra` joins the first report (what a warm host says of itself)."""
     from speedrun.train import train
 
     os.environ.update(loop_config["env"])
     cfg = TrainConfig.from_dict(loop_config["config"])
     trial_start = loop_config["trial_start"]
     worker_start_s = time.time() - trial_start  # Ray Train's controller, placement and worker process start
-    rank = ray.train.get_context().get_world_rank()
     log_file = open_log(loop_config, cfg) if rank == 0 else None
     node = worker_node()
 
@@ -141,8 +147,9 @@ def worker_loop(loop_config: dict) -> None:
             metrics["worker_start_s"] = worker_start_s
             metrics.update(node)
             metrics.update(warm.after_warmup())
+            metrics.update(extra or {})
             log(startup_line(metrics))
-        ray.train.report(metrics)
+        send(metrics)
 
     def log(line: str) -> None:
         if log_file:
@@ -174,7 +181,7 @@ def worker_loop(loop_config: dict) -> None:
     if rank == 0 and loop_config.get("done_path"):  # the trial's end, durable before Tune hears of it
         write_json_atomic(loop_config["done_path"], final)
         push_paths(loop_config.get("storage", ""), loop_config["done_path"])
-    ray.train.report(final)
+    send(final)
 
 
 def startup_line(m: dict) -> str:
@@ -312,12 +319,16 @@ def run_trial(config: dict, spec: TrialSpec) -> None:
     if spec.faults and spec.faults.hits(index):
         fault = {"step": spec.faults.step, "every": spec.faults.every(index),
                  "marker": os.path.join(spec.log_dir or ctx.get_trial_dir(), f".fault-{ctx.get_trial_id()}")}
+    loop_config = {"config": cfg.to_dict(), "trial_start": trial_start, "env": spec.env, "log_path": log_path,
+                   "code_version": spec.code_version, "fault": fault, "done_path": done_path, "track": spec.track,
+                   "compile_cache": spec.compile_cache, "storage": spec.storage}
+    if spec.hosts:  # --reuse-workers: a warm trainer process of the sweep's runs it (sweeps.trial_hosts)
+        from .trial_hosts import run_on_host
+        run_on_host(spec.hosts, loop_config, ctx.get_trial_id(), index, spec.max_failures)
+        return
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"config": cfg.to_dict(), "trial_start": trial_start, "env": spec.env,
-                           "log_path": log_path, "code_version": spec.code_version, "fault": fault,
-                           "done_path": done_path, "track": spec.track, "compile_cache": spec.compile_cache,
-                           "storage": spec.storage},
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=spec.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=f"{ctx.get_experiment_name()}-{ctx.get_trial_id()}",

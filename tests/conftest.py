@@ -21,7 +21,7 @@ QUICK = ["--set", "run.warmup_steps=0", *QUICK_VAL]
 RAY_MODULES = ("test_faults.py", "test_record.py", "test_resume.py", "test_sweep.py", "test_tracking.py",
                "test_concurrent_sweeps.py", "test_resume_schedulers.py",
                "test_script_sweep.py", "test_leaks.py", "test_script_record.py", "test_storage.py",
-               "test_cluster.py")
+               "test_cluster.py", "test_trial_hosts.py")
 
 
 def is_ray_module(path: str) -> bool:

@@ -115,6 +115,12 @@ def test_more_gpus_per_trial_than_the_cluster_has():
     check_capacity({"CPU": 128, "GPU": 8}, "the Ray cluster", 8, True, 1.0, 1.0)
 
 
+def test_reused_workers_need_one_worker_trials(capsys):
+    line = refused(capsys, "--space", "muon_lr", "--preset", "tiny", "--reuse-workers", "--workers-per-trial", "2",
+                   "--cpus-per-worker", "0.5")
+    assert "--reuse-workers" in line and "--workers-per-trial 1" in line
+
+
 def test_resume_of_a_sweep_that_does_not_exist(capsys, tmp_path):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "sweep.json").write_text("{}")
