@@ -141,8 +141,11 @@ def execute(make_tuner_fn, address: str | None, env: dict, need: tuple | None = 
             return make_tuner_fn().fit()
         from sweeps.trial_hosts import start_hosts, stop_hosts
         workers, use_gpu, gpus_per_worker, cpus_per_worker = need
-        handles = start_hosts(hosts, {"CPU": cpus_per_worker, "GPU": gpus_per_worker if use_gpu else 0},
-                              float(env.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", RESOURCE_TIMEOUT_S)))
+        try:
+            handles = start_hosts(hosts, {"CPU": cpus_per_worker, "GPU": gpus_per_worker if use_gpu else 0},
+                                  float(env.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", RESOURCE_TIMEOUT_S)))
+        except TimeoutError as e:
+            raise BadInput(str(e)) from None
         try:
             return make_tuner_fn(handles).fit()
         finally:

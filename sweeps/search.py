@@ -28,6 +28,7 @@ from .spaces import Param, Space
 from .protocol import FINISHED, OBJECTIVES, TRIAL_CPU, trial_dirname, trial_index
 from .script_trial import ScriptSpec, run_script_trial
 from .trial import TrialSpec, run_trial
+from .trial_hosts import run_hosted_trial
 
 
 class SpeedrunOptunaSearch(OptunaSearch):
@@ -223,7 +224,7 @@ def make_tuner(plan: SweepPlan, spec: TrialSpec, callbacks: list, restore: bool 
     kept as they are, unfinished ones restart, and the searcher (the Optuna study, its sampler's RNG, the
     pending points) comes back from Tune's searcher checkpoint, the scheduler's rungs or reference curve from its
     state file. The callbacks then are the ones pickled with the experiment (the same classes and settings)."""
-    unit = run_script_trial if isinstance(spec, ScriptSpec) else run_trial
+    unit = run_script_trial if isinstance(spec, ScriptSpec) else run_hosted_trial if spec.hosts else run_trial
     trainable = tune.with_resources(tune.with_parameters(unit, spec=spec), {"cpu": TRIAL_CPU})
     if restore:
         close_interrupted(plan.folder, plan.name)  # a driver killed outright left its running trials RUNNING

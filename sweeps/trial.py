@@ -292,12 +292,10 @@ def write_json_atomic(path: str, data: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
-def run_trial(config: dict, spec: TrialSpec) -> None:
-    """The Tune trainable: one TorchTrainer.fit() per trial."""
+def trial_loop_config(config: dict, spec: TrialSpec) -> dict | None:
+    """What a trial's worker(s) run (`train_one`'s loop_config), from Tune's config; None for a trial that had
+    ended before a driver crash (its end is reported again here, nothing is re-trained)."""
     import ray.tune
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_start = time.time()
     os.environ.update(spec.env)
@@ -307,25 +305,35 @@ def run_trial(config: dict, spec: TrialSpec) -> None:
         # This trial ended, but the driver died before Tune saved that: report its end again, don't re-train.
         with open(done_path) as f:
             ray.tune.report({**json.load(f), REPLAYED: True})
-        return
+        return None
     params = {p.key: config[p.key] for p in spec.space.params}
     cfg = spec.config_for(params)
-    resources = {"CPU": spec.cpus_per_worker}
-    if spec.use_gpu:
-        resources["GPU"] = spec.gpus_per_worker
     log_path = (os.path.join(spec.log_dir, f"{ctx.get_trial_id()}_seed{cfg.run.seed}.txt") if spec.log_dir else "")
     index = index_from_dirname(ctx.get_trial_dir())
     fault = None
     if spec.faults and spec.faults.hits(index):
         fault = {"step": spec.faults.step, "every": spec.faults.every(index),
                  "marker": os.path.join(spec.log_dir or ctx.get_trial_dir(), f".fault-{ctx.get_trial_id()}")}
-    loop_config = {"config": cfg.to_dict(), "trial_start": trial_start, "env": spec.env, "log_path": log_path,
-                   "code_version": spec.code_version, "fault": fault, "done_path": done_path, "track": spec.track,
-                   "compile_cache": spec.compile_cache, "storage": spec.storage}
-    if spec.hosts:  # --reuse-workers: a warm trainer process of the sweep's runs it (sweeps.trial_hosts)
-        from .trial_hosts import run_on_host
-        run_on_host(spec.hosts, loop_config, ctx.get_trial_id(), index, spec.max_failures)
+    return {"config": cfg.to_dict(), "trial_start": trial_start, "env": spec.env, "log_path": log_path,
+            "code_version": spec.code_version, "fault": fault, "done_path": done_path, "track": spec.track,
+            "compile_cache": spec.compile_cache, "storage": spec.storage, "trial_id": ctx.get_trial_id(),
+            "trial_index": index}
+
+
+def run_trial(config: dict, spec: TrialSpec) -> None:
+    """The Tune trainable: one TorchTrainer.fit() per trial."""
+    import ray.tune
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    loop_config = trial_loop_config(config, spec)
+    if loop_config is None:
         return
+    ctx = ray.tune.get_context()
+    resources = {"CPU": spec.cpus_per_worker}
+    if spec.use_gpu:
+        resources["GPU"] = spec.gpus_per_worker
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config=loop_config,

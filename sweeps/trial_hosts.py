@@ -101,11 +101,9 @@ def empty_cuda_cache() -> None:
 
 
 def start_hosts(count: int, resources: dict, timeout_s: float, abandon_s: float = ABANDON_S) -> tuple:
-    """`count` hosts, each holding `resources` ({"CPU": c, "GPU": g}); refuses (BadInput) when they cannot all
-    be placed within timeout_s."""
+    """`count` hosts, each holding `resources` ({"CPU": c, "GPU": g}); TimeoutError when they cannot all be
+    placed within timeout_s."""
     import ray
-
-    from .cluster import BadInput
 
     actor = ray.remote(TrialHost)
     hosts = tuple(actor.options(num_cpus=resources.get("CPU", 1), num_gpus=resources.get("GPU", 0),
@@ -113,7 +111,7 @@ def start_hosts(count: int, resources: dict, timeout_s: float, abandon_s: float 
     ready, _ = ray.wait([h.pid.remote() for h in hosts], num_returns=count, timeout=timeout_s)
     if len(ready) < count:
         stop_hosts(hosts)
-        raise BadInput(f"--reuse-workers: {count} trial hosts of {resources} could not all start within "
+        raise TimeoutError(f"--reuse-workers: {count} trial hosts of {resources} could not all start within "
                        f"{timeout_s:.0f}s: lower --concurrency or free the resources")
     return hosts
 
@@ -138,15 +136,21 @@ def claim_host(hosts: tuple, owner: str, first: int):
         time.sleep(POLL_S)
 
 
-def run_on_host(hosts: tuple, loop_config: dict, owner: str, index: int, max_failures: int) -> None:
-    """The Tune trainable's part: the trial on a warm host, its reports forwarded to Tune; a host that dies
-    mid-trial is restarted by Ray and the trial runs again (up to max_failures times)."""
+def run_hosted_trial(config: dict, spec) -> None:
+    """The Tune trainable of --reuse-workers: the trial on a warm host, its reports forwarded to Tune; a host that
+    dies mid-trial is restarted by Ray and the trial runs again (up to --max-failures times)."""
     import ray
     import ray.tune
     from ray.exceptions import RayActorError
 
-    for _ in range(max_failures + 1):
-        host = claim_host(hosts, owner, index)
+    from .trial import trial_loop_config
+
+    loop_config = trial_loop_config(config, spec)
+    if loop_config is None:
+        return
+    owner = loop_config["trial_id"]
+    for _ in range(spec.max_failures + 1):
+        host = claim_host(spec.hosts, owner, loop_config["trial_index"])
         done = host.run.remote(owner, loop_config)
         try:
             while True:
@@ -165,5 +169,5 @@ def run_on_host(hosts: tuple, loop_config: dict, owner: str, index: int, max_fai
         except Exception:
             ray.kill(host, no_restart=False)  # a fresh process for the next trial: a CUDA error would poison it
             raise
-    raise RuntimeError(f"the trial's host process died on each of {max_failures + 1} attempts "
+    raise RuntimeError(f"the trial's host process died on each of {spec.max_failures + 1} attempts "
                        "(see its worker log in Ray's session folder)")
