@@ -38,11 +38,13 @@ def saturate(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def down_scales(post: torch.Tensor, w_proj: torch.Tensor, delayed: torch.Tensor, bootstrap: torch.Tensor):
-    """(scales this forward uses, this forward's amaxes): the delayed scales, or the current ones (amax / 448)
-    where none is set yet, and for the weight while bootstrapping."""
-    amax = torch.stack([post.detach().amax().float(), w_proj.detach().abs().amax().float()])
-    use_current = (delayed <= 0) | torch.stack([torch.zeros_like(bootstrap), bootstrap])
-    return torch.where(use_current, amax.clamp_min(1e-12) / E4M3_MAX, delayed), amax
+    """(activation scale, weight scale, this forward's amaxes) for the down-projection: the delayed scales, or the
+    current ones (amax / 448) where none is set yet, and for the weight while bootstrapping. Each scale is a
+    tensor of its own: Inductor (torch 2.11) fails to lower _scaled_mm on 0-dim views of one stacked tensor."""
+    a_amax, w_amax = post.detach().amax().float(), w_proj.detach().abs().amax().float()
+    s_act = torch.where(delayed[0] > 0, delayed[0], a_amax.clamp_min(1e-12) / E4M3_MAX)
+    s_w = torch.where((delayed[1] > 0) & ~bootstrap, delayed[1], w_amax.clamp_min(1e-12) / E4M3_MAX)
+    return s_act, s_w, torch.stack([a_amax, w_amax])
 
 
 class _FP8ForwardMLP(torch.autograd.Function):
@@ -52,8 +54,7 @@ class _FP8ForwardMLP(torch.autograd.Function):
         xq, sx = quantize(x2, E4M3, E4M3_MAX)
         wq, sw = quantize(w_fc, E4M3, E4M3_MAX)
         post = torch.relu(scaled_mm(xq, sx, wq.t(), sw, x.dtype, emulate)).square()
-        scales, amax = down_scales(post, w_proj, delayed, bootstrap)
-        s_act, s_w = scales.unbind()
+        s_act, s_w, amax = down_scales(post, w_proj, delayed, bootstrap)
         y = scaled_mm(saturate(post, s_act), s_act, saturate(w_proj, s_w).t(), s_w, x.dtype, emulate)
         ctx.save_for_backward(x2, w_fc, w_proj, post)
         ctx.x_shape = x.shape
