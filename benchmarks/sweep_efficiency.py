@@ -3,6 +3,7 @@ device-time split, and the training share of the trials that started after the f
 
     python benchmarks/sweep_efficiency.py                 # 8 trials of a 300-step record schedule, 1 GPU each
     python benchmarks/sweep_efficiency.py --preset tiny --steps 30 --trials 3 --space muon_lr   # CPU smoke test
+    python benchmarks/sweep_efficiency.py --reuse-workers   # trials in warm trainer processes (sweeps.trial_hosts)
 
 The sweep is `sweeps.run` itself (Ray Tune, Ray Train, MLflow in a sqlite store under --work), `--scheduler none`
 so every trial runs its whole schedule, over a space whose knobs recompile nothing (`muon_lr`: the trials share
@@ -39,6 +40,8 @@ def sweep_command(args, work: Path, sets: dict) -> list[str]:
            "--storage", str(work / "sweeps"), "--name", args.name, "--tracking-uri", f"sqlite:///{work}/mlflow.db"]
     if args.preset == "record":
         cmd += ["--data", str(work / "data")]
+    if args.reuse_workers:
+        cmd += ["--reuse-workers"]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
     return cmd
@@ -47,12 +50,12 @@ def sweep_command(args, work: Path, sets: dict) -> list[str]:
 def report(rows: list[dict], wall_s: float, slots: int) -> str:
     rows = sorted(rows, key=lambda r: r["trial_index"])
     get = lambda r, k: r.get(k) or 0.0  # noqa: E731
-    lines = ["| trial | status | start-up s | compile s | train s | val s | held s | training share |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| trial | status | start-up s | worker start s | compile s | train s | val s | held s | training share |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         held = get(r, "time_total_s")
         lines.append(f"| {r['trial_index']} | {r['status']} | {get(r, 'trial_startup_s'):.1f} | "
-                     f"{get(r, 'compile_s'):.1f} | {get(r, 'train_time_s'):.1f} | {get(r, 'val_time_s'):.1f} | "
+                     f"{get(r, 'worker_start_s'):.1f} | {get(r, 'compile_s'):.1f} | {get(r, 'train_time_s'):.1f} | {get(r, 'val_time_s'):.1f} | "
                      f"{held:.1f} | {100 * get(r, 'train_time_s') / held if held else 0:.1f}% |")
     split = time_split(rows, wall_s, slots, workers=1)
     lines += ["", split.format("device")]
@@ -76,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="/tmp/sweep-efficiency", help="data, sweep folder and MLflow store")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="for every trial")
     p.add_argument("--cpu-slots", type=int, default=2, help="trials at once on a machine without GPUs")
+    p.add_argument("--reuse-workers", action="store_true", help="the sweep's --reuse-workers")
     args = p.parse_args(argv)
     import pyarrow.parquet as pq
     import torch
