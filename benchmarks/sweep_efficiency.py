@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# {note}", flush=True)
     sets.update(kv.split("=", 1) for kv in args.set)
     if args.preset == "record":  # the other presets read the sample corpus the project makes
-        need = sum(st.tokens_per_step * (st.end - st.start) for st in S.all_stages(cfg.schedule)) + (1 << 22)
+        # twice the preset's schedule: room for warm-up steps and for --set shapes larger than the preset's
+        need = 2 * sum(st.tokens_per_step * (st.end - st.start) for st in S.all_stages(cfg.schedule)) + (1 << 22)
         random_shards(work / "data", need, cfg.model.vocab_size, cfg.data.bos_id)
     slots = torch.cuda.device_count() or args.cpu_slots  # one trial per GPU, or per CPU slot without GPUs
     t0 = time.time()
