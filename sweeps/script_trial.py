@@ -174,6 +174,12 @@ def _tail(path: Path, n: int = TAIL_LINES) -> str:
         return ""
 
 
+def _with_tail(failure: str, rank: int, stderr_path: Path) -> str:
+    """The failure, the last lines of the rank's stderr, and the failure again: Ray Train keeps only the start
+    and the end of a long worker error (its traceback fills the start), and results show an error's last line."""
+    return f"{failure}; last stderr lines of rank {rank}:\n{_tail(stderr_path)}\n{failure}"
+
+
 class ScriptFailed(RuntimeError):
     """The script exited non-zero or stalled; the message carries the last lines of its stderr."""
 
@@ -263,8 +269,7 @@ def check_end(batch: dict, rank: int, proc: subprocess.Popen, name: str, stderr_
     or of rank 0's (told in the batch), with the last lines of this rank's stderr. A run that had printed its
     final validation (`complete`) and then exited non-zero is not failed: the exit comes back as ExitAfterEnd."""
     if batch["end"] == "stall":
-        raise ScriptFailed(f"no output from {name} for {stall_s:.0f}s (stalled); last stderr lines of rank "
-                           f"{rank}:\n{_tail(stderr_path)}")
+        raise ScriptFailed(_with_tail(f"no output from {name} for {stall_s:.0f}s (stalled)", rank, stderr_path))
     code = batch["exit"] if rank == 0 else (_wait(proc, 120) if batch["exit"] == 0 else proc.poll())
     failure = None
     if code != 0 and code is not None:
@@ -278,7 +283,7 @@ def check_end(batch: dict, rank: int, proc: subprocess.Popen, name: str, stderr_
     if failure is None:
         return None
     if not complete:
-        raise ScriptFailed(f"{failure}; last stderr lines of rank {rank}:\n{_tail(stderr_path)}")
+        raise ScriptFailed(_with_tail(failure, rank, stderr_path))
     return ExitAfterEnd(f"{failure} after its final validation line; its result is kept", int(exit_code))
 
 
