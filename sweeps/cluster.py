@@ -106,13 +106,13 @@ class _NoTuneResumeHint(logging.Filter):
 
 
 def execute(make_tuner_fn, address: str | None, env: dict, need: tuple | None = None, stops: bool = False,
-            hosts: int = 0):
+            hosts: int = 0, host_prefix: str = "speedrun-host"):
     """Start (or join) Ray, run the Tuner, shut down what we started; return Tune's ResultGrid.
     `need` = (workers, use_gpu, gpus_per_worker, cpus_per_worker) of one trial: refused (BadInput) before
     any trial starts when the cluster, all nodes together, cannot hold it. `stops`: a scheduler may stop trials,
     which needs what frees a stopped trial's resources (check_stopped_trials_are_freed). `hosts` > 0
-    (--reuse-workers): that many warm trial hosts of one worker's resources live while the Tuner runs, and
-    `make_tuner_fn(hosts)` gets their handles."""
+    (--reuse-workers): that many warm trial hosts of one worker's resources (named `host_prefix`-i) live while
+    the Tuner runs, and `make_tuner_fn(hosts)` gets their handles."""
     import ray
 
     own_ray = not ray.is_initialized()  # a caller (a test, a notebook) may have started Ray already
@@ -143,7 +143,8 @@ def execute(make_tuner_fn, address: str | None, env: dict, need: tuple | None = 
         workers, use_gpu, gpus_per_worker, cpus_per_worker = need
         try:
             handles = start_hosts(hosts, {"CPU": cpus_per_worker, "GPU": gpus_per_worker if use_gpu else 0},
-                                  float(env.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", RESOURCE_TIMEOUT_S)))
+                                  float(env.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", RESOURCE_TIMEOUT_S)),
+                                  host_prefix)
         except TimeoutError as e:
             raise BadInput(str(e)) from None
         try:

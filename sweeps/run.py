@@ -64,6 +64,7 @@ def run_sweep(sweep: Sweep, tracker) -> int:
     """Run (or resume) the sweep's Tuner, record what it did, print the summary; 130 if interrupted."""
     from sweeps.results import ProgressPrinter, PushSweepFiles, pareto_front, rows_from_grid, time_split, write_parquet
     from sweeps.search import close_interrupted, make_tuner
+    from sweeps.trial_hosts import StopHostedTrials
     from sweeps.summary import header, resume_command, summary
 
     s, plan, spec = sweep.settings, sweep.plan, sweep.spec
@@ -75,12 +76,17 @@ def run_sweep(sweep: Sweep, tracker) -> int:
     t0 = time.time()
     callbacks = [ProgressPrinter(plan.total_steps, sweep.space.metric, trials=plan.trials), tracker,
                  PushSweepFiles(plan.storage.root, plan.name)]
+    prefix = f"speedrun-host-{plan.name}"
+
     def tuner(hosts: tuple = ()):
-        return make_tuner(plan, replace(spec, hosts=hosts) if hosts else spec, callbacks, restore=sweep.restore)
+        if not hosts:
+            return make_tuner(plan, spec, callbacks, restore=sweep.restore)
+        return make_tuner(plan, replace(spec, hosts=hosts), [*callbacks, StopHostedTrials(prefix, len(hosts))],
+                          restore=sweep.restore)
 
     grid = execute(tuner, s.address, spec.env, stops=plan.scheduler != "none",
                    need=(spec.workers, spec.use_gpu, spec.gpus_per_worker, spec.cpus_per_worker),
-                   hosts=plan.concurrency if s.reuse_workers else 0)
+                   hosts=plan.concurrency if s.reuse_workers else 0, host_prefix=prefix)
     wall = add_wall_time(plan.folder, time.time() - t0, sweep.restore)
     tracker.load_done()
     rows = tracker.annotate(rows_from_grid(grid, [p.key for p in sweep.space.params]))

@@ -5,8 +5,9 @@ one-worker trials one after another, so a trial finds in memory what torch compi
 The sweep driver owns the hosts (Ray actors holding one worker's CPUs/GPUs each) and kills them at its end.
 A Tune trial claims a free host, hands it the trial's config and forwards the host's reports to Tune. Each
 trial builds its own trainer (seeded weights, optimiser, data position) and drops it at its end, so only
-compiled code carries over. A trial that Tune stops (a pruned one) has its trainable's process killed: the
-host notices that nobody polls it any more and stops that trial at its next report. A host process that
+compiled code carries over. When the scheduler stops a trial (a pruned one), Tune leaves its trainable blocked
+for good; a driver callback (StopHostedTrials) tells the hosts, and the one running it stops it at its next
+report. A host whose trial nobody has polled for ABANDON_S (a lost trainable) stops it too. A host process that
 dies (a crash, a fault injected by a test) is restarted by Ray; the trial runs again, up to --max-failures
 times, as Ray Train would run it again.
 """
@@ -18,7 +19,11 @@ import os
 import threading
 import time
 
-ABANDON_S = 30.0  # a trial whose owner has not polled its host for this long is stopped at its next report
+from ray import tune
+
+from .protocol import FINISHED
+
+ABANDON_S = 120.0  # a trial whose owner has not polled its host for this long is stopped at its next report
 POLL_S = 1.0  # how long one poll waits for the next report
 
 
@@ -33,6 +38,7 @@ class TrialHost:
         self.abandon_s = abandon_s
         self.cond = threading.Condition()
         self.owner: str | None = None
+        self.stopping: str | None = None  # the trial the scheduler stopped, while it still runs here
         self.last_poll = 0.0
         self.running = False
         self.reports: list[dict] = []
@@ -67,12 +73,23 @@ class TrialHost:
             gc.collect()  # the trial's trainer, model and optimiser go before the next trial's are built
             empty_cuda_cache()
             with self.cond:  # the owner's last poll frees the host, once it has every report
-                self.running, self.done = False, True
+                if self.stopping == owner:  # ... but no one polls a stopped trial
+                    self.owner = None
+                self.running, self.done, self.stopping = False, True, None
                 self.cond.notify_all()
+
+    def stop(self, owner: str) -> None:
+        """The scheduler stopped trial `owner`: if it runs here, it ends at its next report."""
+        with self.cond:
+            if self.owner == owner and self.running:
+                self.stopping = owner
 
     def _send(self, owner: str, metrics: dict) -> None:
         with self.cond:
+            if self.stopping == owner:
+                raise TrialAbandoned(f"trial {owner}: stopped by the scheduler")
             if time.monotonic() - self.last_poll > self.abandon_s:
+                self.stopping = owner
                 raise TrialAbandoned(f"trial {owner}: no one has polled its host for {self.abandon_s:.0f}s")
             self.reports.append(metrics)
             self.cond.notify_all()
@@ -100,14 +117,19 @@ def empty_cuda_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def start_hosts(count: int, resources: dict, timeout_s: float, abandon_s: float = ABANDON_S) -> tuple:
-    """`count` hosts, each holding `resources` ({"CPU": c, "GPU": g}); TimeoutError when they cannot all be
-    placed within timeout_s."""
+def host_names(prefix: str, count: int) -> list[str]:
+    return [f"{prefix}-{i}" for i in range(count)]
+
+
+def start_hosts(count: int, resources: dict, timeout_s: float, prefix: str, abandon_s: float = ABANDON_S) -> tuple:
+    """`count` hosts named `prefix`-i, each holding `resources` ({"CPU": c, "GPU": g}); TimeoutError when they
+    cannot all be placed within timeout_s."""
     import ray
 
     actor = ray.remote(TrialHost)
-    hosts = tuple(actor.options(num_cpus=resources.get("CPU", 1), num_gpus=resources.get("GPU", 0),
-                                max_concurrency=4, max_restarts=-1).remote(abandon_s) for _ in range(count))
+    hosts = tuple(actor.options(name=name, num_cpus=resources.get("CPU", 1), num_gpus=resources.get("GPU", 0),
+                                max_concurrency=4, max_restarts=-1).remote(abandon_s)
+                  for name in host_names(prefix, count))
     ready, _ = ray.wait([h.pid.remote() for h in hosts], num_returns=count, timeout=timeout_s)
     if len(ready) < count:
         stop_hosts(hosts)
@@ -171,3 +193,22 @@ def run_hosted_trial(config: dict, spec) -> None:
             raise
     raise RuntimeError(f"the trial's host process died on each of {spec.max_failures + 1} attempts "
                        "(see its worker log in Ray's session folder)")
+
+
+class StopHostedTrials(tune.Callback):
+    """Driver side: when the scheduler stops a trial, tell the hosts (found by name, so that a resumed sweep's
+    pickled callback finds the new driver's hosts); the one running it stops it at its next report."""
+
+    def __init__(self, prefix: str, count: int):
+        self.prefix, self.count = prefix, count
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        import ray
+
+        if (trial.last_result or {}).get(FINISHED):
+            return
+        for name in host_names(self.prefix, self.count):
+            try:
+                ray.get_actor(name).stop.remote(trial.trial_id)
+            except ValueError:  # no such host (any more)
+                continue

@@ -52,24 +52,29 @@ def loop_config(cfg: TrainConfig) -> dict:
     return {"config": cfg.to_dict(), "trial_start": time.time(), "env": {"SPEEDRUN_CACHE": os.environ["SPEEDRUN_CACHE"]}}
 
 
-def test_a_stopped_trial_leaves_its_host_clean(local_ray):
-    """The pruned trial's case: its trainable's process is gone, nobody polls the host; the host stops that trial
-    at its next report and trains the next one as a fresh process would."""
+@pytest.mark.parametrize("how", ["stopped", "abandoned"])
+def test_a_stopped_trial_leaves_its_host_clean(local_ray, how):
+    """A pruned trial: the scheduler's stop reaches the host (StopHostedTrials), or its trainable is lost and nobody
+    polls the host; either way the host ends that trial at its next report, is free at once, and trains the
+    next one as a fresh process would."""
     import ray
 
     from sweeps.trial_hosts import start_hosts, stop_hosts
 
     long_run = fast_tiny(steps=4000, **{"run.threads": 1})
     short_run = fast_tiny(steps=16, **{"run.threads": 1, "optim.muon_lr": 0.03, "run.val_every": 8})
-    (host,) = start_hosts(1, {"CPU": 1}, timeout_s=120, abandon_s=2.0)
+    (host,) = start_hosts(1, {"CPU": 1}, timeout_s=120, prefix=f"test-host-{how}", abandon_s=2.0)
     try:
         assert ray.get(host.claim.remote("pruned"))
         stopped = host.run.remote("pruned", loop_config(long_run))
         seen = []
         while not any("train_loss" in m for m in seen):
             seen += ray.get(host.poll.remote("pruned"))[0]
-        assert not ray.get(host.claim.remote("next"))  # busy with the stopped trial until it notices
-        with pytest.raises(ray.exceptions.RayTaskError, match="no one has polled"):
+        assert not ray.get(host.claim.remote("next"))  # busy with the trial
+        if how == "stopped":
+            ray.get_actor("test-host-stopped-0").stop.remote("pruned")
+        with pytest.raises(ray.exceptions.RayTaskError, match="stopped by the scheduler" if how == "stopped"
+                           else "no one has polled"):
             ray.get(stopped, timeout=120)
         assert ray.get(host.claim.remote("next"))
         done = host.run.remote("next", loop_config(short_run))
