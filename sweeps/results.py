@@ -54,8 +54,8 @@ def rows_from_grid(grid, param_keys: list[str]) -> list[dict]:
                     m[k] = float(vals.iloc[-1])
         row = {"trial_index": index, "trial_id": trial_id,
                "status": str(trial_status(m, res.error)), "error": error_summary(str(res.error)) if res.error else None}
-        for k in param_keys:
-            row[k] = res.config.get(k)
+        for k in param_keys:  # a trial interrupted right at its start has no config on disk yet
+            row[k] = (res.config or {}).get(k)
         for k in METRIC_COLUMNS:
             v = m.get(k)
             row[k] = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None

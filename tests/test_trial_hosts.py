@@ -5,9 +5,13 @@ stopped one) on a host trains exactly as in a fresh process."""
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
 import time
 
 import pyarrow.parquet as pq
+from pathlib import Path
 import pytest
 import torch
 
@@ -17,6 +21,7 @@ from speedrun.train import train
 from sweeps import run as sweep_cli
 
 pytestmark = pytest.mark.slow
+RUN = str(Path(__file__).resolve().parents[1] / "sweeps" / "run.py")
 
 
 def fresh_process_val_loss(cfg: TrainConfig) -> float:
@@ -87,3 +92,22 @@ def test_a_stopped_trial_leaves_its_host_clean(local_ray, how):
         stop_hosts((host,))
     assert reports[-1]["step"] == 16 and reports[-1]["finished_training"]
     assert reports[-1]["val_loss"] == pytest.approx(fresh_process_val_loss(short_run), abs=1e-6)
+
+
+def test_an_interrupted_sweep_on_hosts_resumes(tmp_path):
+    """SIGINT right after trial 0 (the next trial is already on the warm host), then --resume: a new driver's
+    hosts run the rest."""
+    args = ["--preset", "tiny", "--space", "muon_lr", "--trials", "3", "--steps", "12", "--scheduler", "none",
+            "--concurrency", "1", "--reuse-workers", "--storage", str(tmp_path), "--name", "s",
+            "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", *QUICK]
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen([sys.executable, RUN, *args], stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+        deadline = time.time() + 300
+        while "trial 0 finished" not in (tmp_path / "first.log").read_text() and time.time() < deadline:
+            time.sleep(0.5)
+        first.send_signal(signal.SIGINT)
+        assert first.wait(timeout=180) == 130, (tmp_path / "first.log").read_text()[-3000:]
+    assert sweep_cli.main(["--resume", "--name", "s", "--storage", str(tmp_path)]) == 0
+    rows = sorted(pq.read_table(tmp_path / "s" / "results.parquet").to_pylist(), key=lambda r: r["trial_index"])
+    assert [r["status"] for r in rows] == ["finished"] * 3
+    assert rows[0]["host_pid"] != rows[1]["host_pid"] == rows[2]["host_pid"]  # the second driver's host
