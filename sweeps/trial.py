@@ -235,6 +235,8 @@ class WarmStart:
     rank: int
     loaded: bool = False
     load_s: float = 0.0
+    # the process's compile counters at the trial's start: a warm host's also count the trials before it
+    before: dict = field(default_factory=dict)
 
     @staticmethod
     def node_marker(key: str) -> str:
@@ -248,11 +250,14 @@ class WarmStart:
 
         from .compile_cache import ArtifactStore, signature_key
 
+        from .compile_cache import compile_counters
+
         compiles = cfg.run.compile and cfg.run.device != "cpu" and torch.cuda.is_available()
         if not (root and compiles):
-            return cls(None, "", rank)
+            return cls(None, "", rank, before=compile_counters())
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        warm = cls(ArtifactStore(root), signature_key(cfg, world, torch.cuda.get_device_name()), rank)
+        warm = cls(ArtifactStore(root), signature_key(cfg, world, torch.cuda.get_device_name()), rank,
+                   before=compile_counters())
         warm.load_unless_node_has_them()
         return warm
 
@@ -275,7 +280,7 @@ class WarmStart:
     def after_warmup(self) -> dict:
         from .compile_cache import compile_counters
 
-        out = {f"compile_{k}": v for k, v in compile_counters().items()}
+        out = {f"compile_{k}": v - self.before.get(k, 0) for k, v in compile_counters().items()}
         out["compile_artifacts_loaded"] = int(self.loaded)
         out["compile_artifacts_load_s"] = self.load_s
         if self.store is not None and self.rank == 0:

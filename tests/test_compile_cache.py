@@ -143,3 +143,18 @@ def test_a_node_that_holds_a_signatures_artifacts_does_not_load_them_again(tmp_p
     skipped.mark_node()
     skipped.load_unless_node_has_them()
     assert skipped.load_s == 0.0 and not skipped.loaded
+
+
+def test_a_trial_counts_only_what_it_compiled():
+    """On a warm host (--reuse-workers) the process's dynamo counters already hold the trials before it: a trial
+    reports what changed since its start."""
+    from torch._dynamo.utils import counters
+
+    from speedrun.config import TrainConfig
+    from sweeps.trial import WarmStart
+
+    counters["stats"]["unique_graphs"] += 5  # an earlier trial of this process
+    warm = WarmStart.begin(TrainConfig.preset("tiny"), "", rank=0)
+    assert warm.after_warmup()["compile_graphs"] == 0
+    counters["stats"]["unique_graphs"] += 2  # this trial's
+    assert warm.after_warmup()["compile_graphs"] == 2
