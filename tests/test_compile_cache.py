@@ -150,7 +150,6 @@ def test_a_trial_counts_only_what_it_compiled():
     reports what changed since its start."""
     from torch._dynamo.utils import counters
 
-    from speedrun.config import TrainConfig
     from sweeps.trial import WarmStart
 
     counters["stats"]["unique_graphs"] += 5  # an earlier trial of this process
