@@ -116,14 +116,22 @@ class _Dist:
             dist.destroy_process_group()
 
 
+FLEX_TILE = 128  # FlexAttention's compiled kernel tiles queries and keys in blocks that must divide the mask's
+
+
 def fast_path_kernels(cfg: TrainConfig, device: torch.device) -> tuple[bool, bool]:
-    """(FlexAttention, FP8 matmuls) for this config on this device: the GPU fast path, or the portable one."""
+    """(FlexAttention, FP8 matmuls) for this config on this device: the GPU fast path, or the portable one.
+    `auto` takes FlexAttention when compiling on a GPU and the window unit (model.block_size) is whole tiles of
+    its kernel; otherwise the blocked SDPA path (the tiny preset's 16-token blocks)."""
     cuda, compiled = device.type == "cuda", device.type == "cuda" and cfg.run.compile
-    kernel = cfg.model.attn_kernel
-    flex = kernel == "flex" or (kernel == "auto" and compiled)
+    kernel, whole_tiles = cfg.model.attn_kernel, cfg.model.block_size % FLEX_TILE == 0
+    flex = kernel == "flex" or (kernel == "auto" and compiled and whole_tiles)
     if flex and not compiled:
         raise ValueError("model.attn_kernel=flex needs run.compile=true on a CUDA device (eager flex attention "
                          "materialises every score)")
+    if flex and not whole_tiles:
+        raise ValueError(f"model.attn_kernel=flex needs model.block_size a multiple of {FLEX_TILE} (its kernel's "
+                         f"tiles), not {cfg.model.block_size}: use model.attn_kernel=auto or sdpa")
     return flex, cuda and cfg.model.use_fp8
 
 

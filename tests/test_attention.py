@@ -56,3 +56,22 @@ def test_the_flex_path_takes_its_windows_as_a_tensor_and_equals_the_portable_pat
         other = model(inputs, targets, (1.0,), torch.tensor((16, 32), dtype=torch.int32), 128, 127)
     assert torch.allclose(portable, with_ints, atol=1e-5) and torch.allclose(with_ints, with_tensor, atol=1e-6)
     assert not torch.allclose(other, with_tensor, atol=1e-4)  # the tensor's values are the windows used
+
+
+def test_flex_attention_is_chosen_only_where_its_kernel_can_tile_the_mask():
+    """On a compiling GPU, `auto` takes FlexAttention for the record's 128-token window unit and blocked SDPA for
+    the tiny preset's 16 (Inductor refused to lower flex_attention on 16-token blocks on the H200); asking for flex
+    there is refused in one line. Only the device's type is read: no GPU needed."""
+    import torch
+
+    from speedrun.config import TrainConfig
+    from speedrun.train import fast_path_kernels
+
+    gpu = torch.device("cuda")
+    record = TrainConfig.preset("record")
+    assert fast_path_kernels(record, gpu)[0]
+    tiny = TrainConfig.preset("tiny").override({"run.compile": True})
+    assert not fast_path_kernels(tiny, gpu)[0]
+    with pytest.raises(ValueError, match="multiple of 128"):
+        fast_path_kernels(tiny.override({"model.attn_kernel": "flex"}), gpu)
+    assert not fast_path_kernels(record, torch.device("cpu"))[0]
