@@ -68,6 +68,8 @@ class TrialHost:
         try:
             train_one(loop_config, 0, lambda m: self._send(owner, m), extra=reused)
             return reused
+        except TrialAbandoned as stop:  # caught here, so that its traceback (and the trainer it holds) goes now
+            return {**reused, "stopped": str(stop)}
         finally:
             self.trials_run += 1
             gc.collect()  # the trial's trainer, model and optimiser go before the next trial's are built
@@ -134,7 +136,7 @@ def start_hosts(count: int, resources: dict, timeout_s: float, prefix: str, aban
     if len(ready) < count:
         stop_hosts(hosts)
         raise TimeoutError(f"--reuse-workers: {count} trial hosts of {resources} could not all start within "
-                       f"{timeout_s:.0f}s: lower --concurrency or free the resources")
+                           f"{timeout_s:.0f}s: lower --concurrency or free the resources")
     return hosts
 
 
@@ -184,13 +186,15 @@ def run_hosted_trial(config: dict, spec) -> None:
         except RayActorError:
             continue  # Ray restarts the host; the trial runs again from its start, as under Ray Train
         try:
-            ray.get(done)
-            return
+            said = ray.get(done)
         except RayActorError:
             continue  # died after its last report: run it again
         except Exception:
             ray.kill(host, no_restart=False)  # a fresh process for the next trial: a CUDA error would poison it
             raise
+        if "stopped" in said:  # this trainable was too slow to poll (over ABANDON_S): the host gave up on it
+            raise RuntimeError(f"the trial's host stopped it: {said['stopped']}")
+        return
     raise RuntimeError(f"the trial's host process died on each of {spec.max_failures + 1} attempts "
                        "(see its worker log in Ray's session folder)")
 
