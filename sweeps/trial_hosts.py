@@ -151,12 +151,16 @@ def claim_host(hosts: tuple, owner: str, first: int):
     """A free host for trial `owner`, trying the one at `first` (its trial index) first; waits while all are busy
     (a stopped trial's host finishes it at its next report)."""
     import ray
+    from ray.exceptions import RayActorError
 
     order = [hosts[(first + i) % len(hosts)] for i in range(len(hosts))]
     while True:
         for host in order:
-            if ray.get(host.claim.remote(owner)):
-                return host
+            try:
+                if ray.get(host.claim.remote(owner)):
+                    return host
+            except RayActorError:  # restarting after a death (ActorUnavailableError): try it again later
+                continue
         time.sleep(POLL_S)
 
 
