@@ -248,16 +248,14 @@ class WarmStart:
     def begin(cls, cfg: TrainConfig, root: str, rank: int) -> "WarmStart":
         import torch
 
-        from .compile_cache import ArtifactStore, signature_key
+        from .compile_cache import ArtifactStore, compile_counters, signature_key
 
-        from .compile_cache import compile_counters
-
+        before = compile_counters()
         compiles = cfg.run.compile and cfg.run.device != "cpu" and torch.cuda.is_available()
         if not (root and compiles):
-            return cls(None, "", rank, before=compile_counters())
+            return cls(None, "", rank, before=before)
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        warm = cls(ArtifactStore(root), signature_key(cfg, world, torch.cuda.get_device_name()), rank,
-                   before=compile_counters())
+        warm = cls(ArtifactStore(root), signature_key(cfg, world, torch.cuda.get_device_name()), rank, before=before)
         warm.load_unless_node_has_them()
         return warm
 
