@@ -50,13 +50,14 @@ def sweep_command(args, work: Path, sets: dict) -> list[str]:
 def report(rows: list[dict], wall_s: float, slots: int) -> str:
     rows = sorted(rows, key=lambda r: r["trial_index"])
     get = lambda r, k: r.get(k) or 0.0  # noqa: E731
-    lines = ["| trial | status | start-up s | worker start s | compile s | train s | val s | held s | training share |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| trial | status | start-up s | worker start s | compile s | train s | val s | held s "
+             "| training share |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         held = get(r, "time_total_s")
-        lines.append(f"| {r['trial_index']} | {r['status']} | {get(r, 'trial_startup_s'):.1f} | "
-                     f"{get(r, 'worker_start_s'):.1f} | {get(r, 'compile_s'):.1f} | {get(r, 'train_time_s'):.1f} | {get(r, 'val_time_s'):.1f} | "
-                     f"{held:.1f} | {100 * get(r, 'train_time_s') / held if held else 0:.1f}% |")
+        seconds = " | ".join(f"{get(r, k):.1f}" for k in ("trial_startup_s", "worker_start_s", "compile_s",
+                                                           "train_time_s", "val_time_s"))
+        lines.append(f"| {r['trial_index']} | {r['status']} | {seconds} | {held:.1f} | "
+                     f"{100 * get(r, 'train_time_s') / held if held else 0:.1f}% |")
     split = time_split(rows, wall_s, slots, workers=1)
     lines += ["", split.format("device")]
     warm = rows[slots:]  # the first `slots` trials start together on an empty cache; the rest find it filled
