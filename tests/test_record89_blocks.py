@@ -17,7 +17,7 @@ BLOCKS = {"model.bigram_hash": ("xor", "mul"), "model.bigram_sign_rows": (256, 0
           "model.xsa_layers": ([1, 2, 5], []), "model.qk_head_pairs": (True, False),
           "optim.normuon_axis": ("larger", "rows"), "model.use_sa_lambdas": (True, False),
           "model.mudd": (True, False), "model.attn_gate_layers": ([2, 5], []), "model.dc_layers": ([5], []),
-          "model.ve_gate_input": ("x_ve", "x"), "optim.smear_gate_lr_mult": (0.01, 5.0)}
+          "model.ve_gate_input": ("x_ve", "x"), "optim.smear_gate_lr_mult": (0.01, 100.0)}
 # MUDD's gates start at their biases and learn at 0.1x Adam's lr: 50x here, so that 8 steps show what they route
 TOGETHER = {"model.use_skip_connections": False, "model.dc_window": 12, "optim.mudd_gate_lr_mult": 5.0,
             "optim.mudd_lr_mult": 5.0}
