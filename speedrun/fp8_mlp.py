@@ -6,7 +6,8 @@ previous forward times a headroom (activations 1.8, weight 1.12), so the scale i
 tensor is; values beyond the scale's range saturate at +-448 instead of overflowing. While `bootstrap` is set (the
 first steps: the down-projection starts at zero and grows fast) and at the very first forward, the current amax
 is used instead. Backward runs in the activation dtype from the unquantised tensors, as in record #89: only the
-forward products are FP8. Without FP8 hardware the quantised operands are multiplied in fp32 (`emulate`).
+forward products are FP8. Without FP8 hardware the quantised operands are multiplied in fp32 (`emulate`). With
+`fused`, relu^2 and its gradient run inside the products next to them (speedrun.mlp_kernels).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from .fp8 import E4M3, E4M3_MAX, fp8_hardware, quantize, scaled_mm
+from .mlp_kernels import down_relu_square_grad, up_relu_square
 
 
 class DelayedScales(nn.Module):
@@ -37,11 +39,12 @@ def saturate(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
 
 
-def down_scales(post: torch.Tensor, w_proj: torch.Tensor, delayed: torch.Tensor, bootstrap: torch.Tensor):
-    """(activation scale, weight scale, this forward's amaxes) for the down-projection: the delayed scales, or the
-    current ones (amax / 448) where none is set yet, and for the weight while bootstrapping. Each scale is a
-    tensor of its own: Inductor (torch 2.11) fails to lower _scaled_mm on 0-dim views of one stacked tensor."""
-    a_amax, w_amax = post.detach().amax().float(), w_proj.detach().abs().amax().float()
+def down_scales(a_amax: torch.Tensor, w_proj: torch.Tensor, delayed: torch.Tensor, bootstrap: torch.Tensor):
+    """(activation scale, weight scale, this forward's amaxes) for the down-projection, given the activation's
+    amax: the delayed scales, or the current ones (amax / 448) where none is set yet, and for the weight while
+    bootstrapping. Each scale is a tensor of its own: Inductor (torch 2.11) fails to lower _scaled_mm on 0-dim
+    views of one stacked tensor."""
+    w_amax = w_proj.detach().abs().amax().float()
     s_act = torch.where(delayed[0] > 0, delayed[0], a_amax.clamp_min(1e-12) / E4M3_MAX)
     s_w = torch.where((delayed[1] > 0) & ~bootstrap, delayed[1], w_amax.clamp_min(1e-12) / E4M3_MAX)
     return s_act, s_w, torch.stack([a_amax, w_amax])
@@ -49,15 +52,16 @@ def down_scales(post: torch.Tensor, w_proj: torch.Tensor, delayed: torch.Tensor,
 
 class _FP8ForwardMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w_fc, w_proj, delayed, bootstrap, emulate):
+    def forward(ctx, x, w_fc, w_proj, delayed, bootstrap, emulate, fused):
         x2 = x.reshape(-1, x.size(-1))
         xq, sx = quantize(x2, E4M3, E4M3_MAX)
         wq, sw = quantize(w_fc, E4M3, E4M3_MAX)
-        post = torch.relu(scaled_mm(xq, sx, wq.t(), sw, x.dtype, emulate)).square()
-        s_act, s_w, amax = down_scales(post, w_proj, delayed, bootstrap)
+        fused = fused and x.dtype == torch.bfloat16  # the kernels read and write bf16
+        post, a_amax = up_relu_square(xq, sx, wq, sw, x.dtype, fused, emulate)
+        s_act, s_w, amax = down_scales(a_amax, w_proj, delayed, bootstrap)
         y = scaled_mm(saturate(post, s_act), s_act, saturate(w_proj, s_w).t(), s_w, x.dtype, emulate)
         ctx.save_for_backward(x2, w_fc, w_proj, post)
-        ctx.x_shape = x.shape
+        ctx.x_shape, ctx.fused = x.shape, fused
         ctx.mark_non_differentiable(amax)
         return y.view(*x.shape[:-1], w_proj.size(0)), amax
 
@@ -66,18 +70,18 @@ class _FP8ForwardMLP(torch.autograd.Function):
         x2, w_fc, w_proj, post = ctx.saved_tensors
         dt = x2.dtype
         g = gy.reshape(-1, gy.size(-1)).to(dt)
-        d_post = g @ w_proj.to(dt)
-        d_pre = 2 * d_post * post.sqrt()  # relu(pre) = sqrt(post): pre itself is not kept
+        d_pre = down_relu_square_grad(g, w_proj.to(dt), post, ctx.fused)  # relu(pre) = sqrt(post): pre is not kept
         g_proj = (g.t() @ post).to(w_proj.dtype)
         g_fc = (d_pre.t() @ x2).to(w_fc.dtype)
-        return (d_pre @ w_fc.to(dt)).view(ctx.x_shape), g_fc, g_proj, None, None, None
+        return (d_pre @ w_fc.to(dt)).view(ctx.x_shape), g_fc, g_proj, None, None, None, None
 
 
 def fp8_delayed_mlp(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor, state: DelayedScales,
-                    emulate: bool | None = None) -> torch.Tensor:
-    """proj(relu(fc(x))^2) with FP8 forward products; `state` then holds the scales for the next forward."""
+                    emulate: bool | None = None, fused: bool = True) -> torch.Tensor:
+    """proj(relu(fc(x))^2) with FP8 forward products; `state` then holds the scales for the next forward.
+    `fused` takes effect only on FP8 hardware (the emulation has no kernels to fuse into)."""
     if emulate is None:
         emulate = not fp8_hardware(x.device)
-    y, amax = _FP8ForwardMLP.apply(x, w_fc, w_proj, state.next, state.bootstrap, emulate)
+    y, amax = _FP8ForwardMLP.apply(x, w_fc, w_proj, state.next, state.bootstrap, emulate, fused and not emulate)
     state.update(amax)
     return y

@@ -229,11 +229,12 @@ class MLP(nn.Module):
         self.proj.weight.is_mlp_out = True  # NorMuon gives it its own lr multiplier
         delayed = cfg.fp8_mlp_scaling == "delayed"
         self.scales = DelayedScales(cfg.fp8_act_headroom, cfg.fp8_weight_headroom) if delayed else None
+        self.fused = cfg.fused_mlp
         self.fp8_delayed = False  # set with the fast path (GPT.set_fast_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp8_delayed:
-            return fp8_delayed_mlp(x, self.fc.weight, self.proj.weight, self.scales)
+            return fp8_delayed_mlp(x, self.fc.weight, self.proj.weight, self.scales, fused=self.fused)
         return self.proj(F.relu(self.fc(x)).square())
 
 

@@ -75,19 +75,39 @@ def test_delayed_fp8_mlp_matches_its_emulation_and_bf16():
     g = torch.randn(4096, 768, device="cuda", dtype=torch.bfloat16)
     outs, states = {}, {}
     compiled = torch.compile(fp8_delayed_mlp, fullgraph=True)  # as the trainer runs it: Inductor lowers _scaled_mm
-    for name, emulate, fn in [("mm", False, fp8_delayed_mlp), ("compiled", False, compiled),
-                              ("emu", True, fp8_delayed_mlp)]:
+    for name, emulate, fused, fn in [("mm", False, False, fp8_delayed_mlp), ("fused", False, True, fp8_delayed_mlp),
+                                     ("compiled", False, True, compiled), ("emu", True, False, fp8_delayed_mlp)]:
         states[name] = DelayedScales(1.8, 1.12).cuda()
         states[name].bootstrap.fill_(False)
         for _ in range(2):  # the second forward runs on the delayed scales
-            y = fn(x, w_fc, w_proj, states[name], emulate=emulate)
+            y = fn(x, w_fc, w_proj, states[name], emulate=emulate, fused=fused)
         outs[name] = (y, *torch.autograd.grad(y, (x, w_fc, w_proj), g))
     bf16 = torch.relu(x @ w_fc.bfloat16().t()).square() @ w_proj.bfloat16().t()
-    for name in ("mm", "compiled"):
+    for name in ("mm", "fused", "compiled"):
         for a, b in zip(outs[name], outs["emu"]):
             assert _rel(a, b) < 1e-2
         assert _rel(outs[name][0], bf16) < 1e-1
         assert torch.allclose(states[name].next, states["emu"].next, rtol=1e-2)
+
+
+@pytest.mark.parametrize("M", [49152, 4096 + 64])  # a record micro-batch; a shape the tiles do not divide
+def test_fused_mlp_kernels_match_the_torch_path(M):
+    """speedrun.mlp_kernels' two Triton kernels against _scaled_mm / bf16 matmul followed by the elementwise ops."""
+    from speedrun.fp8 import E4M3, E4M3_MAX, quantize
+    from speedrun.mlp_kernels import down_relu_square_grad, up_relu_square
+
+    torch.manual_seed(4)
+    x = torch.randn(M, 768, device="cuda", dtype=torch.bfloat16)
+    xq, sx = quantize(x, E4M3, E4M3_MAX)
+    wq, sw = quantize(torch.randn(3072, 768, device="cuda") * 0.03, E4M3, E4M3_MAX)
+    post, amax = up_relu_square(xq, sx, wq, sw, torch.bfloat16, fused=True)
+    ref_post, ref_amax = up_relu_square(xq, sx, wq, sw, torch.bfloat16, fused=False)
+    assert _rel(post, ref_post) < 1e-2
+    assert torch.allclose(amax, ref_amax, rtol=1e-2)
+    g = torch.randn(M, 768, device="cuda", dtype=torch.bfloat16)
+    w_proj = torch.randn(768, 3072, device="cuda", dtype=torch.bfloat16) * 0.01
+    d_pre = down_relu_square_grad(g, w_proj, ref_post, fused=True)
+    assert _rel(d_pre, down_relu_square_grad(g, w_proj, ref_post, fused=False)) < 1e-2
 
 
 def _first_losses(overrides: dict, steps: int = 20) -> list[float]:
