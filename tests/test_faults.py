@@ -39,6 +39,7 @@ def saved_study(folder: Path):
     return searcher._ot_study
 
 
+@pytest.mark.long  # about 4 minutes on a 2-core machine: six Ray Train launches
 def test_killed_worker_is_retried_then_failed_and_divergence_is_learned(local_ray, tmp_path):
     # trial 1 diverges (Adam lr 1e8); trial 2's worker is SIGKILLed once (the retry recovers it);
     # trial 3's worker is SIGKILLed on every attempt (it fails after 1 retry); the sweep carries on.

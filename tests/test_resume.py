@@ -66,6 +66,7 @@ def expected_proposals(trials: int, seed: int) -> list[dict]:
     return out
 
 
+@pytest.mark.long  # about 3.5 minutes on a 2-core machine: three sweep drivers one after another
 def test_interrupt_then_kill_then_resume(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)

@@ -31,6 +31,7 @@ def leftover_scripts(tmp_path) -> list[str]:
     return [line for line in ps.splitlines() if str(tmp_path) in line]
 
 
+@pytest.mark.long  # about 2.5 minutes on a 2-core machine (tests/test_sweep.py runs ASHA in the default step)
 def test_a_script_sweep_with_asha(local_ray, tmp_path, capsys):
     rows = script_sweep(tmp_path, "standin.toml", "--seed", "2")
     out = capsys.readouterr().out
