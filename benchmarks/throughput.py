@@ -24,6 +24,7 @@ counted like bf16 ones.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -133,18 +134,20 @@ def main() -> None:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t_s = time.perf_counter()
-        for i in range(args.steps):
-            trainer.train_step(min(st.start + args.warmup + i, st.end - 1))
+        losses = [trainer.train_step(min(st.start + args.warmup + i, st.end - 1)) for i in range(args.steps)]
         sync()
         ms = (time.perf_counter() - t_s) * 1e3 / args.steps
+        loss = losses[-1].item()  # read after the clock stops: a speed of a diverged run means nothing
         tps = st.tokens_per_step / (ms / 1e3)
         mfu = model_flops(cfg, st) / (ms / 1e3) / PEAK_BF16
         compile_s = max(0.0, warm_s - args.warmup * ms / 1e3)
         rows.append((st.index + 1, st.tokens_per_step, st.max_seq_len, f"{st.short_window}/{st.long_window}",
-                     ms, tps, mfu, (torch.cuda.max_memory_allocated() if cuda else 0) / 2**30, compile_s))
+                     ms, tps, mfu, (torch.cuda.max_memory_allocated() if cuda else 0) / 2**30, compile_s, loss))
         r = rows[-1]  # each row as soon as it is measured: a run cut short still leaves its finished stages
         print(f"stage {r[0]}: {ms:.1f} ms/step, {tps / 1e3:.0f}k tokens/s, MFU {100 * mfu:.1f}%, "
-              f"peak {r[7]:.1f} GiB, compile {compile_s:.0f} s", flush=True)
+              f"peak {r[7]:.1f} GiB, compile {compile_s:.0f} s, last loss {loss:.4f}", flush=True)
+        if not math.isfinite(loss):
+            print(f"# stage {r[0]}: the training loss is not finite: this speed is of a diverged run", flush=True)
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -160,11 +163,12 @@ def main() -> None:
             Path(args.profile).write_text(table)
             print(table[:6000])
 
-    print("\n| stage | tokens/step | seq len | windows | ms/step | tokens/s | MFU | peak mem GiB | compile s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| stage | tokens/step | seq len | windows | ms/step | tokens/s | MFU | peak mem GiB | compile s "
+          "| last loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]:,} | {r[2]} | {r[3]} | {r[4]:.1f} | {r[5] / 1e3:,.0f}k | {100 * r[6]:.1f}% "
-              f"| {r[7]:.1f} | {r[8]:.0f} |")
+              f"| {r[7]:.1f} | {r[8]:.0f} | {r[9]:.4f} |")
     print(f"\n{args.steps} timed steps after {args.warmup} warm-up steps per stage; MFU against 989 TFLOP/s bf16.")
 
 
