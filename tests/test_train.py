@@ -146,3 +146,18 @@ def test_warmup_visits_each_distinct_stage_shape_once():
     trainer.train_step = lambda step: steps.append(step) or real_step(step)
     trainer.warmup()
     assert len(steps) == 3 * 2, steps
+
+
+def test_warm_up_then_reset_trains_exactly_like_no_warm_up():
+    """The untimed warm-up (every stage shape, then `_reset`) leaves nothing behind: with four micro-batches a
+    step, the losses after it equal a run that never warmed up, step for step."""
+    over = {"schedule.tokens_per_step": [2048] * 4, "data.max_micro_batch_tokens": 512}
+
+    def losses(warmup_steps: int) -> list[float]:
+        trainer = _Trainer(fast_tiny(16, **over, **{"run.warmup_steps": warmup_steps}), None, None)
+        trainer.warmup()  # with 0 steps: nothing
+        return [trainer.train_step(s).item() for s in range(8)]
+
+    cold, warmed = losses(0), losses(3)
+    assert cold[-1] < cold[0] - 1
+    assert warmed == cold
