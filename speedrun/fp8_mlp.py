@@ -82,6 +82,9 @@ def fp8_delayed_mlp(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor, s
     `fused` takes effect only on FP8 hardware (the emulation has no kernels to fuse into)."""
     if emulate is None:
         emulate = not fp8_hardware(x.device)
-    y, amax = _FP8ForwardMLP.apply(x, w_fc, w_proj, state.next, state.bootstrap, emulate, fused and not emulate)
+    # every dtype in here is explicit: CUDA autocast would run relu^2 (a pow) in fp32, keep a fp32 post for
+    # backward (twice the memory) and, in eager mode, meet bf16 gradients with it outside autocast
+    with torch.autocast(x.device.type, enabled=False):
+        y, amax = _FP8ForwardMLP.apply(x, w_fc, w_proj, state.next, state.bootstrap, emulate, fused and not emulate)
     state.update(amax)
     return y

@@ -90,6 +90,21 @@ def test_delayed_fp8_mlp_matches_its_emulation_and_bf16():
         assert torch.allclose(states[name].next, states["emu"].next, rtol=1e-2)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_delayed_fp8_mlp_runs_eagerly_under_autocast(fused):
+    """As the eager trainer calls it: forward under bf16 autocast, backward outside it. Autocast used to turn
+    relu^2 (a pow) into fp32, and backward then met a bf16 gradient with it (a dtype error in g^T @ post)."""
+    from speedrun.fp8_mlp import DelayedScales, fp8_delayed_mlp
+
+    x = torch.randn(4096, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w_fc = (torch.randn(3072, 768, device="cuda") * 0.03).requires_grad_()
+    w_proj = (torch.randn(768, 3072, device="cuda") * 0.01).requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = fp8_delayed_mlp(x, w_fc, w_proj, DelayedScales(1.8, 1.12).cuda(), fused=fused)
+    y.float().square().sum().backward()
+    assert y.dtype == torch.bfloat16 and torch.isfinite(w_fc.grad).all() and w_fc.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("M", [49152, 4096 + 64])  # a record micro-batch; a shape the tiles do not divide
 def test_fused_mlp_kernels_match_the_torch_path(M):
     """speedrun.mlp_kernels' two Triton kernels against _scaled_mm / bf16 matmul followed by the elementwise ops."""
