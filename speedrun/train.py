@@ -408,11 +408,15 @@ class _Trainer:
                     if self.log:
                         self.log(f"step:{step + 1}/{total_steps} diverged: non-finite training loss")
                     break
-                if self.report:
+                if self.report or self.log:
                     self._sync()
                     now = train_time + time.perf_counter() - t_start
-                    self.report({"step": step + 1, "train_time_s": now, "tokens": tokens,
-                                 "train_loss": (loss_sum / loss_n).item()})
+                    train_loss = (loss_sum / loss_n).item()
+                    if self.report:
+                        self.report({"step": step + 1, "train_time_s": now, "tokens": tokens, "train_loss": train_loss})
+                    if self.log:
+                        self.log(f"step:{step + 1}/{total_steps} train_loss:{train_loss:.4f} "
+                                 f"train_time:{now * 1000:.0f}ms step_avg:{now * 1000 / (step + 1):.2f}ms")
                 loss_sum.zero_()
                 loss_n = 0
         val_loss = history[-1]["val_loss"] if status == "finished" else float("nan")
