@@ -216,8 +216,11 @@ class _Trainer:
         self.init_s = time.perf_counter() - self.t_enter
 
     def _reset(self) -> None:
-        """Fresh weights (the seeded init), optimiser, rotary state and data position."""
+        """Fresh weights (the seeded init), no gradients, optimiser, rotary state and data position."""
         self.model.load_state_dict(self.initial_state)
+        # Adam steps every optim.adam_every steps on the gradients accumulated since its last step: a warm-up
+        # that ends between two Adam steps would otherwise hand its gradients to the run's first Adam step
+        self.model.zero_grad(set_to_none=True)
         self.model.tied = self.cfg.model.untie_step != -1
         self.model.rotary.reset()
         for scales in self.model.delayed_fp8_scales():
