@@ -6,9 +6,10 @@
 Each variant is a fresh trainer (`_Trainer`, seeded: every variant starts from the same weights and reads the
 same batches) of `--preset` compressed to `--steps`, with the `--set`s, then the variant's own sets
 (`NAME:key=value,key=value`; NAME `eager` or `compiled` picks run.compile). A variant named `...+warmup` first
-runs the trainer's warm-up (every stage shape, then the reset), as `python -m speedrun` and every sweep trial do;
-the others start at once. It then runs --probe optimiser steps from step 0 and prints each step's training
-loss. Data: random GPT-2 ids as FineWeb-format shards (benchmarks/throughput.py), as the GPU benchmarks use.
+runs the trainer's warm-up (every stage shape, then the reset); the others start at once. It then runs --probe
+optimiser steps from step 0 and prints each step's training loss. A variant named `...+run` runs the trainer's
+own loop instead (`_Trainer.run`: warm-up, validation at step 0 and every run.val_every steps, the whole
+schedule), exactly as `python -m speedrun` and every sweep trial do, with a training-loss line every step. Data: random GPT-2 ids as FineWeb-format shards (benchmarks/throughput.py), as the GPU benchmarks use.
 The table's columns are variants, its rows steps; the last line names each variant's first non-finite step.
 """
 
@@ -37,24 +38,33 @@ def parse_variant(spec: str) -> tuple[str, dict[str, str], bool]:
     """`compiled+warmup:model.fused_mlp=false,model.prefix_vocab=` -> (label, sets, warm-up first)."""
     name, _, rest = spec.partition(":")
     base, _, extra = name.partition("+")
-    if base not in ("eager", "compiled") or extra not in ("", "warmup"):
-        raise SystemExit(f"--variant {spec}: expected eager|compiled[+warmup][:key=value,...]")
+    if base not in ("eager", "compiled") or extra not in ("", "warmup", "run"):
+        raise SystemExit(f"--variant {spec}: expected eager|compiled[+warmup|+run][:key=value,...]")
     sets = {"run.compile": str(base == "compiled").lower()}
+    if extra == "run":
+        sets["run.log_every"] = "1"
     sets.update(kv.split("=", 1) for kv in rest.split(",") if kv)
-    return spec, sets, extra == "warmup"
+    return spec, sets, extra
 
 
-def probe(cfg: TrainConfig, steps: int, warm_up: bool) -> tuple[list[float], float]:
+def probe(cfg: TrainConfig, steps: int, mode: str) -> tuple[list[float], float]:
     """Training losses of steps 0..steps-1 (and the set-up seconds, warm-up included)."""
     t0 = time.perf_counter()
-    trainer = _Trainer(cfg, report=None, log=None)
-    if warm_up:
-        trainer.warmup()
-    setup = time.perf_counter() - t0
-    losses = []
-    for step in range(steps):
-        losses.append(trainer.train_step(step).item())
-        print(f"  step {step}: {losses[-1]:.4f}", flush=True)
+    losses: list[float] = []
+    log = lambda line: print("  " + line, flush=True)  # noqa: E731
+    report = lambda m: losses.append(m["train_loss"]) if "train_loss" in m and len(losses) < steps else None  # noqa: E731
+    trainer = _Trainer(cfg, report=report if mode == "run" else None, log=log)
+    if mode == "run":
+        result = trainer.run()
+        print(f"  {result.status} after {result.steps} steps, final val_loss {result.val_loss:.4f}", flush=True)
+        setup = result.startup_s
+    else:
+        if mode == "warmup":
+            trainer.warmup()
+        setup = time.perf_counter() - t0
+        for step in range(steps):
+            losses.append(trainer.train_step(step).item())
+            print(f"  step {step}: {losses[-1]:.4f}", flush=True)
     trainer.dist.close()
     del trainer
     if torch.cuda.is_available():
@@ -88,10 +98,10 @@ def main() -> int:
     random_shards(work, need, cfg.model.vocab_size, cfg.data.bos_id)
 
     results = {}
-    for label, sets, warm_up in variants:
+    for label, sets, mode in variants:
         print(f"# {label}", flush=True)
         try:
-            results[label] = probe(cfg.override(sets), args.probe, warm_up)
+            results[label] = probe(cfg.override(sets), args.probe, mode)
         except Exception as e:  # one variant's failure is a finding, not the end of the probe
             print(f"  failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", flush=True)
             results[label] = ([], float("nan"))

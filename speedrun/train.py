@@ -172,7 +172,8 @@ def _pick_device(cfg: TrainConfig) -> torch.device:
 
 class _Trainer:
     def __init__(self, cfg: TrainConfig, report: Report | None, log: Callable[[str], None] | None,
-                 report_all_ranks: bool = False):
+                 report_all_ranks: bool = False, compile_backend: object = None):
+        """compile_backend: compile with this torch.compile backend on any device (tests count compilations)."""
         self.t_enter = time.perf_counter()
         self.cfg = cfg
         self.device = _pick_device(cfg)
@@ -203,7 +204,8 @@ class _Trainer:
             self.model.prefix_table.copy_(prefixes)
         self.dist.broadcast_params(self.model)
         self.initial_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        self.compiled = self.device.type == "cuda" and cfg.run.compile
+        self.compiled = compile_backend is not None or (self.device.type == "cuda" and cfg.run.compile)
+        self.compile_backend = compile_backend if compile_backend is not None else self.compiled
         self.flex, fp8 = fast_path_kernels(cfg, self.device)
         self.model.set_fast_path(self.flex, fp8)
         self._window_tensors: dict[tuple[int, int], torch.Tensor] = {}
@@ -211,7 +213,8 @@ class _Trainer:
         self.val_mtp = torch.ones(1, device=self.device)  # validation: the next-token loss alone
         if self.compiled:
             configure_compiler()
-            self.forward = torch.compile(self.model, dynamic=False, fullgraph=True)
+            backend = "inductor" if compile_backend is None else compile_backend
+            self.forward = torch.compile(self.model, dynamic=False, fullgraph=True, backend=backend)
         self._reset()
         self.init_s = time.perf_counter() - self.t_enter
 
@@ -225,7 +228,7 @@ class _Trainer:
         self.model.rotary.reset()
         for scales in self.model.delayed_fp8_scales():
             scales.next.zero_()
-        self.opt = SpeedrunOptimizer(self.model, self.cfg.optim, compile=self.compiled)
+        self.opt = SpeedrunOptimizer(self.model, self.cfg.optim, compile=self.compile_backend)
         self.loader = TrainLoader(self.train_paths, self.cfg.data.bos_id, self.dist.rank, self.dist.world)
         self.adam_accum = 0
         self.long_window = None
@@ -346,16 +349,31 @@ class _Trainer:
             seen = set()
             for stage in S.all_stages(self.cfg.schedule):
                 shape = (stage.tokens_per_step, stage.max_seq_len, stage.short_window, stage.long_window,
-                         len(S.mtp_weights(self.cfg.schedule, stage.start)))
+                         len(S.mtp_weights(self.cfg.schedule, stage.start)),
+                         S.prefix_weight(self.cfg.schedule, stage.start) is None)  # the prefix loss: another graph
                 if shape in seen:
                     continue
                 seen.add(shape)
                 for i in range(n):
                     self.train_step(stage.start + i if stage.start + i < stage.end else stage.start)
+            self._warm_untied_adam_step()
             self.validate(0, final=False)
             self._sync()
             self._reset()
         return time.perf_counter() - t0
+
+    def _warm_untied_adam_step(self) -> None:
+        """Once untied, the embedding is one more Adam parameter: a compiled Adam step of its own, which would
+        otherwise compile inside the timed run (minutes for the record). Untie and run up to the next Adam step."""
+        last = self.cfg.schedule.total_steps - 1
+        step = self.cfg.model.untie_step
+        if not 0 <= step <= last:
+            return
+        while True:
+            self.train_step(step)
+            if self.opt.adam_due(step, last) or step == last:
+                return
+            step += 1
 
     def run(self) -> TrainResult:
         cfg, sch = self.cfg, self.cfg.schedule
