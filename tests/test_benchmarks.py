@@ -26,3 +26,21 @@ def test_throughput_flags_a_diverged_run():
                           "--set", "optim.muon_lr=1e30"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "the training loss is not finite" in out.stdout
+
+
+def test_loss_probe_runs_each_variant_and_names_the_first_non_finite_step():
+    """Seeded variants start from the same weights and batches: a warm-up changes nothing, the trainer's own loop
+    logs the same losses, and an absurd learning rate shows as that variant's first non-finite step."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "loss_probe.py"), "--preset", "tiny",
+                          "--steps", "12", "--probe", "4", "--set", "optim.adam_every=2", "--variant", "eager",
+                          "--variant", "eager+warmup", "--variant", "eager+run:run.val_every=4",
+                          "--variant", "eager:optim.adam_lr=1e30,optim.muon_lr=1e30"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line.strip(" |").split(" | ") for line in out.stdout.splitlines() if line[:4] in {"| 0 ", "| 3 "}]
+    assert len(rows) == 2
+    for _, plain, warmed, run, absurd in rows:
+        assert plain == warmed == run
+    assert float(rows[1][1]) < float(rows[0][1])  # tiny's loss falls
+    last = out.stdout.strip().splitlines()[-1]
+    assert "eager: none" in last and "eager+warmup: none" in last and "optim.muon_lr=1e30: none" not in last
