@@ -21,10 +21,11 @@ transpose against 6.3 ms for the fused store; the whole head, FP8 products inclu
 
 from __future__ import annotations
 
-import os
 from functools import partial
 
 import torch
+
+from .kernel_tuning import FastestBuild
 
 E5M2 = torch.float8_e5m2
 
@@ -164,13 +165,11 @@ def _head_grad_fp8(z: torch.Tensor, lse: torch.Tensor, tgt: torch.Tensor, coef: 
     gqt = torch.empty(V, N, device=z.device, dtype=E5M2)
     args = (z, lse, tgt, coef, softcap, inv_sg, gq, gqt, N, V, tgt.size(1))
     key = (N, V, tgt.size(1), z.device.index)
-    if key not in _CHOICE:
-        _CHOICE[key] = _fastest({name: partial(run, *args) for name, run in _GRAD_VARIANTS.items()})
-    _GRAD_VARIANTS[_CHOICE[key]](*args)
+    _GRAD_VARIANTS[_TUNING.pick(key, {name: partial(run, *args) for name, run in _GRAD_VARIANTS.items()})](*args)
     return gq, gqt
 
 
-_CHOICE: dict = {}
+_TUNING = FastestBuild("head gradient pass", "SPEEDRUN_HEAD_TUNING_LOG", "set model.use_fp8=false")
 
 
 def _fused(bm, bn, warps, z, lse, tgt, coef, softcap, inv_sg, gq, gqt, N, V, K):
@@ -188,22 +187,13 @@ def _split(bm, bn, warps, tm, tn, twarps, z, lse, tgt, coef, softcap, inv_sg, gq
 
 
 # the gradient pass either writes both layouts (fused) or the row-major one then transposes it (split); which
-# tiles and which of the two is fastest is measured once per shape on the machine (_fastest)
+# tiles and which of the two is fastest is measured once per shape on the machine (kernel_tuning)
 _GRAD_VARIANTS = {
     **{f"fused{bm}x{bn}w{w}": partial(_fused, bm, bn, w)
        for bm, bn, w in [(64, 64, 4), (64, 128, 4), (128, 64, 4), (32, 128, 4), (64, 64, 2), (128, 128, 8)]},
     **{f"split{bm}x{bn}w{w}": partial(_split, bm, bn, w, 64, 64, 4)
        for bm, bn, w in [(16, 256, 4), (32, 256, 4), (8, 512, 4), (64, 128, 4)]},
 }
-
-
-def _fastest(candidates: dict) -> str:
-    from triton.testing import do_bench
-    times = {name: do_bench(run, warmup=5, rep=20, return_mode="median") for name, run in candidates.items()}
-    best = min(times, key=times.get)
-    if os.environ.get("SPEEDRUN_HEAD_TUNING_LOG"):
-        print("head gradient pass, ms:", {k: round(v, 2) for k, v in sorted(times.items(), key=lambda kv: kv[1])})
-    return best
 
 
 @_head_grad_fp8.register_fake

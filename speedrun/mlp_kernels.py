@@ -18,12 +18,12 @@ speedrun.fp8), which the GPU tests compare against.
 
 from __future__ import annotations
 
-import os
 from functools import partial
 
 import torch
 
 from .fp8 import scaled_mm
+from .kernel_tuning import FastestBuild
 
 
 def reference_up(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
@@ -42,7 +42,7 @@ _UP_VARIANTS = [("ptr", 128, 256, 128, 8, 3), ("ptr", 128, 128, 128, 4, 4), ("pt
                 ("tma", 128, 256, 128, 8, 3), ("tma", 128, 128, 128, 8, 4)]
 _DOWN_VARIANTS = [("ptr", 128, 256, 64, 8, 3), ("ptr", 128, 128, 64, 4, 4), ("ptr", 128, 256, 32, 8, 4),
                   ("tma", 128, 128, 64, 8, 4), ("tma", 128, 256, 64, 8, 3)]
-_CHOICE: dict = {}
+_TUNING = FastestBuild("fused MLP", "SPEEDRUN_MLP_TUNING_LOG", "set model.fused_mlp=false")
 
 
 def _divides(variants, M, N, K) -> list:
@@ -86,23 +86,7 @@ def _run_down(variant, a, b, post, out) -> None:
 
 
 def _pick(key, variants, run) -> tuple:
-    """The fastest variant for this shape (measured on first use), skipping builds that fail to compile here."""
-    if key not in _CHOICE:
-        from triton.testing import do_bench
-        times = {}
-        for v in variants:
-            try:
-                times[v] = do_bench(partial(run, v), warmup=5, rep=20, return_mode="median")
-            except Exception as e:  # noqa: BLE001 (Triton raises its own types for resources and lowering)
-                times[v] = float("inf")
-                if os.environ.get("SPEEDRUN_MLP_TUNING_LOG"):
-                    print(f"mlp kernel {v} dropped: {type(e).__name__}: {str(e)[:200]}")
-        if min(times.values()) == float("inf"):
-            raise RuntimeError(f"no build of the fused MLP kernel compiled for {key}; set model.fused_mlp=false")
-        _CHOICE[key] = min(times, key=times.get)
-        if os.environ.get("SPEEDRUN_MLP_TUNING_LOG"):
-            print("mlp kernel", key, {str(v): round(t, 4) for v, t in sorted(times.items(), key=lambda kv: kv[1])})
-    return _CHOICE[key]
+    return _TUNING.pick(key, {v: partial(run, v) for v in variants})
 
 
 @torch.library.custom_op("speedrun::mlp_up_relu2", mutates_args=())
