@@ -120,16 +120,20 @@ def normuon_update(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: 
 @torch.no_grad()
 def adam_update(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                 exp_avg_sqs: list[torch.Tensor], counts: list[torch.Tensor], hp: torch.Tensor, cautious: bool) -> None:
-    """One Adam step of every Adam parameter. hp: (n, 6), each parameter's (lr, decay, beta1, beta2, eps, gradient
-    scale): one compiled graph for all groups (a graph per group recompiled the function once per group)."""
+    """One Adam step of every Adam parameter. hp: (n, 7), each parameter's (lr, decay, beta1, beta2, eps, gradient
+    scale, active): one compiled graph for all groups (a graph per group recompiled the function once per group).
+    The list is always every Adam parameter, so that it never changes shape: one without a gradient this step (the
+    embedding while tied to lm_head) has active = 0, which leaves it and its state exactly as they were, whatever
+    finite tensor stands in for its gradient."""
     for p, g, m, v, t, row in zip(params, grads, exp_avgs, exp_avg_sqs, counts, hp.unbind(0)):
-        lr, decay, b1, b2, eps, grad_scale = row.unbind()
-        t.add_(1)
+        lr, decay, b1, b2, eps, grad_scale, active = row.unbind()
+        t.add_(active)
         g = g * grad_scale
-        m.lerp_(g, 1 - b1)
-        v.lerp_(g.square(), 1 - b2)
-        update = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
-        _decay_and_step_(p, update, lr, decay, cautious)
+        m.lerp_(g, (1 - b1) * active)
+        v.lerp_(g.square(), (1 - b2) * active)
+        tc = t.clamp_min(1)  # a never-active parameter's moments are 0: its (masked) update stays finite
+        update = (m / (1 - b1 ** tc)) / ((v / (1 - b2 ** tc)).sqrt() + eps)
+        _decay_and_step_(p, update, lr * active, decay * active, cautious)
 
 
 @dataclass
@@ -233,16 +237,15 @@ class SpeedrunOptimizer:
         c = self.cfg
         adam_groups = [g for g in self.groups if g.kind == "adam"] if adam else []
         # every scalar of this step in one host-to-device copy
-        rows = [[c.muon_lr * lr_mult * factor, c.muon_lr * lr_mult * c.muon_wd, momentum, c.muon_beta2, 0, 0]
+        rows = [[c.muon_lr * lr_mult * factor, c.muon_lr * lr_mult * c.muon_wd, momentum, c.muon_beta2, 0, 0, 0]
                 for _, factor in self.muon_buckets]
-        adam_params = []  # each with its group's row
+        adam_params = []  # every Adam parameter, each with its group's row (see adam_update: `active`)
         for g in adam_groups:
             lr = c.adam_lr * g.lr_mult * lr_mult
             row = [lr, lr ** c.adam_wd_power * c.adam_wd * g.wd_mult, g.betas[0], g.betas[1], c.adam_eps, adam_grad_scale]
             for p in g.params:
-                if p.grad is not None:
-                    adam_params.append(p)
-                    rows.append(row)
+                adam_params.append(p)
+                rows.append(row + [float(p.grad is not None)])
         device = self.groups[0].params[0].device
         hp = torch.tensor(rows, dtype=torch.float32).to(device, non_blocking=True)
         for i, (params, _) in enumerate(self.muon_buckets):
@@ -260,7 +263,7 @@ class SpeedrunOptimizer:
     def state_dict(self) -> dict:
         order = [p for g in self.groups for p in g.params]
         return {"adam_steps": self.adam_steps,
-                "state": {i: {k: v.clone() for k, v in self.state[p].items()}
+                "state": {i: {k: v.clone() for k, v in self.state[p].items() if k != "zero_grad"}
                           for i, p in enumerate(order) if p in self.state}}
 
     def load_state_dict(self, sd: dict) -> None:
@@ -294,5 +297,14 @@ class SpeedrunOptimizer:
                 st["exp_avg_sq"] = torch.zeros_like(p)
                 st["t"] = torch.zeros((), dtype=torch.float32, device=p.device)
         st = [self.state[p] for p in params]
-        self._adam(params, [p.grad for p in params], [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st],
+        # a parameter without a gradient is inactive in this step, and zeros stand in for its gradient: a tensor of
+        # its own (the parameter itself would alias a mutated input of the compiled graph), kept while needed
+        grads = []
+        for p, s in zip(params, st):
+            if p.grad is None:
+                grads.append(s.setdefault("zero_grad", torch.zeros_like(p)))
+            else:
+                grads.append(p.grad)
+                s.pop("zero_grad", None)
+        self._adam(params, grads, [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st],
                    [s["t"] for s in st], hp, self.cfg.cautious_wd)

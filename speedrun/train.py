@@ -356,24 +356,10 @@ class _Trainer:
                 seen.add(shape)
                 for i in range(n):
                     self.train_step(stage.start + i if stage.start + i < stage.end else stage.start)
-            self._warm_untied_adam_step()
             self.validate(0, final=False)
             self._sync()
             self._reset()
         return time.perf_counter() - t0
-
-    def _warm_untied_adam_step(self) -> None:
-        """Once untied, the embedding is one more Adam parameter: a compiled Adam step of its own, which would
-        otherwise compile inside the timed run (minutes for the record). Untie and run up to the next Adam step."""
-        last = self.cfg.schedule.total_steps - 1
-        step = self.cfg.model.untie_step
-        if not 0 <= step <= last:
-            return
-        while True:
-            self.train_step(step)
-            if self.opt.adam_due(step, last) or step == last:
-                return
-            step += 1
 
     def run(self) -> TrainResult:
         cfg, sch = self.cfg, self.cfg.schedule

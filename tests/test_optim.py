@@ -62,3 +62,39 @@ def test_adam_every_other_step_and_muon_every_step():
     assert not torch.equal(muon_p, m0) and torch.equal(adam_p, a0)
     opt.step(1.0, 0.9, adam=True)
     assert not torch.equal(adam_p, a0)
+
+
+def test_a_parameter_without_a_gradient_is_left_exactly_as_it_was_then_trains_like_a_fresh_one():
+    """Adam's compiled step always takes every Adam parameter (one graph, tied or untied); one without a gradient
+    (the embedding while tied) is inactive: neither it nor its state moves, weight decay included. Given a
+    gradient later, it steps as a fresh Adam parameter would (its step count starts at 1)."""
+    torch.manual_seed(0)
+    cfg = TrainConfig.preset("tiny").override({"optim.embed_wd_mult": 100.0, "optim.adam_wd": 0.1,
+                                               "optim.cautious_wd": False})
+    model = GPT(cfg.model)
+    opt = SpeedrunOptimizer(model, cfg.optim)
+    embed, head = model.embed.weight, model.lm_head.weight
+    frozen, head_before = embed.detach().clone(), head.detach().clone()
+    grads = [torch.randn_like(embed) for _ in range(2)]
+    for step in range(2):  # active: every Adam parameter but the embedding
+        for p in opt.adam_params():
+            p.grad = None if p is embed else torch.randn_like(p)
+        opt.step(1.0, 0.9, adam=True)
+    assert torch.equal(embed, frozen) and opt.state[embed]["t"].item() == 0
+    assert not torch.equal(head, head_before) and opt.state[head]["t"].item() == 2
+    assert not opt.state[embed]["exp_avg"].any() and not opt.state[embed]["exp_avg_sq"].any()
+
+    fresh = torch.nn.Parameter(frozen.clone())  # the same steps on a lone Adam parameter of the embedding's group
+    lone = torch.optim.Adam([fresh], lr=cfg.optim.adam_lr * cfg.optim.embed_lr_mult, betas=cfg.optim.embed_betas,
+                            eps=cfg.optim.adam_eps)
+    decay = (cfg.optim.adam_lr * cfg.optim.embed_lr_mult) ** cfg.optim.adam_wd_power * cfg.optim.adam_wd * 100.0
+    for g in grads:
+        for p in opt.adam_params():
+            p.grad = g.clone() if p is embed else None
+        opt.step(1.0, 0.9, adam=True)
+        with torch.no_grad():
+            fresh.mul_(1 - decay)
+        fresh.grad = g.clone()
+        lone.step()
+    assert opt.state[embed]["t"].item() == 2
+    assert not torch.equal(embed, frozen) and torch.allclose(embed, fresh, atol=1e-6)

@@ -137,10 +137,9 @@ def test_tied_gradient_is_the_shared_weights_gradient():
 
 
 def test_warmup_visits_each_distinct_stage_shape_once():
-    """Warm-up compiles every stage's graph: stages sharing a shape (here stages 3 and 4 of four) add no steps.
-    (Never tied here: an untie step adds the untied Adam step, test_compile.py.)"""
+    """Warm-up compiles every stage's graph: stages sharing a shape (here stages 3 and 4 of four) add no steps."""
     cfg = fast_tiny(**{"run.warmup_steps": 2, "schedule.short_windows": [1, 2, 3, 3], "schedule.long_windows": [2, 3, 4, 4],
-                       "schedule.mtp_start": [[1.0]] * 4, "schedule.mtp_end": [[1.0]] * 4, "model.untie_step": -1})
+                       "schedule.mtp_start": [[1.0]] * 4, "schedule.mtp_end": [[1.0]] * 4})
     trainer = _Trainer(cfg, report=None, log=None)
     steps = []
     real_step = trainer.train_step
