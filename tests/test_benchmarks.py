@@ -32,12 +32,12 @@ def test_loss_probe_runs_each_variant_and_names_the_first_non_finite_step():
     """Seeded variants start from the same weights and batches: a warm-up changes nothing, the trainer's own loop
     logs the same losses, and an absurd learning rate shows as that variant's first non-finite step."""
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "loss_probe.py"), "--preset", "tiny",
-                          "--steps", "12", "--probe", "4", "--set", "optim.adam_every=2", "--variant", "eager",
-                          "--variant", "eager+warmup", "--variant", "eager+run:run.val_every=4",
+                          "--steps", "8", "--probe", "3", "--set", "optim.adam_every=2", "--set", "data.val_tokens=4096", "--variant", "eager",
+                          "--variant", "eager+warmup", "--variant", "eager+run:run.val_every=4,run.warmup_steps=1",
                           "--variant", "eager:optim.adam_lr=1e30,optim.muon_lr=1e30"],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = [line.strip(" |").split(" | ") for line in out.stdout.splitlines() if line[:4] in {"| 0 ", "| 3 "}]
+    rows = [line.strip(" |").split(" | ") for line in out.stdout.splitlines() if line[:4] in {"| 0 ", "| 2 "}]
     assert len(rows) == 2
     for _, plain, warmed, run, absurd in rows:
         assert plain == warmed == run
