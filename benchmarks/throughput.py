@@ -53,12 +53,15 @@ def blocks_off() -> dict:
 
 
 def random_shards(folder: Path, tokens: int, vocab: int, bos: int, mean_doc: int = 700, seed: int = 0) -> None:
+    """A training shard of `tokens` random ids and a 1M-token validation shard drawn apart from it (the validation
+    tokens were once the training shard's first ones, which the first steps train on)."""
     rng = np.random.default_rng(seed)
-    ids = rng.integers(0, bos, size=tokens, dtype=np.int64)
-    ids[rng.random(tokens) < 1 / mean_doc] = bos
-    ids[0] = bos
-    write_shard(folder / "fineweb_train_000001.bin", ids)
-    write_shard(folder / "fineweb_val_000000.bin", ids[: 1 << 20])
+    val_tokens = 1 << 20
+    ids = rng.integers(0, bos, size=tokens + val_tokens, dtype=np.int64)
+    ids[rng.random(tokens + val_tokens) < 1 / mean_doc] = bos
+    ids[0] = ids[tokens] = bos
+    write_shard(folder / "fineweb_train_000001.bin", ids[:tokens])
+    write_shard(folder / "fineweb_val_000000.bin", ids[tokens:])
 
 
 def model_flops(cfg: TrainConfig, stage: S.Stage) -> float:
