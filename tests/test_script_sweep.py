@@ -63,6 +63,7 @@ def test_a_script_sweep_with_asha(local_ray, tmp_path, capsys):
     assert runs["0"].data.tags["code_sha256"] == runs["0"].data.tags["source_sha256"]  # the control: unpatched
 
 
+@pytest.mark.long  # about 2.5 minutes on a 2-core machine: three script trials, one of them waits out a stall
 def test_killed_and_stalled_scripts_fail_and_the_sweep_goes_on(local_ray, tmp_path):
     # the stand-in's first console line comes after torch's import, gloo's set-up and a validation: on a cold,
     # loaded 2-core CI machine that took over 15 s, so the healthy trial 0 "stalled" too (all failed, exit 1)
