@@ -9,8 +9,8 @@ same batches) of `--preset` compressed to `--steps`, with the `--set`s, then the
 runs the trainer's warm-up (every stage shape, then the reset); the others start at once. It then runs --probe
 optimiser steps from step 0 and prints each step's training loss. A variant named `...+run` runs the trainer's
 own loop instead (`_Trainer.run`: warm-up, validation at step 0 and every run.val_every steps, the whole
-schedule), exactly as `python -m speedrun` and every sweep trial do, with a training-loss line every step. Data: random GPT-2 ids as FineWeb-format shards (benchmarks/throughput.py), as the GPU benchmarks use.
-The table's columns are variants, its rows steps; the last line names each variant's first non-finite step.
+schedule), exactly as `python -m speedrun` and every sweep trial do, with a training-loss line every step.
+Data: random GPT-2 ids as FineWeb-format shards (benchmarks/throughput.py), as the GPU benchmarks use. The table's columns are variants, its rows steps; the last line names each variant's first non-finite step.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from speedrun.prefix import vocab_for_speed  # noqa: E402
 from speedrun.train import _Trainer  # noqa: E402
 
 
-def parse_variant(spec: str) -> tuple[str, dict[str, str], bool]:
-    """`compiled+warmup:model.fused_mlp=false,model.prefix_vocab=` -> (label, sets, warm-up first)."""
+def parse_variant(spec: str) -> tuple[str, dict[str, str], str]:
+    """`compiled+warmup:model.fused_mlp=false,model.prefix_vocab=` -> (label, sets, mode: "", "warmup" or "run")."""
     name, _, rest = spec.partition(":")
     base, _, extra = name.partition("+")
     if base not in ("eager", "compiled") or extra not in ("", "warmup", "run"):
@@ -78,7 +78,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=0, help="compress the preset's schedule to this many steps")
     ap.add_argument("--probe", type=int, default=8, help="optimiser steps to run per variant")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="for every variant")
-    ap.add_argument("--variant", action="append", default=[], help="eager|compiled[+warmup][:key=value,...]")
+    ap.add_argument("--variant", action="append", default=[], help="eager|compiled[+warmup|+run][:key=value,...]")
     args = ap.parse_args()
     variants = [parse_variant(v) for v in (args.variant or ["eager", "compiled"])]
 
