@@ -205,7 +205,7 @@ class _Trainer:
         self.dist.broadcast_params(self.model)
         self.initial_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.compiled = compile_backend is not None or (self.device.type == "cuda" and cfg.run.compile)
-        self.compile_backend = compile_backend if compile_backend is not None else self.compiled
+        backend = "inductor" if compile_backend is None else compile_backend
         self.flex, fp8 = fast_path_kernels(cfg, self.device)
         self.model.set_fast_path(self.flex, fp8)
         self._window_tensors: dict[tuple[int, int], torch.Tensor] = {}
@@ -213,8 +213,8 @@ class _Trainer:
         self.val_mtp = torch.ones(1, device=self.device)  # validation: the next-token loss alone
         if self.compiled:
             configure_compiler()
-            backend = "inductor" if compile_backend is None else compile_backend
             self.forward = torch.compile(self.model, dynamic=False, fullgraph=True, backend=backend)
+        self.optimizer_compile = backend if self.compiled else False
         self._reset()
         self.init_s = time.perf_counter() - self.t_enter
 
@@ -228,7 +228,7 @@ class _Trainer:
         self.model.rotary.reset()
         for scales in self.model.delayed_fp8_scales():
             scales.next.zero_()
-        self.opt = SpeedrunOptimizer(self.model, self.cfg.optim, compile=self.compile_backend)
+        self.opt = SpeedrunOptimizer(self.model, self.cfg.optim, compile=self.optimizer_compile)
         self.loader = TrainLoader(self.train_paths, self.cfg.data.bos_id, self.dist.rank, self.dist.world)
         self.adam_accum = 0
         self.long_window = None
