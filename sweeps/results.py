@@ -63,6 +63,8 @@ def rows_from_grid(grid, param_keys: list[str]) -> list[dict]:
             v = m.get(k) if m.get(k) else (df[k].dropna().iloc[-1] if df is not None and k in df and
                                            len(df[k].dropna()) else None)
             row[k] = str(v) if v else None
+        # Tune's own: the process that ran the trainable (under --reuse-workers, one relay per slot for the sweep)
+        row["trainable_pid"] = m.get("pid")
         rows.append(row)
     return sorted(rows, key=lambda r: r["trial_index"])
 

@@ -46,6 +46,8 @@ def test_a_sweep_reuses_its_host_and_survives_a_killed_one(local_ray, tmp_path):
     assert pids[0] != pids[1] == pids[2]  # trial 1 killed its host on the first attempt: Ray started a new one
     assert [r["host_trials_before"] for r in rows] == [0, 0, 1]
     assert rows[2]["worker_start_s"] < 5  # no process to start
+    # one slot: Tune hands each next trial the same relay process, a killed host's retry included
+    assert len({r["trainable_pid"] for r in rows}) == 1 and rows[0]["trainable_pid"] is not None
 
     log = next((tmp_path / "s" / "logs").glob(f"{rows[2]['trial_id']}_seed*.txt"))
     config = next(line for line in log.read_text().splitlines() if line.startswith("# config: "))
