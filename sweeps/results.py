@@ -197,9 +197,15 @@ class ProgressPrinter(tune.Callback):
             self.out(f"{self._stamp()} trial {trial_index(trial)} had ended before the interruption: kept as it was")
         elif r.get(FINISHED):
             v = r.get(self.metric)
-            self.best = v if self.best is None or (v is not None and v < self.best) else self.best
-            self.out(f"{self._stamp()} trial {trial_index(trial)} {r.get('status')}: {self.metric} {v:.4f} "
-                     f"in {r.get('train_time_s', 0):.1f}s of training (best so far {self.best:.4f}); "
+            if r.get("status") == TrialStatus.DIVERGED:  # its metric is its step-0 loss (trial.final_metrics)
+                what = (f"diverged at step {r.get('step')} (a non-finite loss; {self.metric} {v:.4f}, its step-0 "
+                        f"value, is what the searcher learns)")
+            else:
+                if v is not None and (self.best is None or v < self.best):
+                    self.best = v
+                what = f"{r.get('status')}: {self.metric} {v:.4f} in {r.get('train_time_s', 0):.1f}s of training"
+            best = "no finished trial yet" if self.best is None else f"best so far {self.best:.4f}"
+            self.out(f"{self._stamp()} trial {trial_index(trial)} {what} ({best}); "
                      f"{self._ended(trials, trial)}/{self.trials or len(trials)} trials ended")
         else:
             self.out(f"{self._stamp()} trial {trial_index(trial)} stopped early at step {r.get('step')} "
