@@ -71,6 +71,7 @@ def confirm_top(sweep, rows: list[dict], tracker) -> list[dict]:
     from sweeps.records import runs_verdict
     from sweeps.results import ProgressPrinter, ranked, rows_from_grid
     from sweeps.search import SweepPlan, make_tuner
+    from sweeps.stall import StallWatchdog
 
     s, space, plan, spec, judge = sweep.settings, sweep.space, sweep.plan, sweep.spec, sweep.judge
     keys, track = [p.key for p in space.params], judge.track
@@ -85,7 +86,8 @@ def confirm_top(sweep, rows: list[dict], tracker) -> list[dict]:
                              plan.total_steps)
         sub_tracker = tracker.for_reruns(sub_spec.config_for, of=r["trial_index"])
         print(f"confirming trial {r['trial_index']} ({r['val_loss']:.4f}) with seeds {[x for x, _ in order]}")
-        callbacks = [ProgressPrinter(plan.total_steps, space.metric, trials=len(order)), sub_tracker]
+        watchdog = [] if getattr(sub_spec, "hosts", ()) else [StallWatchdog(s.stall_timeout, s.resource_timeout)]
+        callbacks = [*watchdog, ProgressPrinter(plan.total_steps, space.metric, trials=len(order)), sub_tracker]
         grid = execute(lambda: make_tuner(sub_plan, sub_spec, callbacks), s.address, spec.env)
         done = [x for x in rows_from_grid(grid, ["run.seed"]) if x["status"] == TrialStatus.FINISHED]
         losses, times = [x["val_loss"] for x in done], [x["train_time_s"] for x in done]

@@ -52,7 +52,9 @@ def parse_args(argv):
     p.add_argument("--seed-env", default="", metavar="NAME",
                    help="with --trainer: the environment variable your file reads a seed from; each run gets its own")
     p.add_argument("--stall-timeout", type=float, default=900.0,
-                   help="with --trainer: a run that prints nothing for this many seconds fails (default 900)")
+                   help="a run that reports nothing for this many seconds (before its first report, 1800 s more "
+                        "for resources and compiling) is killed and fails as stalled; with --trainer, also a "
+                        "script that prints nothing for that long (default 900)")
     p.add_argument("--baseline", metavar="RUN_ID|FILE.json",
                    help="baseline config (an MLflow run id or a JSON config; with --trainer, a .py file run as it "
                         "is): its runs interleave with the candidate's")
@@ -461,17 +463,19 @@ def run_script_with_ray(arms, script_env, order, name, storage, judge, uri, args
 def attempt_on_ray(spec, order, name, storage, judge, uri, args, total_steps, concurrency, params,
                    **tracker_options) -> tuple[list[dict], object]:
     """One Tune trial per (seed, arm) of `order`, in that order; each run's result by seed, and the tracker."""
-    from sweeps.cluster import execute
+    from sweeps.cluster import RESOURCE_TIMEOUT_S, execute
     from sweeps.results import ProgressPrinter, rows_from_grid
     from sweeps.search import SweepPlan, make_tuner
+    from sweeps.stall import StallWatchdog
     from sweeps.tracking import MlflowTracker
 
     plan = SweepPlan(spec.space, name, storage, len(order), concurrency, 0, "none", total_steps)
     tracker = MlflowTracker(uri, EXPERIMENT, name, {"kind": "record attempt", "runs": args.runs,
                                                     "seeds": [s for s, _ in order], **params},
                             judge, total_steps, spec.config_for, tags_for=spec.tags_for, **tracker_options)
-    grid = execute(lambda: make_tuner(plan, spec, [ProgressPrinter(total_steps, "val_loss", trials=len(order)), tracker]),
-                   args.address, spec.env)
+    callbacks = [StallWatchdog(args.stall_timeout, RESOURCE_TIMEOUT_S),  # first: it adds to error.txt
+                 ProgressPrinter(total_steps, "val_loss", trials=len(order)), tracker]
+    grid = execute(lambda: make_tuner(plan, spec, callbacks), args.address, spec.env)
     rows = tracker.annotate(rows_from_grid(grid, ["run.seed"]))
     tracker.finish_sweep(rows, tracker.curves())
     by_seed = {int(r["run.seed"]): r for r in rows}

@@ -36,6 +36,12 @@ def error_summary(text: str, limit: int = 300) -> str:
     return (lines[-1] if lines else "unknown error")[:limit]
 
 
+def error_text(res) -> str:
+    """A failed trial's error.txt where this machine has it (a reason the driver added ends it), else Tune's error."""
+    path = Path(res.path) / "error.txt"
+    return path.read_text(errors="replace") if path.is_file() else str(res.error)
+
+
 def rows_from_grid(grid, param_keys: list[str]) -> list[dict]:
     rows = []
     for res in grid:
@@ -53,7 +59,7 @@ def rows_from_grid(grid, param_keys: list[str]) -> list[dict]:
                 if len(vals):
                     m[k] = float(vals.iloc[-1])
         row = {"trial_index": index, "trial_id": trial_id,
-               "status": str(trial_status(m, res.error)), "error": error_summary(str(res.error)) if res.error else None}
+               "status": str(trial_status(m, res.error)), "error": error_summary(error_text(res)) if res.error else None}
         for k in param_keys:  # a trial interrupted right at its start has no config on disk yet
             row[k] = (res.config or {}).get(k)
         for k in METRIC_COLUMNS:
@@ -218,7 +224,10 @@ class ProgressPrinter(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         where = getattr(trial, "path", None) or trial.local_path
-        self.out(f"{self._stamp()} trial {trial_index(trial)} failed: see {where}/error.txt")
+        why = ""
+        if trial.error_file and Path(trial.error_file).is_file():
+            why = f" {error_summary(Path(trial.error_file).read_text(errors='replace'), 160)};"
+        self.out(f"{self._stamp()} trial {trial_index(trial)} failed:{why} see {where}/error.txt")
 
 
 def _short(v):

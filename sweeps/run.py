@@ -64,6 +64,7 @@ def run_sweep(sweep: Sweep, tracker) -> int:
     """Run (or resume) the sweep's Tuner, record what it did, print the summary; 130 if interrupted."""
     from sweeps.results import ProgressPrinter, PushSweepFiles, pareto_front, rows_from_grid, time_split, write_parquet
     from sweeps.search import close_interrupted, make_tuner
+    from sweeps.stall import StallWatchdog
     from sweeps.trial_hosts import StopHostedTrials
     from sweeps.summary import header, resume_command, summary
 
@@ -74,7 +75,9 @@ def run_sweep(sweep: Sweep, tracker) -> int:
         tracker.reopen()
     print(header(sweep))
     t0 = time.time()
-    callbacks = [ProgressPrinter(plan.total_steps, sweep.space.metric, trials=plan.trials), tracker,
+    # the watchdog first: its reason must be in a stalled trial's error.txt before the tracker reads it
+    watchdog = [] if s.reuse_workers else [StallWatchdog(s.stall_timeout, s.resource_timeout)]
+    callbacks = [*watchdog, ProgressPrinter(plan.total_steps, sweep.space.metric, trials=plan.trials), tracker,
                  PushSweepFiles(plan.storage.root, plan.name)]
     prefix = f"speedrun-host-{plan.name}"
 

@@ -163,7 +163,9 @@ def add_script_flags(p: argparse.ArgumentParser) -> None:
                    help="with --trainer: environment of every trial's script, e.g. --env NUM_ITERS=60")
     p.add_argument("--list-knobs", metavar="PATH", help="print what can be swept in a train_gpt.py and exit")
     p.add_argument("--stall-timeout", type=float, default=900.0, metavar="S",
-                   help="with --trainer: a trial whose script prints nothing for S seconds fails (default 900)")
+                   help="a trial that reports nothing for S seconds (after its first report; before it, for "
+                        "--resource-timeout + S, which covers a cold compile) is killed and fails as stalled; with "
+                        "--trainer, also a script that prints nothing for S seconds (default 900)")
 
 
 def parse_settings(argv: list[str] | None) -> SweepSettings:

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import signal
+import threading
 import time
 from dataclasses import dataclass, field, replace
 
@@ -163,6 +164,8 @@ def train_one(loop_config: dict, rank: int, send, extra: dict | None = None) -> 
         if fault and rank == 0 and metrics.get("step", 0) >= fault["step"] and "train_loss" in metrics:
             if fault["every"] or not os.path.exists(fault["marker"]):
                 open(fault["marker"], "a").close()
+                if fault.get("stall"):  # hangs as a dead collective peer would leave it
+                    threading.Event().wait()
                 os.kill(os.getpid(), signal.SIGKILL)
         report(metrics)
 
@@ -315,7 +318,7 @@ def trial_loop_config(config: dict, spec: TrialSpec) -> dict | None:
     index = index_from_dirname(ctx.get_trial_dir())
     fault = None
     if spec.faults and spec.faults.hits(index):
-        fault = {"step": spec.faults.step, "every": spec.faults.every(index),
+        fault = {"step": spec.faults.step, "every": spec.faults.every(index), "stall": spec.faults.stalls(index),
                  "marker": os.path.join(spec.log_dir or ctx.get_trial_dir(), f".fault-{ctx.get_trial_id()}")}
     return {"config": cfg.to_dict(), "trial_start": trial_start, "env": spec.env, "log_path": log_path,
             "code_version": spec.code_version, "fault": fault, "done_path": done_path, "track": spec.track,
@@ -356,8 +359,9 @@ def run_trial(config: dict, spec: TrialSpec) -> None:
 class FaultPlan:
     """Test-only fault injection: rank 0 of the chosen trials SIGKILLs itself at its first training report at
     or after `step`. `"2,5:every"` kills trial 2 on its first attempt only (Ray Train's retry recovers it)
-    and trial 5 on every attempt (it fails); `"rate=0.1,seed=3"` picks each trial with probability 0.1
-    (seeded, by trial index) and kills it on every attempt."""
+    and trial 5 on every attempt (it fails); `"4:stall"` makes trial 4 hang there instead (for ever, its
+    process alive); `"rate=0.1,seed=3"` picks each trial with probability 0.1 (seeded, by trial index) and
+    kills it on every attempt."""
     trials: dict = field(default_factory=dict)  # index -> "first" | "every"
     rate: float = 0.0
     seed: int = 0
@@ -374,8 +378,8 @@ class FaultPlan:
                 kw[key] = float(value) if key == "rate" else int(value)
             else:
                 index, _, when = item.partition(":")
-                if when not in ("", "first", "every") or not index.isdigit():
-                    raise ValueError(f"--inject-faults: {item!r} is not TRIAL[:first|every]")
+                if when not in ("", "first", "every", "stall") or not index.isdigit():
+                    raise ValueError(f"--inject-faults: {item!r} is not TRIAL[:first|every|stall]")
                 trials[int(index)] = when or "first"
         return cls(trials=trials, **kw)
 
@@ -385,7 +389,10 @@ class FaultPlan:
         return self.rate > 0 and random.Random(f"{self.seed}:{index}").random() < self.rate
 
     def every(self, index: int) -> bool:
-        return self.trials.get(index, "every") == "every"
+        return self.trials.get(index, "every") in ("every", "stall")
+
+    def stalls(self, index: int) -> bool:
+        return self.trials.get(index) == "stall"
 
 
 def worker_env(extra: dict | None = None) -> dict:

@@ -192,3 +192,50 @@ def assert_study_matches(folder, name: str, rows: list[dict], value_key: str):
         if t.state.name == "COMPLETE":
             assert t.value == pytest.approx(r[value_key])
     return study
+
+
+def ray_state_report(folder: Path) -> str:
+    """What a stalled sweep's local Ray holds: free and total resources, live placement groups and actors, and the
+    last line of each trial's log (printed by `report_if_stalled` before a test's own timeout kills it)."""
+    import ray
+    from ray.util.state import list_actors, list_placement_groups
+
+    have, total = ray.available_resources(), ray.cluster_resources()
+    lines = [f"available {k} {have.get(k, 0)} of {total[k]}" for k in ("CPU", "GPU") if k in total]
+    for pg in list_placement_groups(limit=1000, detail=True):
+        if pg.state != "REMOVED":
+            lines.append(f"placement group {pg.placement_group_id[:10]} {pg.state} {pg.bundles}")
+    for actor in list_actors(limit=1000):
+        if actor.state != "DEAD":
+            lines.append(f"actor {actor.class_name} {actor.state} pid {actor.pid}")
+    for log in sorted(folder.glob("logs/*.txt")):
+        tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["(empty)"]
+        lines.append(f"{log.name}: {tail[0]}")
+    return "\n".join(lines)
+
+
+@pytest.fixture
+def report_if_stalled(request):
+    """`report_if_stalled(folder, after_s)`: if the test is still running after `after_s` seconds, print Ray's state
+    and the trials' last log lines to stderr, so that a sweep that stalls says where before pytest-timeout stops it
+    (a 20-trial soak hung once in CI with nothing to tell why)."""
+    import sys
+    import threading
+
+    timers = []
+
+    def arm(folder: Path, after_s: float) -> None:
+        def dump() -> None:
+            try:
+                print(f"--- still running after {after_s:.0f} s ---\n{ray_state_report(folder)}", file=sys.stderr)
+            except Exception as error:  # a report, never a second failure
+                print(f"--- still running after {after_s:.0f} s; Ray's state unreadable: {error!r}", file=sys.stderr)
+
+        timer = threading.Timer(after_s, dump)
+        timer.daemon = True
+        timer.start()
+        timers.append(timer)
+
+    yield arm
+    for timer in timers:
+        timer.cancel()

@@ -3,12 +3,14 @@ after --max-failures), a diverging trial, and a 20-trial soak with failures inje
 
 import glob
 import math
+import warnings
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import ray_state_report
 from sweeps import run as sweep_cli
 from sweeps.search import SpeedrunOptunaSearch
 from sweeps.trial import FaultPlan
@@ -68,20 +70,45 @@ def test_killed_worker_is_retried_then_failed_and_divergence_is_learned(local_ra
     assert study[0.02].state.name == "FAIL"
 
 
+@pytest.mark.long  # about 3 minutes on a 2-core machine
+def test_a_stalled_trial_is_killed_with_the_reason_and_the_sweep_goes_on(local_ray, tmp_path):
+    # trial 1's rank 0 hangs at step 2 (its process alive, as behind a dead collective peer): the watchdog kills
+    # it 45 s after its last report; the other trials finish and the sweep ends on its own
+    rc, rows, runs = run_sweep(tmp_path, "--space", "muon_lr", "--trials", "3", "--steps", "6", "--concurrency", "2",
+                               "--cpus-per-worker", "0.5", "--max-failures", "0", "--inject-faults", "1:stall",
+                               "--stall-timeout", "45", *QUICK)
+    assert rc == 0
+    by_index = {r["trial_index"]: r for r in rows}
+    assert [by_index[i]["status"] for i in range(3)] == ["finished", "failed", "finished"]
+    assert glob.glob(str(tmp_path / "s" / "logs" / ".fault-*"))  # the hang really happened
+    assert by_index[1]["error"].startswith("stalled: nothing heard for") and "--stall-timeout 45" in by_index[1]["error"]
+    mlflow = {int(r.data.tags["trial_index"]): r for r in runs}
+    assert mlflow[1].info.status == "FAILED" and mlflow[1].data.tags["error"].startswith("stalled:")
+    assert mlflow[0].info.status == mlflow[2].info.status == "FINISHED"
+
+
 @pytest.mark.long
 @pytest.mark.timeout(1500)  # 20 trials, 3 at a time, on a 2-core CI machine: 8-10 minutes
-def test_soak_twenty_trials_with_random_failures(local_ray, tmp_path):
+def test_soak_twenty_trials_with_random_failures(local_ray, tmp_path, report_if_stalled):
+    report_if_stalled(tmp_path / "s", after_s=1200)
     faults = "rate=0.1,seed=8"
     plan = FaultPlan.parse(faults)
     doomed = {i for i in range(20) if plan.hits(i)}
     assert 1 <= len(doomed) <= 4  # about 10% (seed chosen so that the draw is not empty)
     rc, rows, runs = run_sweep(tmp_path, "--space", "muon_lr", "--trials", "20", "--steps", "6",
                                "--concurrency", "3", "--cpus-per-worker", "0.5", "--max-failures", "0",
-                               "--inject-faults", faults, *QUICK,
-                               "--set", "run.val_every=100000", "--set", "run.log_every=100000")  # 3 reports a trial
+                               "--inject-faults", faults, "--stall-timeout", "240", "--resource-timeout", "300",
+                               *QUICK, "--set", "run.val_every=100000", "--set", "run.log_every=100000")  # 3 reports a trial
     assert rc == 0
     assert sorted(r["trial_index"] for r in rows) == list(range(20))
-    failed = {r["trial_index"] for r in rows if r["status"] == "failed"}
+    # Ray itself hung one trial of this soak once in CI (25 minutes, the Tune loop alive): the watchdog now ends
+    # such a trial as stalled. At most one is Ray's rarity, and it is reported; the injected failures stay exact.
+    stalled = {r["trial_index"] for r in rows if r["status"] == "failed" and r["error"].startswith("stalled:")}
+    if stalled:
+        warnings.warn(f"soak: trial(s) {sorted(stalled)} stalled and were killed by the watchdog:\n"
+                      f"{ray_state_report(tmp_path / 's')}")
+    assert len(stalled) <= 1 and not stalled & doomed
+    failed = {r["trial_index"] for r in rows if r["status"] == "failed"} - stalled
     assert failed == doomed
     survivors = [r for r in rows if r["status"] != "failed"]
     assert all(r["status"] == "finished" and r["step"] == 6 for r in survivors)
@@ -89,6 +116,6 @@ def test_soak_twenty_trials_with_random_failures(local_ray, tmp_path):
     assert sorted(indices) == list(range(20))  # every trial in MLflow exactly once
     for r in runs:
         index = int(r.data.tags["trial_index"])
-        assert r.info.status == ("FAILED" if index in doomed else "FINISHED")
-        if index not in doomed:
+        assert r.info.status == ("FAILED" if index in doomed | stalled else "FINISHED")
+        if index not in doomed | stalled:
             assert r.data.metrics["val_loss"] == pytest.approx(next(x for x in rows if x["trial_index"] == index)["val_loss"])
