@@ -75,11 +75,11 @@ def run_sweep(sweep: Sweep, tracker) -> int:
         tracker.reopen()
     print(header(sweep))
     t0 = time.time()
-    # the watchdog first: its reason must be in a stalled trial's error.txt before the tracker reads it
-    watchdog = [] if s.reuse_workers else [StallWatchdog(s.stall_timeout, s.resource_timeout)]
-    callbacks = [*watchdog, ProgressPrinter(plan.total_steps, sweep.space.metric, trials=plan.trials), tracker,
-                 PushSweepFiles(plan.storage.root, plan.name)]
     prefix = f"speedrun-host-{plan.name}"
+    # the watchdog first: its reason must be in a stalled trial's error.txt before the tracker reads it
+    watchdog = StallWatchdog(s.stall_timeout, s.resource_timeout, prefix, plan.concurrency if s.reuse_workers else 0)
+    callbacks = [watchdog, ProgressPrinter(plan.total_steps, sweep.space.metric, trials=plan.trials), tracker,
+                 PushSweepFiles(plan.storage.root, plan.name)]
 
     def tuner(hosts: tuple = ()):
         if not hosts:

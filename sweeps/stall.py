@@ -13,11 +13,14 @@ class StallWatchdog(tune.Callback):
     """Driver side. A running trial may be silent for `startup_s + stall_s` seconds before its first report (waiting
     for resources, then compiling) and for `stall_s` seconds between reports; past that, its trial actor is killed
     (Ray then ends its Ray Train controller and workers) and Tune records it as failed; the reason ends its error.txt,
-    where the progress line, the results and MLflow's `error` tag read it.
+    where the progress line, the results and MLflow's `error` tag read it. Under --reuse-workers (`host_prefix`,
+    `hosts`) the trial runs in a warm host, not in its trial actor: that host is killed instead, Ray starts it afresh
+    and the trial runs again as after a crash (up to --max-failures times), each attempt with a fresh allowance.
     stall_s <= 0 turns the watchdog off."""
 
-    def __init__(self, stall_s: float, startup_s: float):
+    def __init__(self, stall_s: float, startup_s: float, host_prefix: str = "", hosts: int = 0):
         self.stall_s, self.startup_s = stall_s, startup_s
+        self.host_prefix, self.hosts = host_prefix, hosts
         self.heard: dict[str, tuple[float, bool]] = {}  # trial id -> (when it started or last reported, reported)
         self.killed: dict[str, str] = {}  # trial id -> the reason
 
@@ -36,7 +39,7 @@ class StallWatchdog(tune.Callback):
             return
         now = time.monotonic()
         for trial in trials:
-            if trial.status != "RUNNING" or trial.trial_id in self.killed:
+            if trial.status != "RUNNING" or (trial.trial_id in self.killed and not self.hosts):
                 continue
             since, reported = self.heard.setdefault(trial.trial_id, (now, False))
             allowed = self.stall_s if reported else self.startup_s + self.stall_s
@@ -49,8 +52,16 @@ class StallWatchdog(tune.Callback):
         what = "since its last report" if reported else "since it started, without a report"
         reason = (f"stalled: nothing heard for {silent_s:.0f}s {what}; the sweep killed it "
                   f"(--stall-timeout {self.stall_s:.0f})")
-        self.killed[trial.trial_id] = reason
-        ray.kill(trial.temporary_state.ray_actor, no_restart=True)
+        if not self.hosts:
+            self.killed[trial.trial_id] = reason
+            ray.kill(trial.temporary_state.ray_actor, no_restart=True)
+            return
+        from .trial_hosts import restart_host_of
+
+        if restart_host_of(self.host_prefix, self.hosts, trial.trial_id):
+            self.killed[trial.trial_id] = reason
+        # its next attempt (or, with no host holding it yet, its wait for one) gets a fresh allowance
+        self.heard[trial.trial_id] = (time.monotonic(), False)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         reason = self.killed.get(trial.trial_id)

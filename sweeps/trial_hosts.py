@@ -111,6 +111,10 @@ class TrialHost:
     def pid(self) -> int:
         return os.getpid()
 
+    def holder(self) -> str | None:
+        """The trial this host runs or is claimed for (read without the lock: a hung trial may hold it)."""
+        return self.owner
+
 
 def empty_cuda_cache() -> None:
     import torch
@@ -145,6 +149,23 @@ def stop_hosts(hosts: tuple) -> None:
 
     for host in hosts:
         ray.kill(host, no_restart=True)
+
+
+def restart_host_of(prefix: str, count: int, owner: str) -> bool:
+    """Kill the host (found by name) that runs trial `owner`, for Ray to start afresh: the trial's relay then runs it
+    again, up to --max-failures times, as after a crash. False when no host holds it."""
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    for name in host_names(prefix, count):
+        try:
+            host = ray.get_actor(name)
+            if ray.get(host.holder.remote(), timeout=10) == owner:
+                ray.kill(host, no_restart=False)
+                return True
+        except (ValueError, RayActorError, GetTimeoutError):  # gone, restarting, or too busy to answer
+            continue
+    return False
 
 
 def claim_host(hosts: tuple, owner: str, first: int):

@@ -55,6 +55,21 @@ def test_a_sweep_reuses_its_host_and_survives_a_killed_one(local_ray, tmp_path):
     assert rows[2]["val_loss"] == pytest.approx(fresh_process_val_loss(cfg), abs=1e-6)
 
 
+@pytest.mark.long  # about 2 minutes on a 2-core machine
+def test_a_stalled_hosted_trial_gets_a_fresh_host_and_fails_as_stalled(local_ray, tmp_path):
+    # trial 1 hangs inside its host (its process alive): the watchdog kills that host 45 s after the trial's last
+    # report, Ray starts it afresh, the trial (no retries left) fails as stalled and trial 2 trains on the new host
+    rc = sweep_cli.main(["--preset", "tiny", "--space", "muon_lr", "--trials", "3", "--steps", "6",
+                         "--scheduler", "none", "--concurrency", "1", "--reuse-workers", "--inject-faults", "1:stall",
+                         "--max-failures", "0", "--stall-timeout", "45", "--storage", str(tmp_path), "--name", "s",
+                         "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", *QUICK])
+    assert rc == 0
+    rows = sorted(pq.read_table(tmp_path / "s" / "results.parquet").to_pylist(), key=lambda r: r["trial_index"])
+    assert [r["status"] for r in rows] == ["finished", "failed", "finished"]
+    assert rows[1]["error"].startswith("stalled: nothing heard for") and "--stall-timeout 45" in rows[1]["error"]
+    assert rows[0]["host_pid"] != rows[2]["host_pid"] and rows[2]["host_trials_before"] == 0  # a fresh host
+
+
 def loop_config(cfg: TrainConfig) -> dict:
     return {"config": cfg.to_dict(), "trial_start": time.time(), "env": {"SPEEDRUN_CACHE": os.environ["SPEEDRUN_CACHE"]}}
 
