@@ -36,6 +36,13 @@ def error_summary(text: str, limit: int = 300) -> str:
     return (lines[-1] if lines else "unknown error")[:limit]
 
 
+def error_file_line(path: str | None, limit: int) -> str | None:
+    """The last line of a trial's error.txt (error_summary), or None where this machine does not have the file."""
+    if not path or not Path(path).is_file():
+        return None
+    return error_summary(Path(path).read_text(errors="replace"), limit)
+
+
 def error_text(res) -> str:
     """A failed trial's error.txt where this machine has it (a reason the driver added ends it), else Tune's error."""
     path = Path(res.path) / "error.txt"
@@ -224,10 +231,8 @@ class ProgressPrinter(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         where = getattr(trial, "path", None) or trial.local_path
-        why = ""
-        if trial.error_file and Path(trial.error_file).is_file():
-            why = f" {error_summary(Path(trial.error_file).read_text(errors='replace'), 160)};"
-        self.out(f"{self._stamp()} trial {trial_index(trial)} failed:{why} see {where}/error.txt")
+        why = error_file_line(trial.error_file, 160)
+        self.out(f"{self._stamp()} trial {trial_index(trial)} failed:{f' {why};' if why else ''} see {where}/error.txt")
 
 
 def _short(v):

@@ -27,7 +27,7 @@ from .sweep_data import Fingerprints, measured
 from .system_metrics import PREFIX as SYSTEM_PREFIX
 from .records import CANDIDATE, INTERRUPTED, Judge, Track
 from .protocol import ENDED, FINISHED, TrialStatus, trial_index
-from .results import error_summary
+from .results import error_file_line
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 # MLflow's run status per trial status, so that the run list shows at a glance which trials ran their schedule
@@ -284,8 +284,9 @@ class MlflowTracker(tune.Callback):
         if judge.differences:
             tags.append(RunTag("not_comparable", "; ".join(judge.differences)))
         self.client.log_batch(run_id, metrics=[Metric(k, v, _now_ms(), step) for k, v in finals.items()], tags=tags)
-        if error and trial.error_file and Path(trial.error_file).exists():
-            self.client.set_tag(run_id, "error", error_summary(Path(trial.error_file).read_text(), 500))
+        line = error_file_line(trial.error_file, 500) if error else None
+        if line:
+            self.client.set_tag(run_id, "error", line)
         self.done[trial_index(trial)] = {"history": history, "verdict": verdict, "status": status, "run_id": run_id,
                                          "reached": reached}
         self._trial_artifacts(run_id, trial, history, last)
