@@ -43,10 +43,10 @@ def error_file_line(path: str | None, limit: int) -> str | None:
     return error_summary(Path(path).read_text(errors="replace"), limit)
 
 
-def error_text(res) -> str:
-    """A failed trial's error.txt where this machine has it (a reason the driver added ends it), else Tune's error."""
-    path = Path(res.path) / "error.txt"
-    return path.read_text(errors="replace") if path.is_file() else str(res.error)
+def error_line(res) -> str:
+    """A failed trial's error: its error.txt's line where this machine has it (a reason the driver added ends it),
+    else Tune's error's."""
+    return error_file_line(str(Path(res.path) / "error.txt"), 300) or error_summary(str(res.error))
 
 
 def rows_from_grid(grid, param_keys: list[str]) -> list[dict]:
@@ -66,7 +66,7 @@ def rows_from_grid(grid, param_keys: list[str]) -> list[dict]:
                 if len(vals):
                     m[k] = float(vals.iloc[-1])
         row = {"trial_index": index, "trial_id": trial_id,
-               "status": str(trial_status(m, res.error)), "error": error_summary(error_text(res)) if res.error else None}
+               "status": str(trial_status(m, res.error)), "error": error_line(res) if res.error else None}
         for k in param_keys:  # a trial interrupted right at its start has no config on disk yet
             row[k] = (res.config or {}).get(k)
         for k in METRIC_COLUMNS:

@@ -215,7 +215,7 @@ def ray_state_report(folder: Path) -> str:
 
 
 @pytest.fixture
-def report_if_stalled(request):
+def report_if_stalled():
     """`report_if_stalled(folder, after_s)`: if the test is still running after `after_s` seconds, print Ray's state
     and the trials' last log lines to stderr, so that a sweep that stalls says where before pytest-timeout stops it
     (a 20-trial soak hung once in CI with nothing to tell why)."""
