@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .knobs import code_hash, diff, set_knobs
-from .protocol import FINISHED, REPLAYED, TrialStatus
+from .protocol import FINISHED, TrialStatus
 from .records import Track, projected_time_s
 from .script_space import ScriptConfig, split_params
 from .speedrun_logs import step_line
@@ -97,34 +97,32 @@ def run_script_trial(config: dict, spec: ScriptSpec) -> None:
     import ray.tune
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from .train_relay import TrainRelay, report_done
 
     trial_start = time.time()
     os.environ.update(spec.env)  # Ray Train hands its own RAY_TRAIN_* settings on to its controller
     ctx = ray.tune.get_context()
     trial_id = ctx.get_trial_id()
     done_path = os.path.join(spec.done_dir, f"{trial_id}.json") if spec.done_dir else ""
-    if done_path and fetch_path(spec.storage, done_path):  # it ended before a driver crash: report its end again
-        with open(done_path) as f:
-            ray.tune.report({**json.load(f), REPLAYED: True})
+    if report_done(spec.storage, done_path):  # it ended before a driver crash: report its end again
         return
     source, params = spec.trial_code(config)
     script, env = prepare_code(source, Path(spec.code_dir) / trial_id, params)
     resources = {"CPU": spec.cpus_per_worker}
     if spec.use_gpu:
         resources["GPU"] = spec.gpus_per_worker
-    trainer = DataParallelTrainer(
+    TrainRelay(done_path, spec.storage).run(lambda callbacks: DataParallelTrainer(
         script_worker,
         train_loop_config={"script": str(script), "env": {**spec.env, **env}, "trial_start": trial_start,
                            "stall_s": spec.stall_s, "done_path": done_path, "track": spec.track,
                            "use_gpu": spec.use_gpu, "storage": spec.storage},
         scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=spec.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=f"{ctx.get_experiment_name()}-{trial_id}", storage_path=spec.train_storage or None,
-                             callbacks=[TuneReportCallback()],
+                             callbacks=callbacks,
                              failure_config=FailureConfig(max_failures=spec.max_failures,
                                                           controller_failure_limit=0)),
-    )
-    trainer.fit()
+    ))
 
 
 def _die_with_parent() -> None:

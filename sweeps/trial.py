@@ -2,7 +2,7 @@
 
 The Tune trial reserves almost nothing (0.01 CPU); the TorchTrainer's workers reserve the real CPUs or
 GPUs. Ray sets RANK/WORLD_SIZE/LOCAL_RANK and the process group, so `speedrun.train` runs as under
-torchrun. Every rank reports (Ray Train V2's report is collective); `TuneReportCallback` forwards rank
+torchrun. Every rank reports (Ray Train V2's report is collective); `train_relay.TrainRelay` forwards rank
 0's metrics to Tune. The last report of a trial that ran to the end carries `finished_training`.
 """
 
@@ -19,11 +19,11 @@ from dataclasses import dataclass, field, replace
 
 from speedrun.config import TrainConfig
 
-from .protocol import TrialStatus, FINISHED, REPLAYED, index_from_dirname
+from .protocol import TrialStatus, FINISHED, index_from_dirname
 from .records import Track, projected_time_s
 from .system_metrics import SystemSampler
 from .spaces import Space
-from .storage import fetch_path, push_paths
+from .storage import push_paths
 
 
 
@@ -161,7 +161,8 @@ def train_one(loop_config: dict, rank: int, send, extra: dict | None = None) -> 
     warm = WarmStart.begin(cfg, loop_config.get("compile_cache", ""), rank)
 
     def report_or_die(metrics: dict) -> None:
-        if fault and rank == 0 and metrics.get("step", 0) >= fault["step"] and "train_loss" in metrics:
+        if fault and not fault.get("lost") and rank == 0 and metrics.get("step", 0) >= fault["step"] \
+                and "train_loss" in metrics:
             if fault["every"] or not os.path.exists(fault["marker"]):
                 open(fault["marker"], "a").close()
                 if fault.get("stall"):  # hangs as a dead collective peer would leave it
@@ -184,6 +185,9 @@ def train_one(loop_config: dict, rank: int, send, extra: dict | None = None) -> 
     if rank == 0 and loop_config.get("done_path"):  # the trial's end, durable before Tune hears of it
         write_json_atomic(loop_config["done_path"], final)
         push_paths(loop_config.get("storage", ""), loop_config["done_path"])
+        if fault and fault.get("lost"):  # test-only: the final report never leaves, as Ray once lost one
+            open(fault["marker"], "a").close()
+            threading.Event().wait()
     send(final)
 
 
@@ -303,14 +307,13 @@ def trial_loop_config(config: dict, spec: TrialSpec) -> dict | None:
     ended before a driver crash (its end is reported again here, nothing is re-trained)."""
     import ray.tune
 
+    from .train_relay import report_done
+
     trial_start = time.time()
     os.environ.update(spec.env)
     ctx = ray.tune.get_context()
     done_path = os.path.join(spec.done_dir, f"{ctx.get_trial_id()}.json") if spec.done_dir else ""
-    if done_path and fetch_path(spec.storage, done_path):
-        # This trial ended, but the driver died before Tune saved that: report its end again, don't re-train.
-        with open(done_path) as f:
-            ray.tune.report({**json.load(f), REPLAYED: True})
+    if report_done(spec.storage, done_path):  # it ended, but the driver died before Tune saved that
         return None
     params = {p.key: config[p.key] for p in spec.space.params}
     cfg = spec.config_for(params)
@@ -319,6 +322,7 @@ def trial_loop_config(config: dict, spec: TrialSpec) -> dict | None:
     fault = None
     if spec.faults and spec.faults.hits(index):
         fault = {"step": spec.faults.step, "every": spec.faults.every(index), "stall": spec.faults.stalls(index),
+                 "lost": spec.faults.loses(index),
                  "marker": os.path.join(spec.log_dir or ctx.get_trial_dir(), f".fault-{ctx.get_trial_id()}")}
     return {"config": cfg.to_dict(), "trial_start": trial_start, "env": spec.env, "log_path": log_path,
             "code_version": spec.code_version, "fault": fault, "done_path": done_path, "track": spec.track,
@@ -331,7 +335,8 @@ def run_trial(config: dict, spec: TrialSpec) -> None:
     import ray.tune
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from .train_relay import TrainRelay
 
     loop_config = trial_loop_config(config, spec)
     if loop_config is None:
@@ -340,19 +345,19 @@ def run_trial(config: dict, spec: TrialSpec) -> None:
     resources = {"CPU": spec.cpus_per_worker}
     if spec.use_gpu:
         resources["GPU"] = spec.gpus_per_worker
-    trainer = TorchTrainer(
+    # a test's fault plan waits less for a lost final report
+    TrainRelay(loop_config["done_path"], spec.storage, grace_s=10.0 if spec.faults else 60.0).run(lambda callbacks: TorchTrainer(
         worker_loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=spec.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=f"{ctx.get_experiment_name()}-{ctx.get_trial_id()}",
             storage_path=spec.train_storage or None,
-            callbacks=[TuneReportCallback()],
+            callbacks=callbacks,
             # a worker group that cannot start within the resource timeout (cluster.trial_env) fails the trial
             failure_config=FailureConfig(max_failures=spec.max_failures, controller_failure_limit=0),
         ),
-    )
-    trainer.fit()
+    ))
 
 
 @dataclass(frozen=True)
@@ -360,9 +365,10 @@ class FaultPlan:
     """Test-only fault injection: rank 0 of the chosen trials SIGKILLs itself at its first training report at
     or after `step`. `"2,5:every"` kills trial 2 on its first attempt only (Ray Train's retry recovers it)
     and trial 5 on every attempt (it fails); `"4:stall"` makes trial 4 hang there instead (for ever, its
-    process alive); `"rate=0.1,seed=3"` picks each trial with probability 0.1 (seeded, by trial index) and
+    process alive); `"3:lost"` lets trial 3 train to its end and write its done file, then hangs rank 0 instead
+    of sending the final report (as Ray once lost one: sweeps.train_relay); `"rate=0.1,seed=3"` picks each trial with probability 0.1 (seeded, by trial index) and
     kills it on every attempt."""
-    trials: dict = field(default_factory=dict)  # index -> "first" | "every"
+    trials: dict = field(default_factory=dict)  # index -> "first" | "every" | "stall" | "lost"
     rate: float = 0.0
     seed: int = 0
     step: int = 2
@@ -378,8 +384,8 @@ class FaultPlan:
                 kw[key] = float(value) if key == "rate" else int(value)
             else:
                 index, _, when = item.partition(":")
-                if when not in ("", "first", "every", "stall") or not index.isdigit():
-                    raise ValueError(f"--inject-faults: {item!r} is not TRIAL[:first|every|stall]")
+                if when not in ("", "first", "every", "stall", "lost") or not index.isdigit():
+                    raise ValueError(f"--inject-faults: {item!r} is not TRIAL[:first|every|stall|lost]")
                 trials[int(index)] = when or "first"
         return cls(trials=trials, **kw)
 
@@ -393,6 +399,9 @@ class FaultPlan:
 
     def stalls(self, index: int) -> bool:
         return self.trials.get(index) == "stall"
+
+    def loses(self, index: int) -> bool:
+        return self.trials.get(index) == "lost"
 
 
 def worker_env(extra: dict | None = None) -> dict:

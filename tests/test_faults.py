@@ -2,6 +2,7 @@
 after --max-failures), a diverging trial, and a 20-trial soak with failures injected at random."""
 
 import glob
+import json
 import math
 import warnings
 from pathlib import Path
@@ -68,6 +69,23 @@ def test_killed_worker_is_retried_then_failed_and_divergence_is_learned(local_ra
     assert study[1e8].state.name == "COMPLETE" and study[1e8].value == pytest.approx(by_index[1]["val_loss"])
     assert study[1e8].value > by_index[0]["val_loss"] + 1.0 and math.isfinite(study[1e8].value)
     assert study[0.02].state.name == "FAIL"
+
+
+def test_a_final_report_that_never_reaches_tune_is_taken_from_the_done_file(local_ray, tmp_path):
+    # trial 1 trains to its end and writes its done file, then its final report never leaves rank 0 (as Ray once
+    # lost one): the trial's relay reports the done file's end 10 s later and the trial finishes, long before the
+    # stall watchdog (--stall-timeout 600) would have failed it
+    rc, rows, runs = run_sweep(tmp_path, "--space", "muon_lr", "--trials", "2", "--steps", "6", "--concurrency", "2",
+                               "--cpus-per-worker", "0.5", "--max-failures", "0", "--inject-faults", "1:lost",
+                               "--stall-timeout", "600", *QUICK)
+    assert rc == 0
+    assert glob.glob(str(tmp_path / "s" / "logs" / ".fault-*"))  # the report really was held back
+    by_index = {r["trial_index"]: r for r in rows}
+    assert [by_index[i]["status"] for i in range(2)] == ["finished", "finished"]
+    done = json.loads(next((tmp_path / "s" / "done").glob(f"{by_index[1]['trial_id']}.json")).read_text())
+    assert by_index[1]["val_loss"] == pytest.approx(done["val_loss"]) and done["step"] == 6
+    mlflow = {int(r.data.tags["trial_index"]): r for r in runs}
+    assert mlflow[1].info.status == "FINISHED" and mlflow[1].data.metrics["val_loss"] == pytest.approx(done["val_loss"])
 
 
 @pytest.mark.long  # about 3 minutes on a 2-core machine
