@@ -106,7 +106,7 @@ def test_a_stalled_trial_is_killed_with_the_reason_and_the_sweep_goes_on(local_r
 
 
 @pytest.mark.long
-@pytest.mark.timeout(1500)  # 20 trials, 3 at a time, on a 2-core CI machine: 8-10 minutes
+@pytest.mark.timeout(1500)  # 20 trials, 4 at a time, on a 2-core CI machine: 7-10 minutes
 def test_soak_twenty_trials_with_random_failures(local_ray, tmp_path, report_if_stalled):
     report_if_stalled(tmp_path / "s", after_s=1200)
     faults = "rate=0.1,seed=8"
@@ -114,13 +114,14 @@ def test_soak_twenty_trials_with_random_failures(local_ray, tmp_path, report_if_
     doomed = {i for i in range(20) if plan.hits(i)}
     assert 1 <= len(doomed) <= 4  # about 10% (seed chosen so that the draw is not empty)
     rc, rows, runs = run_sweep(tmp_path, "--space", "muon_lr", "--trials", "20", "--steps", "6",
-                               "--concurrency", "3", "--cpus-per-worker", "0.5", "--max-failures", "0",
+                               "--concurrency", "4", "--cpus-per-worker", "0.5", "--max-failures", "0",
                                "--inject-faults", faults, "--stall-timeout", "240", "--resource-timeout", "300",
                                *QUICK, "--set", "run.val_every=100000", "--set", "run.log_every=100000")  # 3 reports a trial
     assert rc == 0
     assert sorted(r["trial_index"] for r in rows) == list(range(20))
-    # Ray itself hung one trial of this soak once in CI (25 minutes, the Tune loop alive): the watchdog now ends
-    # such a trial as stalled. At most one is Ray's rarity, and it is reported; the injected failures stay exact.
+    # Ray lost one trial's final report in CI (the trial hung, the Tune loop alive); sweeps.train_relay now takes
+    # such a trial's end from its done file. A hang of another kind the watchdog ends as stalled: at most one is
+    # Ray's rarity, and it is reported; the injected failures stay exact.
     stalled = {r["trial_index"] for r in rows if r["status"] == "failed" and r["error"].startswith("stalled:")}
     if stalled:
         warnings.warn(f"soak: trial(s) {sorted(stalled)} stalled and were killed by the watchdog:\n"

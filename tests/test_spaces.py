@@ -99,3 +99,20 @@ def test_points_that_compile_the_same_graphs_run_next_to_each_other():
     order = [(p["schedule.long_windows.2"], p["optim.muon_lr"]) for p in space.points_by_graphs()]
     # the control (window 11) first, then the other window-11 points, then the window-9 ones; stable within
     assert order == [(11, 0.023), (11, 0.04), (11, 0.01), (9, 0.02), (9, 0.03)]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_space_trains_at_its_corners(name):
+    """Each shipped space's lowest and highest points (a categorical's first and last choice) make a tiny config
+    that trains: the loss falls over 12 steps. A real Ray sweep of one space runs in tests/test_sweep.py."""
+    from speedrun.train import train
+
+    space = load_space(name, "tiny")
+    for corner in (0, -1):
+        params = {p.key: p.choices[corner] if p.type == "categorical" else (p.low, p.high)[corner]
+                  for p in space.params}
+        cfg = space.trial_config(params, 12).override({"run.warmup_steps": 0, "data.val_tokens": 4096,
+                                                       "run.val_every": 12})
+        result = train(cfg)
+        assert result.status == "finished" and result.steps == 12, params
+        assert result.val_loss < result.history[0]["val_loss"] - 0.3, params

@@ -1,6 +1,7 @@
 """Real sweeps on a real local Ray: the shared muon_lr sweep's trials (conftest.shared_sweep); ASHA stops a poor
-arm; parquet = Tune; the time objective reaches the searcher; and behind the `long` marker: every shipped space
-runs a trial, the curve pruner with the Pareto front, --confirm-top re-runs the winners with fresh seeds."""
+arm; parquet = Tune; the time objective reaches the searcher; and behind the `long` marker: the curve pruner with
+the Pareto front, --confirm-top re-runs the winners with fresh seeds (every shipped space trains in
+tests/test_spaces.py)."""
 
 import contextlib
 import io
@@ -57,14 +58,6 @@ def test_muon_lr_space_runs_its_trials(muon_sweep):
     assert sorted(r["trial_index"] for r in rows) == [0, 1]
     for row in rows:
         assert_one_trained_trial(row)
-
-
-@pytest.mark.long
-@pytest.mark.parametrize("space", ["adam_lr", "softcap", "windows", "schedule"])  # muon_lr: muon_sweep above
-def test_every_space_runs_a_trial(space, local_ray, tmp_path):
-    rows = sweep(tmp_path, "--space", space, "--trials", "1", "--steps", "12", "--scheduler", "none", *QUICK)
-    assert len(rows) == 1
-    assert_one_trained_trial(rows[0])
 
 
 def tune_last_results(folder: Path) -> dict[int, dict]:
