@@ -181,8 +181,13 @@ def train_one(loop_config: dict, rank: int, send, extra: dict | None = None) -> 
             push_paths(loop_config.get("storage", ""), loop_config["log_path"])
         if sampler is not None:
             sampler.stop()
-    final = {**final_metrics(result, cfg, loop_config.get("track")), **node}
-    if rank == 0 and loop_config.get("done_path"):  # the trial's end, durable before Tune hears of it
+    send_end(loop_config, rank, {**final_metrics(result, cfg, loop_config.get("track")), **node}, send)
+
+
+def send_end(loop_config: dict, rank: int, final: dict, send) -> None:
+    """The trial's final report; rank 0 first leaves it as the trial's done file, durable before Tune hears."""
+    fault = loop_config.get("fault")
+    if rank == 0 and loop_config.get("done_path"):
         write_json_atomic(loop_config["done_path"], final)
         push_paths(loop_config.get("storage", ""), loop_config["done_path"])
         if fault and fault.get("lost"):  # test-only: the final report never leaves, as Ray once lost one

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKER_SIDE = ("trial.py", "records.py", "protocol.py", "compile_cache.py", "spaces.py", "sweep_data.py")
+WORKER_SIDE = ("trial.py", "train_relay.py", "records.py", "protocol.py", "compile_cache.py", "spaces.py", "sweep_data.py")
 
 
 def imported(path: Path) -> set[str]:
