@@ -71,6 +71,7 @@ def test_killed_worker_is_retried_then_failed_and_divergence_is_learned(local_ra
     assert study[0.02].state.name == "FAIL"
 
 
+@pytest.mark.long  # about 2 minutes on a 2-core machine
 def test_a_final_report_that_never_reaches_tune_is_taken_from_the_done_file(local_ray, tmp_path):
     # trial 1 trains to its end and writes its done file, then its final report never leaves rank 0 (as Ray once
     # lost one): the trial's relay reports the done file's end 10 s later and the trial finishes, long before the

@@ -113,7 +113,7 @@ def test_fresh_runs_on_another_budget_than_the_tracks_are_refused(tmp_path, caps
 
 
 @pytest.mark.slow
-@pytest.mark.long
+@pytest.mark.extended
 def test_candidate_interleaved_with_a_baseline_through_ray(local_ray, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     baseline = tmp_path / "baseline.json"

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from test_resume import QUICK, Driver
 
-pytestmark = [pytest.mark.slow, pytest.mark.long]
+pytestmark = [pytest.mark.slow, pytest.mark.extended]
 HERE = Path(__file__).resolve().parent
 SPACE = str(HERE / "spaces" / "wide_arms.toml")
 VAL = ["--set", "run.val_every=2"]

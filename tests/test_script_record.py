@@ -22,7 +22,7 @@ def attempt(tmp_path, *argv) -> tuple[int, dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.long
+@pytest.mark.extended
 def test_a_knob_interleaved_with_the_unchanged_file_through_ray(local_ray, tmp_path):
     rc, v = attempt(tmp_path, "--set", "Muon.lr=0.02", "--baseline", STANDIN, "--runs", "2", "--seed-env", "SEED",
                     "--env", "NUM_ITERS=16", "--target", "2.6", "--workers-per-trial", "2", "--cpus-per-worker", "0.5")

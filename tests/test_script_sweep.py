@@ -31,7 +31,7 @@ def leftover_scripts(tmp_path) -> list[str]:
     return [line for line in ps.splitlines() if str(tmp_path) in line]
 
 
-@pytest.mark.long  # about 2.5 minutes on a 2-core machine (tests/test_sweep.py runs ASHA in the default step)
+@pytest.mark.extended  # about 2.5 minutes on a 2-core machine (tests/test_sweep.py runs ASHA in the default step)
 def test_a_script_sweep_with_asha(local_ray, tmp_path, capsys):
     rows = script_sweep(tmp_path, "standin.toml", "--seed", "2")
     out = capsys.readouterr().out
@@ -63,7 +63,7 @@ def test_a_script_sweep_with_asha(local_ray, tmp_path, capsys):
     assert runs["0"].data.tags["code_sha256"] == runs["0"].data.tags["source_sha256"]  # the control: unpatched
 
 
-@pytest.mark.long  # about 2.5 minutes on a 2-core machine: three script trials, one of them waits out a stall
+@pytest.mark.extended  # about 2.5 minutes on a 2-core machine: three script trials, one of them waits out a stall
 def test_killed_and_stalled_scripts_fail_and_the_sweep_goes_on(local_ray, tmp_path):
     # the stand-in's first console line comes after torch's import, gloo's set-up and a validation: on a cold,
     # loaded 2-core CI machine that took over 15 s, so the healthy trial 0 "stalled" too (all failed, exit 1)
@@ -76,7 +76,7 @@ def test_killed_and_stalled_scripts_fail_and_the_sweep_goes_on(local_ray, tmp_pa
     assert not leftover_scripts(tmp_path / "s" / "trial_code")
 
 
-@pytest.mark.long
+@pytest.mark.extended
 def test_a_sweep_whose_every_trial_fails_exits_non_zero_with_its_trials_recorded(local_ray, tmp_path, capsys):
     rows = script_sweep(tmp_path, "standin_all_fail.toml", "--scheduler", "none", "--max-failures", "0",
                         exit_code=sweep_cli.EXIT_ALL_FAILED)

@@ -101,6 +101,9 @@ def test_points_that_compile_the_same_graphs_run_next_to_each_other():
     assert order == [(11, 0.023), (11, 0.04), (11, 0.01), (9, 0.02), (9, 0.03)]
 
 
+SMALL_STEPS = {"data.max_micro_batch_tokens": 512, **{f"schedule.tokens_per_step.{i}": 512 for i in range(4)}}
+
+
 @pytest.mark.parametrize("name", SHIPPED)
 def test_every_space_trains_at_its_corners(name):
     """Each shipped space's lowest and highest points (a categorical's first and last choice) make a tiny config
@@ -111,7 +114,7 @@ def test_every_space_trains_at_its_corners(name):
     for corner in (0, -1):
         params = {p.key: p.choices[corner] if p.type == "categorical" else (p.low, p.high)[corner]
                   for p in space.params}
-        cfg = space.trial_config(params, 12).override({"run.warmup_steps": 0, "data.val_tokens": 4096,
+        cfg = space.trial_config(params, 12).override({**SMALL_STEPS, "run.warmup_steps": 0, "data.val_tokens": 4096,
                                                        "run.val_every": 12})
         result = train(cfg)
         assert result.status == "finished" and result.steps == 12, params

@@ -85,7 +85,7 @@ def test_push_pull_exists_and_listing(s3, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.long
+@pytest.mark.extended
 def test_a_sweep_in_s3_resumes_after_sigint_from_an_empty_local_copy(s3, tmp_path):
     work = tmp_path / "work"  # the drivers' working directory: no `s3:` folder may appear in it
     work.mkdir()

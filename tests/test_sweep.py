@@ -113,7 +113,7 @@ def test_asha_stops_the_poor_arm_and_results_match_tune(local_ray, tmp_path, cap
     assert study.trials[1].state.name == "PRUNED" and max(study.trials[1].intermediate_values) == poor["step"]
 
 
-@pytest.mark.long
+@pytest.mark.extended
 def test_curve_pruner_and_pareto_front_in_a_real_sweep(local_ray, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     rows = sweep(tmp_path, "--space", str(HERE / "spaces" / "curve_arms.toml"), "--scheduler", "curve",
@@ -165,7 +165,7 @@ def test_a_set_value_reaches_every_trial_as_given(muon_sweep):
     assert {r.data.params["schedule.num_scheduled_steps"] for r in trials} != {"260"}  # compressed to 12 steps
 
 
-@pytest.mark.long
+@pytest.mark.extended
 def test_confirm_top_reranks_by_the_mean(confirmed_sweep):
     tmp_path, rows, out = confirmed_sweep
     assert "confirmed ranking (mean over fresh seeds; verdict of the multi-run test)" in out

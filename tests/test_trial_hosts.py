@@ -110,7 +110,7 @@ def test_a_stopped_trial_leaves_its_host_clean(local_ray, how):
     assert reports[-1]["val_loss"] == pytest.approx(fresh_process_val_loss(short_run), abs=1e-6)
 
 
-@pytest.mark.long
+@pytest.mark.extended
 def test_an_interrupted_sweep_on_hosts_resumes(tmp_path):
     """SIGINT right after trial 0 (the next trial is already on the warm host), then --resume: a new driver's
     hosts run the rest."""
