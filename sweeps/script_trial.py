@@ -243,14 +243,12 @@ def report_end(rank: int, loop_config: dict, final: dict, exit_note: "ExitAfterE
     """The trial's final report, from every rank; rank 0 first leaves it as the trial's done marker."""
     import ray.train
 
+    from .trial import send_end
+
     if exit_note:  # it crashed after its final validation: the result stands, the exit is on record
         print(f"warning: {exit_note.message}", file=sys.stderr, flush=True)
         final["script_exit_code"] = exit_note.code
-    if rank == 0 and loop_config.get("done_path"):
-        from .trial import write_json_atomic
-        write_json_atomic(loop_config["done_path"], final)
-        push_paths(loop_config.get("storage", ""), loop_config["done_path"])
-    ray.train.report(final)
+    send_end(loop_config, rank, final, ray.train.report)
 
 
 @dataclass(frozen=True)

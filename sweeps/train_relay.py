@@ -65,7 +65,8 @@ class TrainRelay:
         trainer = make_trainer([QueueReportCallback(reports)])
         fit = threading.Thread(target=self._fit, args=(trainer,), name="ray-train-fit", daemon=True)
         fit.start()
-        while self._relay_one(reports, block=True):
+        while True:
+            self._relay_one(reports, block=True)
             if not fit.is_alive():
                 while self._relay_one(reports, block=False):
                     pass
@@ -83,14 +84,14 @@ class TrainRelay:
             self.outcome["error"] = error
 
     def _relay_one(self, reports, block: bool) -> bool:
-        """Relays one report if there is one; True while the relay goes on (always, when blocking)."""
+        """Relays one report if there is one (waiting up to 2 s for it when `block`); whether it relayed one."""
         import ray.tune
         from ray.util.queue import Empty
 
         try:
             metrics = reports.get(block=block, timeout=2.0 if block else None)
         except Empty:
-            return block
+            return False
         if metrics.get(FINISHED):
             self.final_seen_s = time.time()
         ray.tune.report(metrics)
