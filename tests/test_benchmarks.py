@@ -44,3 +44,18 @@ def test_loss_probe_runs_each_variant_and_names_the_first_non_finite_step():
     assert float(rows[1][1]) < float(rows[0][1])  # tiny's loss falls
     last = out.stdout.strip().splitlines()[-1]
     assert "eager: none" in last and "eager+warmup: none" in last and "optim.muon_lr=1e30: none" not in last
+
+
+def test_kernel_builds_times_every_candidate_on_a_gpu_and_says_it_needs_one_elsewhere():
+    """On a GPU: a row per candidate build of the three families; without one: exit 2 and a line that says so."""
+    import torch
+
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_builds.py"), "--rows", "4096",
+                          "--vocab", "8192"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    if not torch.cuda.is_available():
+        assert out.returncode == 2 and "needs a CUDA GPU" in out.stderr
+        return
+    assert out.returncode == 0, out.stderr[-2000:]
+    families = {line.split("|")[1].strip() for line in out.stdout.splitlines()
+                if line.startswith("| ") and "ms" not in line and "---" not in line}
+    assert {"up", "down", "head K=1", "head K=2"} <= families, out.stdout
