@@ -7,7 +7,9 @@ import sys
 
 import pytest
 
-ARGS = ["--preset", "tiny", "--steps", "40", "--set", "data.val_tokens=8192", "--set", "run.val_every=10"]
+# 20 steps of 1,024 then 2,048 tokens in 512-token micro-batches: one micro-batch per rank, then two (accumulated)
+ARGS = ["--preset", "tiny", "--steps", "20", "--set", "data.val_tokens=8192", "--set", "run.val_every=5",
+        "--set", "schedule.tokens_per_step=[1024,1024,2048,2048]", "--set", "data.max_micro_batch_tokens=512"]
 
 
 def run(cmd, out, env):
