@@ -169,6 +169,8 @@ class DataConfig:
     val_tokens: int = 10_485_760
     bos_id: int = 50256
     max_micro_batch_tokens: int = 49152  # per rank per forward; gradient accumulation covers the rest
+    # each validation forward is a sequence of its own (its first tokens lose the context before it), so this size
+    # moves the loss: 65,536 divides 10,485,760 / 8; a size that does not divide gets a filled-up last forward
     val_micro_batch_tokens: int = 65536
 
 

@@ -162,16 +162,18 @@ def val_fingerprint(paths: list[Path], val_tokens: int) -> str:
 
 
 def val_batches(paths: list[Path], val_tokens: int, micro_tokens: int, rank: int = 0,
-                world_size: int = 1) -> list[Batch]:
-    """The first val_tokens of the validation shards, contiguous, in chunks; chunk j goes to rank j % world."""
-    tokens = first_tokens(paths, val_tokens + 1).astype(np.int64)
-    out = []
-    for j, start in enumerate(range(0, val_tokens, micro_tokens)):
-        if j % world_size == rank:
-            end = min(start + micro_tokens, val_tokens)
-            buf = torch.from_numpy(tokens[start : end + 1])
-            out.append(Batch(buf[:-1].unsqueeze(0), buf[1:].unsqueeze(0)))
-    return out
+                world_size: int = 1, pad_id: int = 0) -> list[Batch]:
+    """The first val_tokens of the validation shards, contiguous, in chunks of micro_tokens; chunk j goes to rank
+    j % world. A last chunk short of micro_tokens is filled up (inputs pad_id, targets -1, which the losses skip):
+    every validation forward then has one shape, a training micro-batch's where they match, and compiles nothing
+    of its own. The model is causal, so the filler after the last token changes no loss before it."""
+    tokens = torch.from_numpy(first_tokens(paths, val_tokens + 1).astype(np.int64))
+    padded = -(-val_tokens // micro_tokens) * micro_tokens
+    inputs = torch.full((padded,), pad_id, dtype=torch.int64)
+    targets = torch.full((padded,), -1, dtype=torch.int64)
+    inputs[:val_tokens], targets[:val_tokens] = tokens[:-1], tokens[1:]
+    return [Batch(inputs[a : a + micro_tokens].unsqueeze(0), targets[a : a + micro_tokens].unsqueeze(0))
+            for j, a in enumerate(range(0, padded, micro_tokens)) if j % world_size == rank]
 
 
 # ---- download --------------------------------------------------------------------------------

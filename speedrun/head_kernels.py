@@ -37,8 +37,9 @@ def row_targets(targets: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Ten
     pos = torch.arange(T, device=targets.device)
     tgt, coef = [], []
     for k in range(K):
-        valid = pos < T - k
-        tgt.append(torch.where(valid, torch.roll(targets, -k, dims=1), -1))
+        rolled = torch.roll(targets, -k, dims=1)
+        valid = (pos < T - k) & (rolled >= 0)  # -1: no target (a validation batch's filler)
+        tgt.append(torch.where(valid, rolled, -1))
         coef.append(torch.where(valid, weights[k] / (B * (T - k)), 0.0).expand(B, T))
     return (torch.stack(tgt, -1).reshape(B * T, K).to(torch.int32),
             torch.stack(coef, -1).reshape(B * T, K).float())

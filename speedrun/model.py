@@ -424,7 +424,8 @@ class GPT(nn.Module):
             x = self.forward_unet(x0, tokens, ctxs, dtype)
         prefix = None
         if prefix_weight is not None and self.prefix_table is not None:
-            prefix = (self.prefix_table[targets], torch.as_tensor(prefix_weight, dtype=torch.float32, device=x.device))
+            prefix_targets = torch.where(targets >= 0, self.prefix_table[targets.clamp_min(0)], -1)
+            prefix = (prefix_targets, torch.as_tensor(prefix_weight, dtype=torch.float32, device=x.device))
         return self.head_loss(norm(x), targets, mtp_weights, prefix)
 
     def value_embed(self, layer: int, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
@@ -539,15 +540,17 @@ class GPT(nn.Module):
             if end <= start:
                 continue
             n = end - start
-            picked = pick(logits[:, :n], targets[:, start + k : end + k])
-            loss = loss + weights[k] * (lse[:, :n] - picked).sum() / (B * (T - k))
+            tk = targets[:, start + k : end + k]
+            picked = pick(logits[:, :n], tk)
+            loss = loss + weights[k] * torch.where(tk >= 0, lse[:, :n] - picked, 0.0).sum() / (B * (T - k))
         return loss
 
 
 def pick(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """logits[b, t, targets[b, t]] (eager; compiled code uses mtp_from_lse's masked sums, whose backward is
-    elementwise where a gather's scatters into a full-size zero tensor)."""
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    """logits[b, t, targets[b, t]]; a target of -1 (none) picks column 0, which callers mask out (eager; compiled
+    code uses mtp_from_lse's masked sums, whose backward is elementwise where a gather's scatters into a full-size
+    zero tensor)."""
+    return logits.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
 
 
 def mtp_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | tuple[float, ...],
@@ -564,8 +567,9 @@ def mtp_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor 
     lse = logits.logsumexp(dim=-1)
     total = logits.new_zeros(()) if prefix is None else prefix_loss(logits, lse, prefix)
     for k in range(min(weights.numel(), T)):
-        picked = pick(logits[:, : T - k], targets[:, k:])
-        total = total + weights[k] * (lse[:, : T - k] - picked).mean()
+        tk = targets[:, k:]
+        picked = pick(logits[:, : T - k], tk)
+        total = total + weights[k] * torch.where(tk >= 0, lse[:, : T - k] - picked, 0.0).mean()
     return total
 
 
@@ -577,5 +581,5 @@ def prefix_loss(logits: torch.Tensor, lse: torch.Tensor, prefix: tuple[torch.Ten
         vocab = torch.arange(logits.size(-1), device=logits.device)
         picked = torch.where(vocab == targets.unsqueeze(-1), logits, 0.0).sum(-1)
     else:
-        picked = pick(logits, targets.clamp_min(0))
+        picked = pick(logits, targets)
     return weight * torch.where(valid, lse - picked, 0.0).mean()

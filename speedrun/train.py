@@ -191,7 +191,8 @@ class _Trainer:
         self.val_paths = find_shards(data_dir, val_pattern)
         self.floor = sample_floor(data_dir, cfg.data.val_tokens) if cfg.data.source == "sample" else None
         val_micro = min(cfg.data.val_micro_batch_tokens, cfg.data.val_tokens)
-        self.val = val_batches(self.val_paths, cfg.data.val_tokens, val_micro, self.dist.rank, self.dist.world)
+        self.val = val_batches(self.val_paths, cfg.data.val_tokens, val_micro, self.dist.rank, self.dist.world,
+                               pad_id=cfg.data.bos_id)
 
         # read before anything heavy, so that a missing vocabulary fails at once (record #89 builds this table
         # inside its timed region; here it is part of start-up, ~0.1 s for GPT-2's)
@@ -305,16 +306,17 @@ class _Trainer:
             self.adam_accum = 0
         return total / n_chunks
 
-    def validate(self, step: int, final: bool) -> float:
+    def validate(self, step: int, final: bool, batches: int | None = None) -> float:
+        """The validation loss at `step` (`batches`: only the first few of this rank's batches, for the warm-up)."""
         # On the compiled FlexAttention path the validation loss runs under autograd (never differentiated):
         # torch 2.11's Inductor fails to lower FlexAttention in an inference graph whose block masks are built
         # inside it ("convert FlexibleLayout to FixedLayout first"), and a validation micro-batch shaped like a
         # training one then reuses the training step's compiled forward: validation compiles nothing of its own.
         autograd = self.compiled and self.flex
         with torch.set_grad_enabled(autograd):
-            return self._validate(step, final, toggle_eval=not autograd)
+            return self._validate(step, final, toggle_eval=not autograd, batches=batches)
 
-    def _validate(self, step: int, final: bool, toggle_eval: bool) -> float:
+    def _validate(self, step: int, final: bool, toggle_eval: bool, batches: int | None) -> float:
         sch = self.cfg.schedule
         stage = S.stage_at(sch, min(step, sch.total_steps - 1))
         long = stage.long_window
@@ -326,10 +328,10 @@ class _Trainer:
         if toggle_eval:
             self.model.eval()
         totals = torch.zeros(2, device=self.device, dtype=torch.float64)
-        for batch in self.val:
+        for batch in self.val[:batches]:
             loss = self._loss(batch, stage, self.val_mtp, stage.short_window, long).detach()
-            totals[0] += loss.double() * batch.targets.numel()
-            totals[1] += batch.targets.numel()
+            totals[0] += loss.double() * batch.targets.numel()  # the loss is a mean over every position ...
+            totals[1] += (batch.targets >= 0).sum()  # ... of which the filler's (target -1) add nothing
         if toggle_eval:
             self.model.train()
         for scales, saved in zip(self.model.delayed_fp8_scales(), saved_fp8):
@@ -356,7 +358,14 @@ class _Trainer:
                 seen.add(shape)
                 for i in range(n):
                     self.train_step(stage.start + i if stage.start + i < stage.end else stage.start)
-            self.validate(0, final=False)
+            # one batch of each validation shape the run meets compiles it: each stage's (its sequence length and,
+            # off the FlexAttention path, where windows are ints, its windows) and the last one's (final window)
+            seen.clear()
+            for stage in S.all_stages(self.cfg.schedule):
+                if (stage.max_seq_len, stage.short_window, stage.long_window) not in seen:
+                    seen.add((stage.max_seq_len, stage.short_window, stage.long_window))
+                    self.validate(stage.start, final=False, batches=1)
+            self.validate(self.cfg.schedule.total_steps, final=True, batches=1)
             self._sync()
             self._reset()
         return time.perf_counter() - t0

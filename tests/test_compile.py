@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
+from speedrun import schedule as S
 from speedrun.config import TrainConfig
 from speedrun.model import GPT
 from speedrun.optim import SpeedrunOptimizer
@@ -133,3 +134,19 @@ def test_a_warmed_up_run_compiles_nothing_more():
         trainer.train_step(step)
     assert not trainer.model.tied
     assert counter.frame_count == warm
+
+
+def test_validations_in_every_stage_compile_nothing_after_the_warm_up():
+    """Validation runs at each stage's sequence length (256 tokens in the first stage, 512 after) and, with 1,280
+    validation tokens in 512-token forwards, a filled-up last batch: the warm-up compiles each of these shapes once,
+    so no validation of the run (the final one included) compiles anything."""
+    counter = CompileCounter()
+    cfg = fast_tiny(16, **{"run.warmup_steps": 1, "run.val_every": 3, "data.val_tokens": 1280,
+                           "data.val_micro_batch_tokens": 512})
+    assert len({st.max_seq_len for st in S.all_stages(cfg.schedule)}) == 2
+    after_warmup = []
+    trainer = _Trainer(cfg, lambda m: after_warmup.append(counter.frame_count) if "startup_s" in m else None, None,
+                       compile_backend=counter)
+    result = trainer.run()
+    assert result.status == "finished" and len(result.history) == 7
+    assert after_warmup[0] > 0 and counter.frame_count == after_warmup[0]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from speedrun import data as D
 
@@ -106,6 +107,22 @@ def test_val_batches_contiguous_and_split(tmp_path):
     assert [len(x) for x in two] == [2, 2]
     with pytest.raises(D.ShardError, match="val_tokens"):
         D.val_batches(paths, 20_000, 1000)
+
+
+def test_a_short_last_validation_chunk_is_filled_to_the_common_shape(tmp_path):
+    """4,000 tokens in 1,500-token chunks: three chunks of one shape; the third's last 500 inputs are the filler
+    and its targets there -1, so the targets that count are exactly the 4,000 of the unfilled split."""
+    toks = make_stream(10_000)
+    D.write_shard(tmp_path / "v.bin", toks)
+    paths = D.find_shards(tmp_path, "v.bin")
+    filled = D.val_batches(paths, 4000, 1500, pad_id=7)
+    assert [b.inputs.shape for b in filled] == [(1, 1500)] * 3 == [b.targets.shape for b in filled]
+    targets = np.concatenate([b.targets[0].numpy() for b in filled])
+    assert np.array_equal(targets[:4000], toks[1:4001]) and (targets[4000:] == -1).all()
+    assert (filled[-1].inputs[0, 1000:] == 7).all()
+    assert np.array_equal(np.concatenate([b.inputs[0].numpy() for b in filled])[:4000], toks[:4000])
+    ranks = [D.val_batches(paths, 4000, 1500, rank=r, world_size=2, pad_id=7) for r in range(2)]
+    assert [len(x) for x in ranks] == [2, 1] and torch.equal(ranks[0][1].targets, filled[2].targets)
 
 
 class _HubStandIn(http.server.BaseHTTPRequestHandler):

@@ -170,3 +170,23 @@ def test_warm_up_then_reset_trains_exactly_like_no_warm_up(stages):
     cold, warmed = losses(0), losses(3)
     assert cold[-1] < cold[0] - 1
     assert warmed == cold
+
+
+def test_validation_with_a_filled_last_batch_gives_the_same_loss():
+    """2,000 validation tokens in 800-token forwards: the third holds 400 tokens and 400 of filler. After a few
+    training steps (the model reads context), its loss equals the loss with that batch cut to its 400 tokens (the
+    split before the filler existed): the filler counts nothing and changes nothing before it."""
+    from speedrun.data import Batch
+    from speedrun.train import _Trainer
+
+    trainer = _Trainer(fast_tiny(8, **{"data.val_tokens": 2000, "data.val_micro_batch_tokens": 800}), None, None)
+    for step in range(4):
+        trainer.train_step(step)
+    filled = trainer.val
+    assert [b.targets.shape[1] for b in filled] == [800] * 3 and int((filled[-1].targets < 0).sum()) == 400
+    loss_filled = trainer.validate(4, final=False)
+    trainer.val = filled[:2] + [Batch(filled[2].inputs[:, :400], filled[2].targets[:, :400])]
+    loss_cut = trainer.validate(4, final=False)
+    assert loss_filled == pytest.approx(loss_cut, abs=1e-5)
+    trainer.val = filled[:2] + [Batch(filled[2].inputs[:, :400], filled[2].targets[:, :400] * 0)]
+    assert abs(trainer.validate(4, final=False) - loss_cut) > 0.01  # the comparison sees the last batch's targets
