@@ -164,9 +164,9 @@ def val_fingerprint(paths: list[Path], val_tokens: int) -> str:
 def val_batches(paths: list[Path], val_tokens: int, micro_tokens: int, rank: int = 0,
                 world_size: int = 1, pad_id: int = 0) -> list[Batch]:
     """The first val_tokens of the validation shards, contiguous, in chunks of micro_tokens; chunk j goes to rank
-    j % world. A last chunk short of micro_tokens is filled up (inputs pad_id, targets -1, which the losses skip):
-    every validation forward then has one shape, a training micro-batch's where they match, and compiles nothing
-    of its own. The model is causal, so the filler after the last token changes no loss before it."""
+    j % world. A last chunk short of micro_tokens is filled up (inputs pad_id, targets -1, which the losses skip),
+    so that every validation forward has one shape (one compiled graph). The model is causal: the filler after the
+    last token changes no loss before it."""
     tokens = torch.from_numpy(first_tokens(paths, val_tokens + 1).astype(np.int64))
     padded = -(-val_tokens // micro_tokens) * micro_tokens
     inputs = torch.full((padded,), pad_id, dtype=torch.int64)

@@ -261,12 +261,13 @@ class _Trainer:
         return self._window_tensors[key]
 
     def _loss(self, batch, stage: S.Stage, mtp: torch.Tensor, short: int, long: int,
-              prefix_weight: torch.Tensor | None = None) -> torch.Tensor:
+              prefix_weight: torch.Tensor | None = None, max_seq_len: int | None = None) -> torch.Tensor:
+        """max_seq_len: documents are cut into pieces of at most this many tokens (default: the stage's)."""
         with self._autocast():
             return self.forward(batch.inputs.to(self.device, non_blocking=True),
                                 batch.targets.to(self.device, non_blocking=True),
-                                mtp, self._windows(short, long), stage.max_seq_len, self.cfg.data.bos_id, self.dtype,
-                                prefix_weight)
+                                mtp, self._windows(short, long), max_seq_len or stage.max_seq_len,
+                                self.cfg.data.bos_id, self.dtype, prefix_weight)
 
     def train_step(self, step: int) -> torch.Tensor:
         """One optimiser step; returns the global mean training loss (next-k weighted) as a tensor."""
@@ -329,7 +330,10 @@ class _Trainer:
             self.model.eval()
         totals = torch.zeros(2, device=self.device, dtype=torch.float64)
         for batch in self.val[:batches]:
-            loss = self._loss(batch, stage, self.val_mtp, stage.short_window, long).detach()
+            # whole documents, as record #89 validates (its eval attention takes the forward's length as the
+            # longest sequence); training cuts them at the stage's max_seq_len
+            loss = self._loss(batch, stage, self.val_mtp, stage.short_window, long,
+                              max_seq_len=batch.inputs.size(1)).detach()
             totals[0] += loss.double() * batch.targets.numel()  # the loss is a mean over every position ...
             totals[1] += (batch.targets >= 0).sum()  # ... of which the filler's (target -1) add nothing
         if toggle_eval:
@@ -358,12 +362,12 @@ class _Trainer:
                 seen.add(shape)
                 for i in range(n):
                     self.train_step(stage.start + i if stage.start + i < stage.end else stage.start)
-            # one batch of each validation shape the run meets compiles it: each stage's (its sequence length and,
-            # off the FlexAttention path, where windows are ints, its windows) and the last one's (final window)
+            # one batch of each validation shape the run meets compiles it: one on the FlexAttention path (windows
+            # are tensors there); off it, each stage's windows and the final window
             seen.clear()
             for stage in S.all_stages(self.cfg.schedule):
-                if (stage.max_seq_len, stage.short_window, stage.long_window) not in seen:
-                    seen.add((stage.max_seq_len, stage.short_window, stage.long_window))
+                if (stage.short_window, stage.long_window) not in seen:
+                    seen.add((stage.short_window, stage.long_window))
                     self.validate(stage.start, final=False, batches=1)
             self.validate(self.cfg.schedule.total_steps, final=True, batches=1)
             self._sync()

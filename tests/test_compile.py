@@ -137,13 +137,13 @@ def test_a_warmed_up_run_compiles_nothing_more():
 
 
 def test_validations_in_every_stage_compile_nothing_after_the_warm_up():
-    """Validation runs at each stage's sequence length (256 tokens in the first stage, 512 after) and, with 1,280
-    validation tokens in 512-token forwards, a filled-up last batch: the warm-up compiles each of these shapes once,
-    so no validation of the run (the final one included) compiles anything."""
+    """Off the FlexAttention path windows are ints, so each stage's validation is a graph of its own; with 1,280
+    validation tokens in 512-token forwards the last batch is filled up to the same shape: the warm-up compiles
+    each validation once, so no validation of the run (the final one, at its own window, included) compiles."""
     counter = CompileCounter()
     cfg = fast_tiny(16, **{"run.warmup_steps": 1, "run.val_every": 3, "data.val_tokens": 1280,
                            "data.val_micro_batch_tokens": 512})
-    assert len({st.max_seq_len for st in S.all_stages(cfg.schedule)}) == 2
+    assert len({(st.short_window, st.long_window) for st in S.all_stages(cfg.schedule)}) == 4
     after_warmup = []
     trainer = _Trainer(cfg, lambda m: after_warmup.append(counter.frame_count) if "startup_s" in m else None, None,
                        compile_backend=counter)

@@ -190,3 +190,25 @@ def test_validation_with_a_filled_last_batch_gives_the_same_loss():
     assert loss_filled == pytest.approx(loss_cut, abs=1e-5)
     trainer.val = filled[:2] + [Batch(filled[2].inputs[:, :400], filled[2].targets[:, :400] * 0)]
     assert abs(trainer.validate(4, final=False) - loss_cut) > 0.01  # the comparison sees the last batch's targets
+
+
+def test_validation_reads_whole_documents_as_the_record_does():
+    """Record #89 validates whole documents (its eval attention's longest sequence is the forward's length), where
+    training cuts them at the stage's max_seq_len: the validation loss does not depend on schedule.max_seq_lens."""
+    from speedrun import schedule as S
+    from speedrun.train import _Trainer
+
+    cfg = fast_tiny(8, **{"schedule.max_seq_lens": [256] * 4, "data.val_tokens": 2048,
+                          "data.val_micro_batch_tokens": 1024})
+    t = _Trainer(cfg, None, None)
+    for step in range(4):  # at init the attention's output projections are zero: no context matters yet
+        t.train_step(step)
+    at_256 = t.validate(4, final=False)
+    t.cfg = cfg.override({"schedule.max_seq_lens": [1024] * 4})
+    assert t.validate(4, final=False) == at_256
+    # the control: cutting these batches' documents at 256 tokens (the old validation) changes their loss
+    stage = S.stage_at(t.cfg.schedule, 4)
+    with torch.no_grad():
+        cut, whole = (t._loss(t.val[0], stage, t.val_mtp, stage.short_window, stage.long_window, max_seq_len=n).item()
+                      for n in (256, 1024))
+    assert abs(cut - whole) > 1e-6
