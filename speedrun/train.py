@@ -311,8 +311,7 @@ class _Trainer:
         """The validation loss at `step` (`batches`: only the first few of this rank's batches, for the warm-up)."""
         # On the compiled FlexAttention path the validation loss runs under autograd (never differentiated):
         # torch 2.11's Inductor fails to lower FlexAttention in an inference graph whose block masks are built
-        # inside it ("convert FlexibleLayout to FixedLayout first"), and a validation micro-batch shaped like a
-        # training one then reuses the training step's compiled forward: validation compiles nothing of its own.
+        # inside it ("convert FlexibleLayout to FixedLayout first").
         autograd = self.compiled and self.flex
         with torch.set_grad_enabled(autograd):
             return self._validate(step, final, toggle_eval=not autograd, batches=batches)
