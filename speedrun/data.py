@@ -168,12 +168,16 @@ def val_batches(paths: list[Path], val_tokens: int, micro_tokens: int, rank: int
     so that every validation forward has one shape (one compiled graph). The model is causal: the filler after the
     last token changes no loss before it."""
     tokens = torch.from_numpy(first_tokens(paths, val_tokens + 1).astype(np.int64))
-    padded = -(-val_tokens // micro_tokens) * micro_tokens
-    inputs = torch.full((padded,), pad_id, dtype=torch.int64)
-    targets = torch.full((padded,), -1, dtype=torch.int64)
-    inputs[:val_tokens], targets[:val_tokens] = tokens[:-1], tokens[1:]
-    return [Batch(inputs[a : a + micro_tokens].unsqueeze(0), targets[a : a + micro_tokens].unsqueeze(0))
-            for j, a in enumerate(range(0, padded, micro_tokens)) if j % world_size == rank]
+    out = []
+    for j, a in enumerate(range(0, val_tokens, micro_tokens)):
+        if j % world_size == rank:
+            n = min(micro_tokens, val_tokens - a)
+            inputs, targets = tokens[a : a + n], tokens[a + 1 : a + n + 1]  # views, but for the last chunk
+            if n < micro_tokens:
+                inputs = torch.cat([inputs, inputs.new_full((micro_tokens - n,), pad_id)])
+                targets = torch.cat([targets, targets.new_full((micro_tokens - n,), -1)])
+            out.append(Batch(inputs.unsqueeze(0), targets.unsqueeze(0)))
+    return out
 
 
 # ---- download --------------------------------------------------------------------------------
