@@ -363,10 +363,10 @@ class _Trainer:
                     self.train_step(stage.start + i if stage.start + i < stage.end else stage.start)
             # one batch of each validation shape the run meets compiles it: one on the FlexAttention path (windows
             # are tensors there); off it, each stage's windows and the final window
-            seen.clear()
+            val_windows = set()
             for stage in S.all_stages(self.cfg.schedule):
-                if (stage.short_window, stage.long_window) not in seen:
-                    seen.add((stage.short_window, stage.long_window))
+                if (stage.short_window, stage.long_window) not in val_windows:
+                    val_windows.add((stage.short_window, stage.long_window))
                     self.validate(stage.start, final=False, batches=1)
             self.validate(self.cfg.schedule.total_steps, final=True, batches=1)
             self._sync()
