@@ -81,6 +81,48 @@ def model_flops(cfg: TrainConfig, stage: S.Stage) -> float:
     return 6 * n * T + attn_flops
 
 
+def print_compile_metrics(stage: int) -> None:
+    """Per compilation so far (dynamo frame or backward graph): its phases and its slowest Triton kernels to build."""
+    import json
+    from torch._dynamo.utils import get_compilation_metrics
+    print(f"# compilations by stage {stage} (seconds; kernels: Triton build seconds, slowest first)", flush=True)
+    for m in get_compilation_metrics():
+        us = lambda name: (getattr(m, name, None) or 0) / 1e6  # noqa: E731
+        try:
+            kernels = json.loads(getattr(m, "triton_kernel_compile_times_us", None) or "[]")
+        except ValueError:
+            kernels = []
+        kernels = kernels.items() if isinstance(kernels, dict) else kernels
+        slowest = sorted(((name, t / 1e6) for name, t in kernels), key=lambda kv: -kv[1])[:6]
+        print(f"#  {m.co_name} frame {m.entire_frame_compile_time_s or 0:.1f} backend {m.backend_compile_time_s or 0:.1f}"
+              f" inductor {m.inductor_compile_time_s or 0:.1f} codegen {m.code_gen_time_s or 0:.1f}"
+              f" triton {us('triton_compile_time_us'):.1f} backward {us('backward_cumulative_compile_time_us'):.1f}"
+              f" runtime={m.is_runtime}", flush=True)
+        for name, t in slowest:
+            print(f"#      {t:6.1f}  {name}", flush=True)
+
+
+def profile_steps(trainer, st: S.Stage, args, sync) -> None:
+    """Profile two steps of `st`: kernels by device time, then the same ops split by input shape."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        for i in range(2):
+            trainer.train_step(min(st.start + args.warmup + args.steps + i, st.end - 1))
+        sync()
+    tables = []
+    for by_shape in (False, True):
+        averages = prof.key_averages(group_by_input_shape=by_shape)
+        try:
+            tables.append(averages.table(sort_by="self_device_time_total", row_limit=120, max_name_column_width=110,
+                                         max_shapes_column_width=110))
+        except Exception:  # older torch names it after CUDA
+            tables.append(averages.table(sort_by="self_cuda_time_total", row_limit=120, max_name_column_width=110))
+    Path(args.profile).write_text("\n\n".join(tables))
+    print(tables[0][:6000])
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=10, help="timed steps per stage")
@@ -89,6 +131,9 @@ def main() -> None:
     ap.add_argument("--plain", action="store_true", help="the portable path: eager, SDPA, no FP8")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     ap.add_argument("--profile", type=str, default="", help="after timing, profile 2 steps; write a table here")
+    ap.add_argument("--trace", type=str, default="", help="with --profile: also a Chrome trace (.json.gz) here")
+    ap.add_argument("--compile-times", action="store_true",
+                    help="after each stage's warm-up, print where dynamo/Inductor spent their compile seconds")
     ap.add_argument("--preset", default="record", help="(tiny: a CPU smoke test of this script)")
     ap.add_argument("--blocks", choices=["on", "off"], default="on",
                     help="off: record #89's blocks (MUDD, XSA, DC-MHA, prefix loss, ...) switched off")
@@ -134,6 +179,8 @@ def main() -> None:
             trainer.train_step(st.start + i)
         sync()
         warm_s = time.perf_counter() - t_w
+        if args.compile_times:
+            print_compile_metrics(st.index + 1)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t_s = time.perf_counter()
@@ -152,19 +199,7 @@ def main() -> None:
         if not math.isfinite(loss):
             print(f"# stage {r[0]}: the training loss is not finite: this speed is of a diverged run", flush=True)
         if args.profile:
-            from torch.profiler import ProfilerActivity, profile
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                for i in range(2):
-                    trainer.train_step(min(st.start + args.warmup + args.steps + i, st.end - 1))
-                sync()
-            try:
-                table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=60,
-                                                  max_name_column_width=90)
-            except Exception:  # older torch names it after CUDA
-                table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=60,
-                                                  max_name_column_width=90)
-            Path(args.profile).write_text(table)
-            print(table[:6000])
+            profile_steps(trainer, st, args, sync)
 
     print("\n| stage | tokens/step | seq len | windows | ms/step | tokens/s | MFU | peak mem GiB | compile s "
           "| last loss |")

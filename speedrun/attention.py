@@ -99,17 +99,34 @@ def sliding_block_mask(segment: torch.Tensor, window: int, paired: bool = False,
     every = (d > 0) & (d * block + (block - 1) < window) & (first.unsqueeze(1) == last.unsqueeze(2))
     partial = some & ~every
 
-    def to_indices(m: torch.Tensor):
-        counts = m.sum(-1, dtype=torch.int32)
-        order = torch.argsort(m.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
-        return counts[:, None].contiguous(), order[:, None].contiguous()  # a head dim of 1: same for all heads
-
     def mask_mod(b, h, q, k):
         return (k <= q) & (q - k < window) & (segment[b, q] == segment[b, k])
 
-    kv_num, kv_idx = to_indices(partial)
-    full_num, full_idx = to_indices(every)
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod)
+    # the key blocks of each query block and (for the backward) the query blocks of each key block
+    kv_num, kv_idx = ordered_blocks(partial)
+    full_num, full_idx = ordered_blocks(every)
+    q_num, q_idx = ordered_blocks(partial.transpose(1, 2))
+    full_q_num, full_q_idx = ordered_blocks(every.transpose(1, 2))
+    return BlockMask(seq_lengths=(T, T), kv_num_blocks=kv_num, kv_indices=kv_idx, full_kv_num_blocks=full_num,
+                     full_kv_indices=full_idx, q_num_blocks=q_num, q_indices=q_idx, full_q_num_blocks=full_q_num,
+                     full_q_indices=full_q_idx, BLOCK_SIZE=(block, block), mask_mod=mask_mod)
+
+
+def ordered_blocks(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """m: (B, rows, cols) bool. Per row, the count of True columns and all column indices, the True ones first,
+    each part ascending (what a stable descending argsort of m gives, as BlockMask.from_kv_blocks orders them),
+    with a head dim of 1 (the same for all heads).
+
+    Computed from a running count instead of a sort: Inductor (torch 2.11) builds an in-graph sort over a row of
+    384-768 blocks as one Triton kernel that took 110 s to compile on an H200, once per sequence length, and
+    from_kv_blocks sorts again to find the query blocks; here both orders come from cumsum and a scatter."""
+    ones = m.to(torch.int32)
+    counts = ones.sum(-1, dtype=torch.int32)
+    before = ones.cumsum(-1, dtype=torch.int32) - ones  # True columns left of each column
+    cols = torch.arange(m.size(-1), device=m.device, dtype=torch.int32)
+    slot = torch.where(m, before, counts.unsqueeze(-1) + cols - before)  # a permutation of 0..cols-1 per row
+    order = torch.empty_like(slot).scatter_(-1, slot.long(), cols.expand_as(slot).contiguous())
+    return counts[:, None].contiguous(), order[:, None].contiguous()
 
 
 def flex_windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask,

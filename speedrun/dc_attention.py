@@ -36,6 +36,8 @@ def dc_correction(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment: to
     scores = torch.einsum("bnqhd,bnkhd->bnhqk", qb.float(), kb.float()) * scale
     probs = scores.masked_fill(~mask.unsqueeze(2), float("-inf")).softmax(dim=-1)  # (B, n, H, C, 2C)
     mix = F.rms_norm(w1.float(), (H,), eps=1e-6).view(B, n, C, H)
-    pattern = torch.einsum("bnhqk,bnqh->bnqk", probs, mix)
+    # a weighted sum over 6 heads: as an einsum it ran as a batched matmul of inner size 1 whose backward (an outer
+    # product) took 0.9 ms per record micro-batch; written out it is one fused elementwise pass, in fp32
+    pattern = (probs * mix.transpose(2, 3).unsqueeze(-1)).sum(dim=2)
     out = torch.einsum("bnqk,bnkhd->bnqhd", pattern, vb.float()) * w2.float().view(B, n, C, H, 1)
     return out.reshape(B, n * C, H, D)[:, :T].to(v.dtype)

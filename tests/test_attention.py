@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from speedrun.attention import reference_attention, segment_ids, windowed_attention
+from speedrun.attention import reference_attention, segment_ids, sliding_block_mask, windowed_attention
 
 
 @pytest.mark.parametrize("T, window", [(64, 8), (100, 16), (37, 64), (96, 1), (128, 48)])
@@ -75,3 +75,24 @@ def test_flex_attention_is_chosen_only_where_its_kernel_can_tile_the_mask():
     with pytest.raises(ValueError, match="multiple of 128"):
         fast_path_kernels(tiny.override({"model.attn_kernel": "flex"}), gpu)
     assert not fast_path_kernels(record, torch.device("cpu"))[0]
+
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_sliding_block_mask_orders_blocks_as_flex_attention_does_without_sorting(paired):
+    """The BlockMask built from running counts holds the blocks in exactly the order FlexAttention's own stable
+    argsorts give, on both sides (key blocks per query block; query blocks per key block, for the backward)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 1000, (2, 4096))
+    tokens[torch.rand(tokens.shape) < 1 / 700] = 1000
+    mask = sliding_block_mask(segment_ids(tokens, 1000, 1024), 640, paired)
+    ref = BlockMask.from_kv_blocks(mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks,
+                                   mask.full_kv_indices, BLOCK_SIZE=128, mask_mod=mask.mask_mod)
+    for num, idx in ((mask.kv_num_blocks, mask.kv_indices), (mask.full_kv_num_blocks, mask.full_kv_indices)):
+        listed = torch.arange(idx.size(-1)) < num.unsqueeze(-1)
+        dense = torch.zeros_like(idx, dtype=torch.bool).scatter_(-1, idx.long(), listed)
+        assert 0 < dense.sum() < dense.numel() and torch.equal(dense.sum(-1), num)  # distinct blocks, some of each
+        assert torch.equal(idx, torch.argsort(dense.to(torch.int8), dim=-1, descending=True, stable=True).int())
+    for name in ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+        assert torch.equal(getattr(mask, name), getattr(ref, name)), name
