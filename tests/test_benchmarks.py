@@ -1,5 +1,7 @@
 """The speed benchmarks run on a CPU (their smoke presets) and say whether the run they timed still trained."""
 
+import gzip
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,37 @@ def test_throughput_prints_each_stages_last_loss():
     assert header.rstrip(" |").endswith("last loss")
     assert 5.0 < float(row.strip(" |").split("|")[-1]) < 12.0  # tiny's loss after 4 steps from ln(vocab)
     assert "not finite" not in out.stdout
+
+
+def test_throughput_profile_writes_tables_and_a_trace(tmp_path):
+    """--profile writes the op table and the same split by input shape; --trace a gzipped Chrome trace."""
+    table, trace = tmp_path / "prof.txt", tmp_path / "trace.json.gz"
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--preset", "tiny",
+                          "--stage", "1", "--steps", "1", "--warmup", "1", "--profile", str(table), "--trace", str(trace),
+                          "--compile-times"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = table.read_text()
+    assert "aten::mm" in text and "Input Shapes" in text  # the second table groups by shape
+    events = json.loads(gzip.open(trace).read())["traceEvents"]
+    assert any(e.get("name") == "aten::mm" for e in events)
+    assert "# compilations by stage 1" in out.stdout
+
+
+def test_compile_metrics_name_each_compiled_frame(capsys):
+    """What --compile-times prints for a real (eager-backend) compilation: the frame and its phase seconds."""
+    import torch
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import throughput
+    finally:
+        sys.path.pop(0)
+
+    def double_sine(x):
+        return x.sin() * 2
+
+    torch.compile(double_sine, backend="eager")(torch.ones(3))
+    throughput.print_compile_metrics(1)
+    assert any(line.startswith("#  double_sine frame ") for line in capsys.readouterr().out.splitlines())
 
 
 def test_throughput_flags_a_diverged_run():
