@@ -81,25 +81,26 @@ def model_flops(cfg: TrainConfig, stage: S.Stage) -> float:
     return 6 * n * T + attn_flops
 
 
-def print_compile_metrics(stage: int) -> None:
-    """Per compilation so far (dynamo frame or backward graph): its phases and its slowest Triton kernels to build."""
+def print_compile_metrics(stage: int, seen: int = 0) -> int:
+    """Each compilation after the first `seen` (dynamo frame or backward graph): its phases and its slowest Triton
+    kernels to build. Returns how many compilations there are now."""
     import json
     from torch._dynamo.utils import get_compilation_metrics
-    print(f"# compilations by stage {stage} (seconds; kernels: Triton build seconds, slowest first)", flush=True)
-    for m in get_compilation_metrics():
+    metrics = get_compilation_metrics()
+    print(f"# compilations up to stage {stage} (seconds; kernels: Triton build seconds, slowest first)", flush=True)
+    for m in metrics[seen:]:
         us = lambda name: (getattr(m, name, None) or 0) / 1e6  # noqa: E731
-        try:
+        try:  # a JSON list of [kernel, microseconds], slowest first
             kernels = json.loads(getattr(m, "triton_kernel_compile_times_us", None) or "[]")
         except ValueError:
             kernels = []
-        kernels = kernels.items() if isinstance(kernels, dict) else kernels
-        slowest = sorted(((name, t / 1e6) for name, t in kernels), key=lambda kv: -kv[1])[:6]
         print(f"#  {m.co_name} frame {m.entire_frame_compile_time_s or 0:.1f} backend {m.backend_compile_time_s or 0:.1f}"
               f" inductor {m.inductor_compile_time_s or 0:.1f} codegen {m.code_gen_time_s or 0:.1f}"
               f" triton {us('triton_compile_time_us'):.1f} backward {us('backward_cumulative_compile_time_us'):.1f}"
               f" runtime={m.is_runtime}", flush=True)
-        for name, t in slowest:
-            print(f"#      {t:6.1f}  {name}", flush=True)
+        for name, t in kernels[:6]:
+            print(f"#      {t / 1e6:6.1f}  {name}", flush=True)
+    return len(metrics)
 
 
 def profile_steps(trainer, st: S.Stage, args, sync) -> None:
@@ -169,7 +170,7 @@ def main() -> None:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     print(f"# {torch.cuda.get_device_name() if cuda else 'cpu'} | torch {torch.__version__} | {path} | set-up {setup_s:.1f}s", flush=True)
 
-    rows = []
+    rows, compilations = [], 0
     for st in chosen:
         if st.start > cfg.model.untie_step >= 0 and trainer.model.tied:  # as the real run would be by now
             trainer.model.untie()
@@ -180,7 +181,7 @@ def main() -> None:
         sync()
         warm_s = time.perf_counter() - t_w
         if args.compile_times:
-            print_compile_metrics(st.index + 1)
+            compilations = print_compile_metrics(st.index + 1, compilations)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t_s = time.perf_counter()
