@@ -81,6 +81,7 @@ class ModelConfig:
     fp8_weight_headroom: float = 1.12
     fp8_bootstrap_steps: int = 16
     fused_mlp: bool = True  # delayed FP8 MLP on FP8 hardware: relu^2 inside its matmuls (speedrun.mlp_kernels)
+    fused_qk_norm: bool = True  # FlexAttention path: QK-norm + RoPE in one Triton kernel (speedrun.qk_kernels)
     init: str = "record"  # record | public-2508: lm_head zero, embeddings N(0, 1)
     attn_kernel: str = "auto"  # auto: FlexAttention on CUDA when compiled, else SDPA | flex | sdpa
     loss_chunk_tokens: int = 8192  # lm_head + loss in chunks of this many tokens (memory, not maths)

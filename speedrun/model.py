@@ -29,6 +29,7 @@ from .dc_attention import dc_correction
 from .fp8 import capped_logsumexp, fp8_head_loss, fp8_linear, mtp_from_lse
 from .fp8_mlp import DelayedScales, fp8_delayed_mlp
 from .mudd import FINAL, LAST_LAYER, AttnInputs, MuddRouting
+from .qk_kernels import qk_norm_rope, rope
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -45,7 +46,8 @@ def previous_in_document(x: torch.Tensor, segment: torch.Tensor) -> torch.Tensor
 
 
 class CastedLinear(nn.Linear):
-    """fp32 master weight, cast to the activation dtype at use (or both operands to FP8 when `fp8` is set)."""
+    """fp32 master weight, cast to the activation dtype at use (or both operands to FP8 when `fp8` is set);
+    `scale` (a scalar tensor) multiplies the weight first."""
 
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
@@ -57,10 +59,11 @@ class CastedLinear(nn.Linear):
                 self.weight.uniform_(-bound, bound)
         self.fp8 = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        weight = self.weight if scale is None else scale * self.weight
         if self.fp8:
-            return fp8_linear(x, self.weight)
-        return F.linear(x, self.weight.type_as(x))
+            return fp8_linear(x, weight)
+        return F.linear(x, weight.type_as(x))
 
 
 class Rotary(nn.Module):
@@ -92,11 +95,7 @@ class Rotary(nn.Module):
         self.attn_scale.mul_(self.yarn_slope * math.log(new_window / old_window) + 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, H, D)
-        t = torch.arange(x.size(1), device=x.device, dtype=torch.float32)
-        theta = torch.outer(t, self.freq)
-        cos, sin = theta.cos()[None, :, None, :].type_as(x), theta.sin()[None, :, None, :].type_as(x)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+        return rope(x, self.freq)
 
 
 @dataclass
@@ -115,6 +114,7 @@ class CausalSelfAttention(nn.Module):
         self.cfg, self.paired, self.key_offset = cfg, paired, key_offset
         self.sa_lambdas = nn.Parameter(torch.tensor([0.5, 1.0])) if cfg.use_sa_lambdas else None
         self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.fused_qk = False  # QK-norm + RoPE as one Triton kernel (set with the fast path)
         if cfg.qk_head_pairs:  # Muon orthogonalises q and k per pair of heads (2 x head_dim rows each), v whole
             self.qk, self.v = CastedLinear(cfg.dim, 2 * cfg.dim), CastedLinear(cfg.dim, cfg.dim)
             self.qk.weight.muon_split = cfg.n_head
@@ -138,16 +138,19 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         H, D, gd = self.n_head, self.head_dim, self.cfg.gate_dims
         given = given or AttnInputs()
+        # sa_lambdas[0] scales q, k and v through the weight, as record #89 does: its gradient is then a sum over
+        # the weight, not over every q and k element (where, ahead of the norm, it is bf16 rounding noise)
+        lam = self.sa_lambdas[0] if self.sa_lambdas is not None else None
         if self.cfg.qk_head_pairs:
-            q, k = self.qk(x).view(B, T, 2, H, D).unbind(dim=2)
-            v = self.v(x).view(B, T, H, D)
+            q, k = self.qk(x, lam).view(B, T, 2, H, D).unbind(dim=2)
+            v = self.v(x, lam).view(B, T, H, D)
         else:
-            q, k, v = self.qkv(x).view(B, T, 3, H, D).unbind(dim=2)
-        if self.sa_lambdas is not None:
-            q, k, v = (self.sa_lambdas[0].type_as(t) * t for t in (q, k, v))
-        if self.cfg.use_qk_norm:
+            q, k, v = self.qkv(x, lam).view(B, T, 3, H, D).unbind(dim=2)
+        if self.cfg.use_qk_norm and self.cfg.use_rope:
+            q, k = (qk_norm_rope(t, ctx.rotary.freq, self.fused_qk) for t in (q, k))
+        elif self.cfg.use_qk_norm:
             q, k = norm(q), norm(k)
-        if self.cfg.use_rope:
+        elif self.cfg.use_rope:
             q, k = ctx.rotary(q), ctx.rotary(k)
         if self.key_offset:
             k = self.offset_keys(k, ctx.segment)
@@ -352,10 +355,13 @@ class GPT(nn.Module):
         self.flex = False
 
     def set_fast_path(self, flex: bool, fp8: bool) -> None:
-        """flex: FlexAttention (only worth it under torch.compile on a GPU); fp8: FP8 lm_head, and MLP (fp8_mlp)."""
+        """flex: FlexAttention (only worth it under torch.compile on a GPU), and with it the fused QK-norm + RoPE
+        kernel (fused_qk_norm); fp8: FP8 lm_head, and MLP (fp8_mlp)."""
         self.flex = flex
         self.lm_head.fp8 = fp8
         mlp_fp8 = fp8 and self.cfg.fp8_mlp
+        for attn in [b.attn for b in self.blocks if b.attn is not None]:
+            attn.fused_qk = flex and self.cfg.fused_qk_norm
         for mlp in [b.mlp for b in self.blocks]:
             mlp.fp8_delayed = mlp_fp8 and mlp.scales is not None
             mlp.fc.fp8 = mlp.proj.fp8 = mlp_fp8 and mlp.scales is None

@@ -268,3 +268,30 @@ def test_head_kernels_match_their_torch_reference():
     print(f"e5m2 entries that differ from torch's rounding: {flips:.2e}")
     assert flips < 1e-3
     assert head_loss_and_grad(z, tgt, coef, softcap, None, use_triton=True)[1] is None
+
+
+@pytest.mark.parametrize("T", [2048, 1001])
+def test_fused_qk_norm_rope_matches_the_torch_ops(T):
+    """The Triton QK-norm + RoPE (speedrun.qk_kernels) against the torch ops in fp64: forward and the gradient,
+    on a strided slice of a fused qkv output, eagerly and under torch.compile; 1001 tokens: a partial last program."""
+    from speedrun.model import Rotary
+    from speedrun.qk_kernels import qk_norm_rope, reference_qk_norm_rope
+
+    torch.manual_seed(0)
+    rotary = Rotary(128, 1 / 1024, 0.12).cuda()
+    rotary.yarn_extend(1024, 2048)
+    qkv = (3 * torch.randn(2, T, 3, 6, 128, device="cuda")).bfloat16().requires_grad_()
+    grad = torch.randn(2, T, 6, 128, device="cuda", dtype=torch.bfloat16)
+    ref_in = qkv.detach().double().requires_grad_()
+    ref = reference_qk_norm_rope(ref_in[:, :, 1], rotary.freq.double())
+    ref.backward(grad.double())
+    compiled = torch.compile(lambda t: qk_norm_rope(t[:, :, 1], rotary.freq, fused=True), fullgraph=True)
+    for fn in (lambda t: qk_norm_rope(t[:, :, 1], rotary.freq, fused=True), compiled):
+        qkv.grad = None
+        out = fn(qkv)
+        out.backward(grad)
+        assert out.is_contiguous() and out.dtype == torch.bfloat16
+        assert (out.double() - ref).norm() / ref.norm() < 5e-3
+        g, g_ref = qkv.grad.double(), ref_in.grad
+        assert g[:, :, 0].abs().max() == 0 and g[:, :, 2].abs().max() == 0  # only the k slice gets a gradient
+        assert (g - g_ref).norm() / g_ref.norm() < 1e-2
