@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from .config import OptimConfig
+from .data import to_device
 
 # Polar Express coefficients (Amsel, Persson, Musco, Gower 2025), five degree-5 iterations; numbers as published.
 POLAR_EXPRESS_COEFFS = (
@@ -247,7 +248,7 @@ class SpeedrunOptimizer:
                 adam_params.append(p)
                 rows.append(row + [float(p.grad is not None)])
         device = self.groups[0].params[0].device
-        hp = torch.tensor(rows, dtype=torch.float32).to(device, non_blocking=True)
+        hp = to_device(torch.tensor(rows, dtype=torch.float32), device)
         for i, (params, _) in enumerate(self.muon_buckets):
             self._muon_step(params, hp[i, :4])
         if adam_params:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from . import schedule as S
 from .config import TrainConfig
-from .data import TrainLoader, find_shards, val_batches
+from .data import TrainLoader, batches_to_device, find_shards, to_device, val_batches
 from .model import GPT
 from .optim import SpeedrunOptimizer
 from .prefix import load_ranks, prefix_table
@@ -191,8 +191,8 @@ class _Trainer:
         self.val_paths = find_shards(data_dir, val_pattern)
         self.floor = sample_floor(data_dir, cfg.data.val_tokens) if cfg.data.source == "sample" else None
         val_micro = min(cfg.data.val_micro_batch_tokens, cfg.data.val_tokens)
-        self.val = val_batches(self.val_paths, cfg.data.val_tokens, val_micro, self.dist.rank, self.dist.world,
-                               pad_id=cfg.data.bos_id)
+        self.val = batches_to_device(val_batches(self.val_paths, cfg.data.val_tokens, val_micro, self.dist.rank,
+                                                 self.dist.world, pad_id=cfg.data.bos_id), self.device)
 
         # read before anything heavy, so that a missing vocabulary fails at once (record #89 builds this table
         # inside its timed region; here it is part of start-up, ~0.1 s for GPT-2's)
@@ -264,8 +264,7 @@ class _Trainer:
               prefix_weight: torch.Tensor | None = None, max_seq_len: int | None = None) -> torch.Tensor:
         """max_seq_len: documents are cut into pieces of at most this many tokens (default: the stage's)."""
         with self._autocast():
-            return self.forward(batch.inputs.to(self.device, non_blocking=True),
-                                batch.targets.to(self.device, non_blocking=True),
+            return self.forward(to_device(batch.inputs, self.device), to_device(batch.targets, self.device),
                                 mtp, self._windows(short, long), max_seq_len or stage.max_seq_len,
                                 self.cfg.data.bos_id, self.dtype, prefix_weight)
 
@@ -281,11 +280,11 @@ class _Trainer:
         for scales in self.model.delayed_fp8_scales():
             scales.bootstrap.fill_(step < cfg.model.fp8_bootstrap_steps)
         micro = micro_tokens_for(stage.tokens_per_step, self.dist.world, cfg.data.max_micro_batch_tokens)
-        batches = self.loader.next_step(stage.tokens_per_step, micro)
+        batches = batches_to_device(self.loader.next_step(stage.tokens_per_step, micro), self.device)
         n_chunks = stage.tokens_per_step // micro
-        mtp = torch.tensor(S.mtp_weights(sch, step), dtype=torch.float32).to(self.device, non_blocking=True)
+        mtp = to_device(torch.tensor(S.mtp_weights(sch, step), dtype=torch.float32), self.device)
         pw = S.prefix_weight(sch, step) if self.model.prefix_table is not None else None
-        pw = None if pw is None else torch.tensor(pw, dtype=torch.float32).to(self.device, non_blocking=True)
+        pw = None if pw is None else to_device(torch.tensor(pw, dtype=torch.float32), self.device)
         total = torch.zeros((), device=self.device)
         for batch in batches:
             loss = self._loss(batch, stage, mtp, stage.short_window, stage.long_window, pw)

@@ -295,3 +295,15 @@ def test_fused_qk_norm_rope_matches_the_torch_ops(T):
         g, g_ref = qkv.grad.double(), ref_in.grad
         assert g[:, :, 0].abs().max() == 0 and g[:, :, 2].abs().max() == 0  # only the k slice gets a gradient
         assert (g - g_ref).norm() / g_ref.norm() < 1e-2
+
+
+def test_batches_reach_the_gpu_in_one_pinned_copy_unchanged():
+    from speedrun.data import Batch, batches_to_device
+
+    batches = [Batch(torch.arange(8).view(1, 8) + i, torch.arange(1, 9).view(1, 8) + i) for i in range(3)]
+    moved = batches_to_device(batches, torch.device("cuda"))
+    assert all(m.inputs.is_cuda and m.targets.is_cuda for m in moved)
+    assert [(m.inputs.cpu().tolist(), m.targets.cpu().tolist()) for m in moved] == \
+        [(b.inputs.tolist(), b.targets.tolist()) for b in batches]
+    uneven = batches + [Batch(torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 5, dtype=torch.long))]
+    assert [m.inputs.shape for m in batches_to_device(uneven, torch.device("cuda"))] == [b.inputs.shape for b in uneven]
