@@ -46,6 +46,7 @@ def time_config(options: dict, qkv: dict, masks: dict, reps: int) -> dict[str, f
     from torch.nn.attention.flex_attention import flex_attention
     from triton.testing import do_bench
 
+    torch._dynamo.reset()  # each options dict recompiles flex_attention: past the recompile limit otherwise
     attend = torch.compile(flex_attention, fullgraph=True, dynamic=False)
     times = {}
     for name, (q, k, v, grad) in qkv.items():
@@ -96,7 +97,6 @@ def main() -> None:
     if args.autotune:
         import torch._inductor.config as inductor_config
 
-        torch._dynamo.reset()
         with inductor_config.patch(max_autotune=True):
             times = time_config({}, qkv, masks, args.reps)
         per_step = 8 * sum(LAYER_MIX[n] * t for n, t in times.items())

@@ -69,6 +69,7 @@ def time_variant(variant: str, tokens: int, heads: int, head_dim: int, reps: int
     cos, sin = cos_sin_in_graph(tokens, freq, torch.bfloat16)
     scale = torch.tensor(0.12, device="cuda")
     grads = [torch.randn(1, tokens, heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    torch._dynamo.reset()  # each variant (and grad mode) is a recompile of `prepare`: start from none
     fn = torch.compile(prepare, fullgraph=True, dynamic=False)
 
     def fwd_bwd():
