@@ -22,7 +22,7 @@ from speedrun.attention import sliding_block_mask
 
 CANDIDATES = [
     {},
-    {"ROWS_GUARANTEED_SAFE": True, "BLOCKS_ARE_CONTIGUOUS": True},
+    {"ROWS_GUARANTEED_SAFE": True},  # every query sees at least itself
     {"BLOCK_M1": 64, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 64, "num_stages": 3, "num_warps": 4},
     {"BLOCK_M1": 32, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 32, "num_stages": 3, "num_warps": 4},
     {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
@@ -42,20 +42,28 @@ def random_segments(tokens: int, max_seq_len: int, mean_doc: int, seed: int) -> 
     return (doc * (tokens + 1) + (pos - first) // max_seq_len).unsqueeze(0)
 
 
-def time_config(options: dict, qkv: dict, masks: dict, reps: int) -> dict[str, float]:
+def time_config(options: dict, qkv: dict, masks: dict, reps: int) -> tuple[dict[str, float], dict]:
+    """(us per shape, {shape: (output, q's gradient)}) for one kernel_options dict."""
     from torch.nn.attention.flex_attention import flex_attention
     from triton.testing import do_bench
 
     torch._dynamo.reset()  # each options dict recompiles flex_attention: past the recompile limit otherwise
     attend = torch.compile(flex_attention, fullgraph=True, dynamic=False)
-    times = {}
+    times, results = {}, {}
     for name, (q, k, v, grad) in qkv.items():
         def step():
             out = attend(q, k, v, block_mask=masks[name], scale=0.12, kernel_options=dict(options) or None)
             torch.autograd.backward(out, grad)
-        step()
+            return out
+        q.grad = None
+        results[name] = (step().detach().float(), q.grad.float())
         times[name] = do_bench(step, warmup=5, rep=reps, return_mode="median", grad_to_none=[q, k, v])
-    return times
+    return times, results
+
+
+def max_difference(results: dict, base: dict) -> float:
+    """The largest difference from the defaults' output or q gradient: an option that breaks the maths shows."""
+    return max((a - b).abs().max().item() for name in results for a, b in zip(results[name], base[name]))
 
 
 def main() -> None:
@@ -84,24 +92,27 @@ def main() -> None:
         q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3))
         qkv[name] = (q, k, v, torch.randn(shape, device="cuda", dtype=torch.bfloat16))
     rows = [(json.dumps(c) if c else "defaults", c) for c in CANDIDATES + [json.loads(c) for c in args.config]]
-    print(f"{'kernel_options':<90} {'short us':>9} {'long us':>9} {'paired us':>9} {'ms/step':>8}")
+    print(f"{'kernel_options':<80} {'short us':>9} {'long us':>9} {'paired us':>9} {'ms/step':>8} {'max diff':>9}")
+    base = None
+
+    def row(label: str, times: dict, results: dict) -> None:
+        per_step = 8 * sum(LAYER_MIX[n] * t for n, t in times.items())
+        print(f"{label:<80} {times['short'] * 1e3:>9.0f} {times['long'] * 1e3:>9.0f} {times['paired'] * 1e3:>9.0f} "
+              f"{per_step:>8.1f} {max_difference(results, base):>9.2e}", flush=True)
+
     for label, options in rows:
         try:
-            times = time_config(options, qkv, masks, args.reps)
+            times, results = time_config(options, qkv, masks, args.reps)
         except Exception as exc:  # a tile that does not fit this GPU's shared memory, say
-            print(f"{label:<90} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
+            print(f"{label:<80} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
             continue
-        per_step = 8 * sum(LAYER_MIX[n] * t for n, t in times.items())
-        print(f"{label:<90} {times['short'] * 1e3:>9.0f} {times['long'] * 1e3:>9.0f} "
-              f"{times['paired'] * 1e3:>9.0f} {per_step:>8.1f}")
-    if args.autotune:
+        base = base or results
+        row(label, times, results)
+    if args.autotune and base:
         import torch._inductor.config as inductor_config
 
         with inductor_config.patch(max_autotune=True):
-            times = time_config({}, qkv, masks, args.reps)
-        per_step = 8 * sum(LAYER_MIX[n] * t for n, t in times.items())
-        print(f"{'max-autotune (chosen tiles: see AUTOTUNE lines above)':<90} {times['short'] * 1e3:>9.0f} "
-              f"{times['long'] * 1e3:>9.0f} {times['paired'] * 1e3:>9.0f} {per_step:>8.1f}")
+            row("max-autotune (the tiles it chose: its AUTOTUNE lines above)", *time_config({}, qkv, masks, args.reps))
 
 
 if __name__ == "__main__":
