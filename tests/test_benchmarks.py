@@ -92,3 +92,26 @@ def test_kernel_builds_times_every_candidate_on_a_gpu_and_says_it_needs_one_else
     families = {line.split("|")[1].strip() for line in out.stdout.splitlines()
                 if line.startswith("| ") and "ms" not in line and "---" not in line}
     assert {"up", "down", "head K=1", "head K=2"} <= families, out.stdout
+
+
+def test_kernel_micro_benchmarks_time_each_variant_on_a_gpu_and_say_they_need_one_elsewhere():
+    """qk_prep.py (QK-norm + RoPE written four ways and the Triton kernel) and flex_configs.py (FlexAttention
+    tile options): on a GPU a row per variant, each agreeing with the first; without one a clear exit."""
+    import torch
+
+    runs = {"qk_prep.py": ["--tokens", "4096", "--reps", "3"],
+            "flex_configs.py": ["--tokens", "4096", "--windows", "256", "512", "--reps", "20"]}
+    for script, args in runs.items():
+        out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                             text=True, timeout=600, cwd=ROOT)
+        if not torch.cuda.is_available():
+            assert out.returncode != 0 and "run it on a machine with CUDA" in out.stderr, out.stderr
+            continue
+        assert out.returncode == 0, out.stderr[-2000:]
+        lines = out.stdout.splitlines()
+        if script == "qk_prep.py":
+            fused = next(line.split() for line in lines if line.startswith("fused"))
+            assert float(fused[6]) < 0.1 and float(fused[7]) < 0.5, out.stdout  # output and gradient agree
+        else:
+            defaults = next(line.split() for line in lines if line.startswith("defaults"))
+            assert float(defaults[-1]) == 0.0, out.stdout
