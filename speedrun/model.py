@@ -94,8 +94,8 @@ class Rotary(nn.Module):
         self.freq.mul_(ratio + keep * (1 - ratio))
         self.attn_scale.mul_(self.yarn_slope * math.log(new_window / old_window) + 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, H, D)
-        return rope(x, self.freq)
+    def forward(self, x: torch.Tensor, paired: bool = False) -> torch.Tensor:  # x: (B, T, H, D)
+        return rope(x, self.freq, paired)
 
 
 @dataclass
@@ -115,6 +115,8 @@ class CausalSelfAttention(nn.Module):
         self.sa_lambdas = nn.Parameter(torch.tensor([0.5, 1.0])) if cfg.use_sa_lambdas else None
         self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
         self.fused_qk = False  # QK-norm + RoPE as one Triton kernel (set with the fast path)
+        if key_offset:
+            self.shifted_dims = nn.Buffer(self.unrotated_dims(cfg.head_dim, cfg.key_offset_dims), persistent=False)
         if cfg.qk_head_pairs:  # Muon orthogonalises q and k per pair of heads (2 x head_dim rows each), v whole
             self.qk, self.v = CastedLinear(cfg.dim, 2 * cfg.dim), CastedLinear(cfg.dim, cfg.dim)
             self.qk.weight.muon_split = cfg.n_head
@@ -147,11 +149,11 @@ class CausalSelfAttention(nn.Module):
         else:
             q, k, v = self.qkv(x, lam).view(B, T, 3, H, D).unbind(dim=2)
         if self.cfg.use_qk_norm and self.cfg.use_rope:
-            q, k = (qk_norm_rope(t, ctx.rotary.freq, self.fused_qk) for t in (q, k))
+            q, k = (qk_norm_rope(t, ctx.rotary.freq, self.fused_qk, self.paired) for t in (q, k))
         elif self.cfg.use_qk_norm:
             q, k = norm(q), norm(k)
         elif self.cfg.use_rope:
-            q, k = ctx.rotary(q), ctx.rotary(k)
+            q, k = ctx.rotary(q, self.paired), ctx.rotary(k, self.paired)
         if self.key_offset:
             k = self.offset_keys(k, ctx.segment)
         if given.ve_gate is not None and ve is not None:
@@ -195,9 +197,17 @@ class CausalSelfAttention(nn.Module):
         return y - torch.tanh(alpha).type_as(y) * along * v
 
     def offset_keys(self, k: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
-        """The last key_offset_dims (unrotated) dims of each key come from the previous token of the document."""
-        n = self.cfg.key_offset_dims
-        return torch.cat([k[..., :-n], previous_in_document(k[..., -n:], segment)], dim=-1)
+        """The last key_offset_dims of each key's unrotated dims come from the previous token of the document."""
+        return torch.where(self.shifted_dims, previous_in_document(k, segment), k)
+
+    @staticmethod
+    def unrotated_dims(head_dim: int, n: int) -> torch.Tensor:
+        """(head_dim,) bool: the last n dims that RoPE leaves as they are. Rotary turns pairs (j, j + D/2) for
+        j < D/4, so [D/4, D/2) and [3D/4, D) never rotate; record #89 (adjacent pairs in D's first half) shifts
+        its whole unrotated half, so 64 of 128 dims here are all of those, not the last 64 (half of them turn)."""
+        still = [d for d in range(head_dim) if head_dim // 4 <= d < head_dim // 2 or d >= 3 * head_dim // 4]
+        chosen = set(still[len(still) - n:])
+        return torch.tensor([d in chosen for d in range(head_dim)])
 
     @staticmethod
     def pair(t: torch.Tensor) -> torch.Tensor:

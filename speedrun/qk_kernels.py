@@ -1,6 +1,6 @@
 """QK-norm and half-RoPE of one attention input (queries or keys) in one Triton kernel each way (`model.fused_qk_norm`).
 
-    y = rotate(rms_norm(x), theta),  theta[t, j] = t * freq[j]   x (B, T, H, D) bf16, any row strides
+    y = rotate(rms_norm(x), theta),  theta[t, h, j] = position(t, h) * freq[j]   x (B, T, H, D) bf16, any strides
 
 Written as torch ops (`reference_qk_norm_rope`), Inductor fuses the norm and the rotation into one reduction
 kernel per tensor, but computes cos and sin per element (every head, again in backward) and reduces in two
@@ -20,27 +20,34 @@ ROWS_PER_PROGRAM = 16
 EPS = torch.finfo(torch.float32).eps  # what F.rms_norm uses for a bf16 input (it computes in fp32)
 
 
-def rope(x: torch.Tensor, freq: torch.Tensor) -> torch.Tensor:
+def rope(x: torch.Tensor, freq: torch.Tensor, paired: bool = False) -> torch.Tensor:
     """x (B, T, H, D) at positions 0..T-1: element j of D's first half and element j of its second half rotate
-    together by t * freq[j] (freq (D/2,); zeros leave a pair as it is)."""
-    t = torch.arange(x.size(1), device=x.device, dtype=torch.float32)
-    theta = torch.outer(t, freq)
-    cos, sin = theta.cos()[None, :, None, :].type_as(x), theta.sin()[None, :, None, :].type_as(x)
+    together by position * freq[j] (freq (D/2,); zeros leave a pair as it is). paired: record #89's paired-head
+    layers, where heads 2i and 2i+1 of token t sit at positions 2t and 2t+1 of the doubled sequence they attend
+    over (CausalSelfAttention.pair), and rotate at those positions."""
+    T, H = x.size(1), x.size(2)
+    t = torch.arange(T, device=x.device, dtype=torch.float32)
+    if paired:
+        pos = 2 * t[:, None] + (torch.arange(H, device=x.device) % 2).float()[None, :]  # (T, H)
+        theta = (pos[..., None] * freq)[None]
+    else:
+        theta = torch.outer(t, freq)[None, :, None, :]
+    cos, sin = theta.cos().type_as(x), theta.sin().type_as(x)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
-def reference_qk_norm_rope(x: torch.Tensor, freq: torch.Tensor) -> torch.Tensor:
+def reference_qk_norm_rope(x: torch.Tensor, freq: torch.Tensor, paired: bool = False) -> torch.Tensor:
     """The same maths as torch ops."""
-    return rope(F.rms_norm(x, (x.size(-1),)), freq)
+    return rope(F.rms_norm(x, (x.size(-1),)), freq, paired)
 
 
-def _launch(kernel, x: torch.Tensor, freq: torch.Tensor, *tensors: torch.Tensor) -> None:
+def _launch(kernel, x: torch.Tensor, freq: torch.Tensor, paired: bool, *tensors: torch.Tensor) -> None:
     B, T, H, D = x.shape
     rows = B * T * H
     grid = (triton_cdiv(rows, ROWS_PER_PROGRAM),)
     kernel[grid](x, freq, *tensors, rows, T, H, x.stride(0), x.stride(1), x.stride(2), EPS,
-                 ROWS=ROWS_PER_PROGRAM, HALF=D // 2, num_warps=4)
+                 ROWS=ROWS_PER_PROGRAM, HALF=D // 2, PAIRED=paired, num_warps=4)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -48,48 +55,49 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 @torch.library.custom_op("speedrun::qk_norm_rope", mutates_args=())
-def _forward(x: torch.Tensor, freq: torch.Tensor) -> torch.Tensor:
+def _forward(x: torch.Tensor, freq: torch.Tensor, paired: bool) -> torch.Tensor:
     from .qk_triton import qk_norm_rope_fwd_kernel
 
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-    _launch(qk_norm_rope_fwd_kernel, x, freq, out)
+    _launch(qk_norm_rope_fwd_kernel, x, freq, paired, out)
     return out
 
 
 @_forward.register_fake
-def _(x, freq):
+def _(x, freq, paired):
     return torch.empty(x.shape, device=x.device, dtype=x.dtype)
 
 
 @torch.library.custom_op("speedrun::qk_norm_rope_backward", mutates_args=())
-def _backward(x: torch.Tensor, freq: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+def _backward(x: torch.Tensor, freq: torch.Tensor, paired: bool, grad: torch.Tensor) -> torch.Tensor:
     from .qk_triton import qk_norm_rope_bwd_kernel
 
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-    _launch(qk_norm_rope_bwd_kernel, x, freq, grad.contiguous(), dx)
+    _launch(qk_norm_rope_bwd_kernel, x, freq, paired, grad.contiguous(), dx)
     return dx
 
 
 @_backward.register_fake
-def _(x, freq, grad):
+def _(x, freq, paired, grad):
     return torch.empty(x.shape, device=x.device, dtype=x.dtype)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)
+    x, freq, ctx.paired = inputs
+    ctx.save_for_backward(x, freq)
 
 
 def _grad(ctx, grad: torch.Tensor):
     x, freq = ctx.saved_tensors
-    return _backward(x, freq, grad), None  # freq: a buffer (YaRN sets it), never trained
+    return _backward(x, freq, ctx.paired, grad), None, None  # freq: a buffer (YaRN sets it), never trained
 
 
 _forward.register_autograd(_grad, setup_context=_setup_context)
 
 
-def qk_norm_rope(x: torch.Tensor, freq: torch.Tensor, fused: bool) -> torch.Tensor:
-    """rms_norm then half-RoPE of x (B, T, H, D) at positions 0..T-1 of each row; freq (D/2,) fp32.
+def qk_norm_rope(x: torch.Tensor, freq: torch.Tensor, fused: bool, paired: bool = False) -> torch.Tensor:
+    """rms_norm then half-RoPE of x (B, T, H, D) at the positions `rope` gives; freq (D/2,) fp32.
     fused: the Triton kernels (CUDA, bf16, D even, unit stride along D), else torch ops."""
     if fused and x.is_cuda and x.dtype == torch.bfloat16 and x.stride(-1) == 1 and x.size(-1) % 2 == 0:
-        return _forward(x, freq.float().contiguous())
-    return reference_qk_norm_rope(x, freq)
+        return _forward(x, freq.float().contiguous(), paired)
+    return reference_qk_norm_rope(x, freq, paired)

@@ -270,10 +270,11 @@ def test_head_kernels_match_their_torch_reference():
     assert head_loss_and_grad(z, tgt, coef, softcap, None, use_triton=True)[1] is None
 
 
-@pytest.mark.parametrize("T", [2048, 1001])
-def test_fused_qk_norm_rope_matches_the_torch_ops(T):
+@pytest.mark.parametrize("T,paired", [(2048, False), (1001, False), (1001, True)])
+def test_fused_qk_norm_rope_matches_the_torch_ops(T, paired):
     """The Triton QK-norm + RoPE (speedrun.qk_kernels) against the torch ops in fp64: forward and the gradient,
-    on a strided slice of a fused qkv output, eagerly and under torch.compile; 1001 tokens: a partial last program."""
+    on a strided slice of a fused qkv output, eagerly and under torch.compile; 1001 tokens: a partial last program;
+    paired: a paired-head layer's positions (2t + head % 2)."""
     from speedrun.model import Rotary
     from speedrun.qk_kernels import qk_norm_rope, reference_qk_norm_rope
 
@@ -283,10 +284,10 @@ def test_fused_qk_norm_rope_matches_the_torch_ops(T):
     qkv = (3 * torch.randn(2, T, 3, 6, 128, device="cuda")).bfloat16().requires_grad_()
     grad = torch.randn(2, T, 6, 128, device="cuda", dtype=torch.bfloat16)
     ref_in = qkv.detach().double().requires_grad_()
-    ref = reference_qk_norm_rope(ref_in[:, :, 1], rotary.freq.double())
+    ref = reference_qk_norm_rope(ref_in[:, :, 1], rotary.freq.double(), paired)
     ref.backward(grad.double())
-    compiled = torch.compile(lambda t: qk_norm_rope(t[:, :, 1], rotary.freq, fused=True), fullgraph=True)
-    for fn in (lambda t: qk_norm_rope(t[:, :, 1], rotary.freq, fused=True), compiled):
+    compiled = torch.compile(lambda t: qk_norm_rope(t[:, :, 1], rotary.freq, True, paired), fullgraph=True)
+    for fn in (lambda t: qk_norm_rope(t[:, :, 1], rotary.freq, True, paired), compiled):
         qkv.grad = None
         out = fn(qkv)
         out.backward(grad)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from speedrun.config import TrainConfig
 from speedrun.model import GPT, CastedLinear, Rotary
-from speedrun.qk_kernels import qk_norm_rope, reference_qk_norm_rope
+from speedrun.qk_kernels import qk_norm_rope, reference_qk_norm_rope, rope
 
 
 def test_reference_is_rms_norm_then_the_models_rotary():
@@ -59,3 +59,39 @@ def test_record89_attention_trains_its_sa_lambdas_through_the_weight():
     loss.backward()
     lams = [b.attn.sa_lambdas for b in model.blocks if b.attn is not None]
     assert lams and all(lam.grad is not None and lam.grad[0] != 0 for lam in lams)
+
+
+def test_paired_heads_rotate_at_their_positions_in_the_doubled_sequence():
+    """Record #89's paired-head layers: heads 2i and 2i+1 of token t sit at positions 2t and 2t+1 of the
+    sequence they attend over, and rotate there (its paired Yarn tables): rotating then pairing must equal
+    pairing then rotating that sequence at its own positions."""
+    from speedrun.model import CausalSelfAttention
+
+    torch.manual_seed(0)
+    rotary = Rotary(64, 1 / 1024, 0.12)
+    x = torch.randn(2, 24, 6, 64)
+    pair = CausalSelfAttention.pair
+    assert torch.allclose(pair(reference_qk_norm_rope(x, rotary.freq, paired=True)),
+                          reference_qk_norm_rope(pair(x), rotary.freq), atol=1e-5)
+    assert not torch.allclose(pair(reference_qk_norm_rope(x, rotary.freq)), reference_qk_norm_rope(pair(x), rotary.freq))
+    assert torch.equal(rotary(x, paired=True), rope(x, rotary.freq, True))
+
+
+def test_key_offset_moves_only_dims_that_rope_leaves_alone():
+    """record: 64 of 128 key dims come from the previous token, all of them unrotated (as record #89 shifts its
+    unrotated half); the rotated ones, and every dim of a document's first token, stay the key's own."""
+    cfg = TrainConfig.preset("record").model
+    from speedrun.model import CausalSelfAttention
+
+    attn = CausalSelfAttention(cfg, paired=False, key_offset=True, has_value_embed=False)
+    rotary = Rotary(cfg.head_dim, cfg.rope_min_freq, cfg.attn_scale)
+    freq_of_dim = torch.cat([rotary.freq, rotary.freq])
+    torch.manual_seed(0)
+    k = torch.randn(1, 10, cfg.n_head, cfg.head_dim)
+    segment = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 1, 1]])
+    out = attn.offset_keys(k, segment)
+    moved = attn.shifted_dims
+    assert moved.sum() == cfg.key_offset_dims == 64 and (freq_of_dim[moved] == 0).all()
+    assert torch.equal(out[..., ~moved], k[..., ~moved])
+    assert torch.equal(out[0, 1:4][..., moved], k[0, 0:3][..., moved])
+    assert (out[0, [0, 4]][..., moved] == 0).all()  # a document's first token has no previous one
