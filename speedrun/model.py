@@ -141,7 +141,7 @@ class CausalSelfAttention(nn.Module):
         H, D, gd = self.n_head, self.head_dim, self.cfg.gate_dims
         given = given or AttnInputs()
         # sa_lambdas[0] scales q, k and v through the weight, as record #89 does: its gradient is then a sum over
-        # the weight, not over every q and k element (where, ahead of the norm, it is bf16 rounding noise)
+        # the weight, not over every q and k element (where, ahead of the norm, it is mostly bf16 rounding noise)
         lam = self.sa_lambdas[0] if self.sa_lambdas is not None else None
         if self.cfg.qk_head_pairs:
             q, k = self.qk(x, lam).view(B, T, 2, H, D).unbind(dim=2)
@@ -186,9 +186,8 @@ class CausalSelfAttention(nn.Module):
             y = y * given.gate.unsqueeze(-1)
         elif self.gate is not None:
             y = y * torch.sigmoid(F.linear(x[..., :gd], self.gate.type_as(x))).unsqueeze(-1)
-        if self.sa_lambdas is not None:
-            y = self.sa_lambdas[1].type_as(y) * y
-        return self.proj(y.reshape(B, T, H * D))
+        # sa_lambdas[1] through the output weight too (record #89: its gradient is a sum over the weight, not over y)
+        return self.proj(y.reshape(B, T, H * D), self.sa_lambdas[1] if self.sa_lambdas is not None else None)
 
     @staticmethod
     def exclusive(y: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
