@@ -13,7 +13,9 @@ does:
              is one folder per sweep);
   artifacts  an empty Inductor cache folder, but the portable cache artifacts the cold run saved are loaded
              first (a later trial on another node of the cluster: sweeps.compile_cache.ArtifactStore).
-"start-up s" is from the parent's launch of the process to the end of warm-up (Python and torch import,
+Each warm-up phase (a stage shape's steps, a validation shape) prints its seconds to stderr as it ends (a run cut
+short still says where its time went). "start-up s" is
+from the parent's launch of the process to the end of warm-up (Python and torch import,
 data, model, compile); "compile s" is the warm-up alone; "dynamo s" the part dynamo's own timers attribute to
 tracing and the backend ("backend s", Inductor and AOTAutograd, cache loads included).
 """
@@ -47,7 +49,7 @@ def child(spec: dict) -> None:
     cfg = TrainConfig.from_dict(spec["config"])
     store = ArtifactStore(spec["store"])
     loaded = store.load("bench") if spec["load"] else False
-    trainer = _Trainer(cfg, report=None, log=None)
+    trainer = _Trainer(cfg, report=None, log=lambda line: print(line, flush=True))  # the warm-up's phases
     compile_s = trainer.warmup()
     end = time.time()
     if profiler:
@@ -71,11 +73,18 @@ def run_one(name: str, spec: dict, cache_dir: str) -> dict:
 
     env = dict(os.environ, **cache_env(cache_dir), PYTHONPATH=str(ROOT))  # as a sweep's trials have them
     t0 = time.time()
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, text=True,
-                          capture_output=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        sys.exit(f"startup: the {name} run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines, tail = [], []
+    for line in proc.stdout:  # the warm-up's phases as they finish: a run cut short still says where it got
+        if line.startswith("RESULT "):
+            lines.append(line)
+        elif line.startswith("warm-up: "):
+            print(f"# {name} {line.rstrip()} (at {time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+        else:
+            tail = (tail + [line])[-60:]
+    if proc.wait() or not lines:
+        sys.exit(f"startup: the {name} run failed (exit {proc.returncode}):\n{''.join(tail)[-3000:]}")
     row = json.loads(lines[-1][len("RESULT "):])
     row["startup_s"] = row.pop("end") - t0
     row["import_s"] = row.pop("imported") - t0

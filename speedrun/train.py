@@ -13,7 +13,7 @@ import math
 import os
 import resource
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -346,7 +346,8 @@ class _Trainer:
         return (totals[0] / totals[1]).item()
 
     def warmup(self) -> float:
-        """Untimed steps at every distinct stage shape (compiles on GPU), then reset everything."""
+        """Untimed steps at every distinct stage shape (compiles on GPU), then reset everything. Logs the seconds
+        each shape and each validation shape took (on a GPU, mostly compiling)."""
         t0 = time.perf_counter()
         n = self.cfg.run.warmup_steps
         if n:
@@ -358,19 +359,30 @@ class _Trainer:
                 if shape in seen:
                     continue
                 seen.add(shape)
-                for i in range(n):
-                    self.train_step(stage.start + i if stage.start + i < stage.end else stage.start)
+                with self._timed_warmup(f"stage {stage.index + 1} ({stage.tokens_per_step} tokens/step, seq "
+                                        f"{stage.max_seq_len}, windows {stage.short_window}/{stage.long_window})"):
+                    for i in range(n):
+                        self.train_step(stage.start + i if stage.start + i < stage.end else stage.start)
             # one batch of each validation shape the run meets compiles it: one on the FlexAttention path (windows
             # are tensors there); off it, each stage's windows and the final window
             val_windows = set()
             for stage in S.all_stages(self.cfg.schedule):
                 if (stage.short_window, stage.long_window) not in val_windows:
                     val_windows.add((stage.short_window, stage.long_window))
-                    self.validate(stage.start, final=False, batches=1)
-            self.validate(self.cfg.schedule.total_steps, final=True, batches=1)
-            self._sync()
+                    with self._timed_warmup(f"validation, windows {stage.short_window}/{stage.long_window}"):
+                        self.validate(stage.start, final=False, batches=1)
+            with self._timed_warmup("final validation"):
+                self.validate(self.cfg.schedule.total_steps, final=True, batches=1)
             self._reset()
         return time.perf_counter() - t0
+
+    @contextmanager
+    def _timed_warmup(self, what: str):
+        t = time.perf_counter()
+        yield
+        self._sync()
+        if self.log:
+            self.log(f"warm-up: {what}: {time.perf_counter() - t:.1f} s")
 
     def run(self) -> TrainResult:
         cfg, sch = self.cfg, self.cfg.schedule

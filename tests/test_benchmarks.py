@@ -115,3 +115,13 @@ def test_kernel_micro_benchmarks_time_each_variant_on_a_gpu_and_say_they_need_on
         else:
             defaults = next(line.split() for line in lines if line.startswith("defaults"))
             assert float(defaults[-1]) == 0.0, out.stdout
+
+
+def test_startup_prints_each_warm_up_phase_as_it_ends_and_a_row_per_run():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "startup.py"), "--tiny", "--runs", "cold"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    phases = [line for line in out.stderr.splitlines() if line.startswith("# cold warm-up: ")]
+    assert any("stage 1 " in p for p in phases) and phases[-1].startswith("# cold warm-up: final validation: ")
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| cold |")]
+    assert len(rows) == 1 and float(rows[0].split("|")[2]) > 0

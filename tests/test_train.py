@@ -212,3 +212,21 @@ def test_validation_reads_whole_documents_as_the_record_does():
         cut, whole = (t._loss(t.val[0], stage, t.val_mtp, stage.short_window, stage.long_window, max_seq_len=n).item()
                       for n in (256, 1024))
     assert abs(cut - whole) > 1e-6
+
+
+def test_warm_up_logs_the_seconds_of_each_shape_it_compiles():
+    """One line per distinct stage shape and per validation shape, each with its seconds (a trial's start-up,
+    broken down: on a GPU these are the compilations)."""
+    from speedrun import schedule as S
+
+    cfg = TrainConfig.preset("tiny").override({"run.warmup_steps": 1})
+    lines: list[str] = []
+    _Trainer(cfg, None, lines.append).warmup()
+    warm = [line for line in lines if line.startswith("warm-up: ")]
+    stages = S.all_stages(cfg.schedule)
+    shapes = {(s.tokens_per_step, s.max_seq_len, s.short_window, s.long_window) for s in stages}
+    windows = {(s.short_window, s.long_window) for s in stages}
+    assert len([w for w in warm if w.startswith("warm-up: stage ")]) == len(shapes) > 1, warm
+    assert len([w for w in warm if "validation, windows" in w]) == len(windows), warm
+    assert warm[-1].startswith("warm-up: final validation: ")
+    assert all(float(w.rsplit(": ", 1)[1].removesuffix(" s")) >= 0 for w in warm)
