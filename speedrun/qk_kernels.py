@@ -5,8 +5,8 @@
 Written as torch ops (`reference_qk_norm_rope`), Inductor fuses the norm and the rotation into one reduction
 kernel per tensor, but computes cos and sin per element (every head, again in backward) and reduces in two
 passes over the row; in a stage-3 step's profile on an H200 its backward took ~550 us a call where the bytes
-need ~150 us (these kernels: ~75 us). Here a program holds whole rows of D values in registers: one read of x, one write
-of y; backward reads x and dy once, writes dx once, with cos/sin computed once per row and pair. Numbers: fp32
+need ~150 us (these kernels: ~75 us). Here a program holds whole rows of D values in registers: one read of x,
+one write of y; backward reads x and dy once, writes dx once, with cos/sin computed once per row and pair. Numbers: fp32
 inside, bf16 out, F.rms_norm's eps for bf16 input (float32's); eager rounds the norm to bf16 before rotating,
 Inductor and this kernel do not.
 """
