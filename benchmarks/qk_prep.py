@@ -14,9 +14,10 @@ kernels for this part running ~3.5x over the bytes they move; the variants say w
     both        table + weight
     fused       weight, with norm + RoPE in speedrun.qk_kernels' Triton kernels (what the trainer runs)
 
-"bytes" is the time the reads and writes alone need at the given bandwidth. The agreement columns compare each variant with the first (in-graph); the "weight" variants
-differ by lambda = 0.5 (not applied) and carry no lambda gradient. "per step" multiplies by 10
-attention layers x 8 micro-batches (one GPU doing a stage-3 step by accumulation).
+"bytes" is the time the reads and writes alone need at the given bandwidth. The agreement columns compare each
+variant with the first (in-graph); the "weight" variants differ by lambda = 0.5 (not applied) and carry no lambda
+gradient. "per step" multiplies by 10 attention layers x 8 micro-batches (one GPU doing a stage-3 step by
+accumulation).
 """
 
 from __future__ import annotations
@@ -25,23 +26,13 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from speedrun.qk_kernels import qk_norm_rope
+from speedrun.model import Rotary
+from speedrun.qk_kernels import qk_norm_rope, rope, rotate_pairs
 
 PER_STEP = 10 * 8
 
 
-def half_rope_freq(head_dim: int, min_freq: float = 1 / 1024) -> torch.Tensor:
-    quarter = head_dim // 4
-    freq = min_freq ** torch.linspace(0, 1, quarter, dtype=torch.float32)
-    return torch.cat([freq, torch.zeros(quarter)])
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
-
-
-def cos_sin_in_graph(T: int, freq: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def cos_sin_table(T: int, freq: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     theta = torch.outer(torch.arange(T, device=freq.device, dtype=torch.float32), freq)
     return theta.cos()[None, :, None, :].to(dtype), theta.sin()[None, :, None, :].to(dtype)
 
@@ -54,10 +45,10 @@ def prepare(variant: str, qk: torch.Tensor, lam: torch.Tensor, freq: torch.Tenso
         q, k = lam[0].type_as(q) * q, lam[0].type_as(k) * k
     q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
     if variant in ("table", "both"):
-        cos, sin = table
-    else:
-        cos, sin = cos_sin_in_graph(q.size(1), freq, q.dtype)
-    return rotate(q, cos, sin) * scale.to(q.dtype), rotate(k, cos, sin)
+        q, k = rotate_pairs(q, *table), rotate_pairs(k, *table)
+    else:  # as the model writes it: cos/sin from positions, inside the graph
+        q, k = rope(q, freq), rope(k, freq)
+    return q * scale.to(q.dtype), k
 
 
 def time_variant(variant: str, tokens: int, heads: int, head_dim: int, reps: int):
@@ -65,8 +56,8 @@ def time_variant(variant: str, tokens: int, heads: int, head_dim: int, reps: int
     torch.manual_seed(0)
     qk = (torch.randn(1, tokens, 2, heads, head_dim, device="cuda") * 0.5).bfloat16().requires_grad_()
     lam = torch.tensor([0.5, 1.0], device="cuda", requires_grad=True)
-    freq = half_rope_freq(head_dim).cuda()
-    cos, sin = cos_sin_in_graph(tokens, freq, torch.bfloat16)
+    freq = Rotary(head_dim, 1 / 1024, 0.12).freq.cuda()  # the record's half-truncated frequencies
+    cos, sin = cos_sin_table(tokens, freq, torch.bfloat16)
     scale = torch.tensor(0.12, device="cuda")
     grads = [torch.randn(1, tokens, heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
     torch._dynamo.reset()  # each variant (and grad mode) is a recompile of `prepare`: start from none

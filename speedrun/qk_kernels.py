@@ -6,8 +6,8 @@ Written as torch ops (`reference_qk_norm_rope`), Inductor fuses the norm and the
 kernel per tensor, but computes cos and sin per element (every head, again in backward) and reduces in two
 passes over the row; in a stage-3 step's profile on an H200 its backward took ~550 us a call where the bytes
 need ~150 us (these kernels: ~75 us). Here a program holds whole rows of D values in registers: one read of x,
-one write of y; backward reads x and dy once, writes dx once, with cos/sin computed once per row and pair. Numbers: fp32
-inside, bf16 out, F.rms_norm's eps for bf16 input (float32's); eager rounds the norm to bf16 before rotating,
+one write of y; backward reads x and dy once, writes dx once, with cos/sin computed once per row and pair.
+Numbers: fp32 inside, bf16 out, F.rms_norm's eps for bf16 input (float32's); eager rounds the norm to bf16 before rotating,
 Inductor and this kernel do not.
 """
 
@@ -32,7 +32,11 @@ def rope(x: torch.Tensor, freq: torch.Tensor, paired: bool = False) -> torch.Ten
         theta = (pos[..., None] * freq)[None]
     else:
         theta = torch.outer(t, freq)[None, :, None, :]
-    cos, sin = theta.cos().type_as(x), theta.sin().type_as(x)
+    return rotate_pairs(x, theta.cos().type_as(x), theta.sin().type_as(x))
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Element j of D's first half and element j of its second half, turned by the angle whose cos/sin are given."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
@@ -45,13 +49,9 @@ def reference_qk_norm_rope(x: torch.Tensor, freq: torch.Tensor, paired: bool = F
 def _launch(kernel, x: torch.Tensor, freq: torch.Tensor, paired: bool, *tensors: torch.Tensor) -> None:
     B, T, H, D = x.shape
     rows = B * T * H
-    grid = (triton_cdiv(rows, ROWS_PER_PROGRAM),)
+    grid = (-(-rows // ROWS_PER_PROGRAM),)
     kernel[grid](x, freq, *tensors, rows, T, H, x.stride(0), x.stride(1), x.stride(2), EPS,
                  ROWS=ROWS_PER_PROGRAM, HALF=D // 2, PAIRED=paired, num_warps=4)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @torch.library.custom_op("speedrun::qk_norm_rope", mutates_args=())

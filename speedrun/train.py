@@ -262,9 +262,10 @@ class _Trainer:
 
     def _loss(self, batch, stage: S.Stage, mtp: torch.Tensor, short: int, long: int,
               prefix_weight: torch.Tensor | None = None, max_seq_len: int | None = None) -> torch.Tensor:
-        """max_seq_len: documents are cut into pieces of at most this many tokens (default: the stage's)."""
+        """batch: already on the device (batches_to_device). max_seq_len: documents are cut into pieces of at most
+        this many tokens (default: the stage's)."""
         with self._autocast():
-            return self.forward(to_device(batch.inputs, self.device), to_device(batch.targets, self.device),
+            return self.forward(batch.inputs, batch.targets,
                                 mtp, self._windows(short, long), max_seq_len or stage.max_seq_len,
                                 self.cfg.data.bos_id, self.dtype, prefix_weight)
 
