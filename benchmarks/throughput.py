@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -118,10 +119,55 @@ def profile_steps(trainer, st: S.Stage, args, sync) -> None:
                                          max_shapes_column_width=110))
         except Exception:  # older torch names it after CUDA
             tables.append(averages.table(sort_by="self_cuda_time_total", row_limit=120, max_name_column_width=110))
-    Path(args.profile).write_text("\n\n".join(tables))
-    print(tables[0][:6000])
-    if args.trace:
-        prof.export_chrome_trace(args.trace)
+    trace = args.trace or str(Path(tempfile.mkdtemp(prefix="speedrun-trace-")) / "trace.json")
+    prof.export_chrome_trace(trace)
+    summary = kernel_summary(trace, steps=2)
+    Path(args.profile).write_text("\n\n".join([summary, *tables]))
+    print(summary + "\n" + tables[0][:6000])
+
+
+# kernel families by name, first match wins (FP8 before other matmuls: cuBLAS names both nvjet/sm90_xmma)
+KERNEL_FAMILIES = (("fp8 matmul", r"e4m3|e5m2|f8f8|_fp8|fp8_"),
+                   ("mlp (fused fp8)", r"up_(ptr|tma)_kernel|down_(ptr|tma)_kernel"),
+                   ("bf16 matmul", r"nvjet|gemm|xmma|cutlass|sm90_"),
+                   ("flex attention", r"flex_attention"),
+                   ("head loss", r"lse_loss_kernel|grad_kernel|transpose_kernel"),
+                   ("qk norm+rope", r"qk_norm_rope"),
+                   ("nccl", r"nccl"),
+                   ("inductor", r"^triton_"),
+                   ("copies", r"[Mm]emcpy|[Mm]emset"))
+
+
+def kernel_summary(trace_path: str, steps: int) -> str:
+    """GPU time per step by kernel family, and how much of the profiled span the GPU was busy (the rest is the
+    GPU waiting for the host: launch overhead, synchronisation, Python)."""
+    import json
+    import gzip
+    opener = gzip.open if trace_path.endswith(".gz") else open
+    with opener(trace_path, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    kernels = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    if not kernels:
+        return "# no GPU kernels in the profile"
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
+    busy, end = 0.0, spans[0][0]
+    for a, b in spans:
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    span = spans[-1][1] - spans[0][0]
+    families: dict[str, float] = {}
+    for e in kernels:
+        name = e.get("name", "")
+        fam = next((f for f, pat in KERNEL_FAMILIES if re.search(pat, name)), "other")
+        families[fam] = families.get(fam, 0.0) + e["dur"]
+    lines = [f"# GPU busy {busy / steps / 1e3:.1f} ms of {span / steps / 1e3:.1f} ms per step "
+             f"({100 * busy / span:.1f}%); kernel time per step by family:",
+             "| family | ms/step | share of kernel time |", "|---|---|---|"]
+    total = sum(families.values())
+    for fam, us in sorted(families.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {fam} | {us / steps / 1e3:.1f} | {100 * us / total:.1f}% |")
+    return "\n".join(lines)
 
 
 def main() -> None:

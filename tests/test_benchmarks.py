@@ -52,6 +52,27 @@ def test_compile_metrics_name_each_compiled_frame(capsys):
     assert any(line.startswith("#  double_sine frame ") for line in capsys.readouterr().out.splitlines())
 
 
+def test_kernel_summary_splits_gpu_time_by_family_and_counts_idle_gaps(tmp_path):
+    """A trace of two steps: overlapping kernels count once towards busy time, gaps count as idle."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import throughput
+    finally:
+        sys.path.pop(0)
+    kernels = [("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", 0, 600), ("flex_attention_backward", 500, 300),
+               ("triton_per_fused_add_0", 1000, 200), ("qk_norm_rope_fwd_kernel", 1400, 200),
+               ("sm90_xmma_gemm_e4m3e4m3_e4m3f32_f32", 1800, 200)]
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": [{"cat": "kernel", "name": n, "ts": ts, "dur": d}
+                                                 for n, ts, d in kernels] + [{"cat": "cpu_op", "name": "aten::mm",
+                                                                              "ts": 0, "dur": 5000}]}))
+    text = throughput.kernel_summary(str(trace), steps=2)
+    # busy: [0, 800) + [1000, 1200) + [1400, 1600) + [1800, 2000) = 1400 us of a 2000 us span, over 2 steps
+    assert "GPU busy 0.7 ms of 1.0 ms per step (70.0%)" in text
+    rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in text.splitlines()[3:]}
+    assert rows == {"bf16 matmul": 0.3, "flex attention": 0.1, "inductor": 0.1, "qk norm+rope": 0.1, "fp8 matmul": 0.1}
+
+
 def test_throughput_flags_a_diverged_run():
     """An absurd Adam learning rate makes the loss non-finite; the benchmark says its speed is of a diverged run."""
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--preset", "tiny",
