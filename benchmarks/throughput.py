@@ -167,7 +167,36 @@ def kernel_summary(trace_path: str, steps: int) -> str:
     total = sum(families.values())
     for fam, us in sorted(families.items(), key=lambda kv: -kv[1]):
         lines.append(f"| {fam} | {us / steps / 1e3:.1f} | {100 * us / total:.1f}% |")
-    return "\n".join(lines)
+    return "\n".join(lines + idle_gaps(events, kernels))
+
+
+def idle_gaps(events: list[dict], kernels: list[dict], top: int = 12) -> list[str]:
+    """The longest stretches with no kernel on the GPU: the kernels either side, when the host launched the
+    next one (late: the host was busy), and the host ops that enclose that launch, outermost first."""
+    kernels = sorted(kernels, key=lambda e: e["ts"])
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    host_ops = [e for e in events if e.get("cat") in ("cpu_op", "user_annotation") and "dur" in e]
+    gaps, end, before = [], kernels[0]["ts"] + kernels[0]["dur"], kernels[0]
+    for k in kernels[1:]:
+        if k["ts"] > end:
+            gaps.append((k["ts"] - end, end, before, k))
+        if k["ts"] + k["dur"] >= end:
+            end, before = k["ts"] + k["dur"], k
+    lines = [f"# idle gaps: {len(gaps)}, {sum(g[0] for g in gaps) / 1e3:.1f} ms in all; the longest:",
+             "| gap us | after kernel | next kernel | launched us into gap | host ops around the launch |",
+             "|---|---|---|---|---|"]
+    for gap, start, prev, nxt in sorted(gaps, key=lambda g: -g[0])[:top]:
+        launch = launches.get(nxt.get("args", {}).get("correlation"))
+        late, around = "?", ""
+        if launch:
+            late = f"{launch['ts'] - start:.0f}"
+            enclosing = sorted((e for e in host_ops if e.get("tid") == launch.get("tid")
+                                and e["ts"] <= launch["ts"] <= e["ts"] + e["dur"]), key=lambda e: e["ts"])
+            names = [e["name"][:40] for e in enclosing]
+            around = " > ".join(names if len(names) <= 3 else names[:1] + ["..."] + names[-2:])
+        lines.append(f"| {gap:.0f} | {prev.get('name', '')[:50]} | {nxt.get('name', '')[:50]} | {late} | {around} |")
+    return lines
 
 
 def main() -> None:

@@ -62,15 +62,27 @@ def test_kernel_summary_splits_gpu_time_by_family_and_counts_idle_gaps(tmp_path)
     kernels = [("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", 0, 600), ("flex_attention_backward", 500, 300),
                ("triton_per_fused_add_0", 1000, 200), ("qk_norm_rope_fwd_kernel", 1400, 200),
                ("sm90_xmma_gemm_e4m3e4m3_e4m3f32_f32", 1800, 200)]
+    events = [{"cat": "kernel", "name": n, "ts": ts, "dur": d} for n, ts, d in kernels]
+    events[3]["args"] = {"correlation": 7}  # the qk kernel after the longest gap: launched late, inside an add
+    events += [{"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 1350, "dur": 5, "tid": 1,
+                "args": {"correlation": 7}},
+               {"cat": "cpu_op", "name": "## Call CompiledFxGraph abc ##", "ts": 0, "dur": 5000, "tid": 1},
+               {"cat": "cpu_op", "name": "aten::add_", "ts": 1300, "dur": 100, "tid": 1},
+               {"cat": "cpu_op", "name": "aten::mul", "ts": 1300, "dur": 100, "tid": 2}]
     trace = tmp_path / "trace.json"
-    trace.write_text(json.dumps({"traceEvents": [{"cat": "kernel", "name": n, "ts": ts, "dur": d}
-                                                 for n, ts, d in kernels] + [{"cat": "cpu_op", "name": "aten::mm",
-                                                                              "ts": 0, "dur": 5000}]}))
+    trace.write_text(json.dumps({"traceEvents": events}))
     text = throughput.kernel_summary(str(trace), steps=2)
     # busy: [0, 800) + [1000, 1200) + [1400, 1600) + [1800, 2000) = 1400 us of a 2000 us span, over 2 steps
     assert "GPU busy 0.7 ms of 1.0 ms per step (70.0%)" in text
-    rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in text.splitlines()[3:]}
+    lines = text.splitlines()
+    family_rows = lines[3:lines.index(next(line for line in lines if line.startswith("# idle gaps")))]
+    rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in family_rows}
     assert rows == {"bf16 matmul": 0.3, "flex attention": 0.1, "inductor": 0.1, "qk norm+rope": 0.1, "fp8 matmul": 0.1}
+    assert "# idle gaps: 3, 0.6 ms in all; the longest:" in text
+    gap_rows = [line for line in lines if line.startswith("| 200 |")]
+    assert len(gap_rows) == 3
+    late = next(r for r in gap_rows if "qk_norm_rope_fwd_kernel" in r)
+    assert "| 150 | ## Call CompiledFxGraph abc ## > aten::add_ |" in late  # launched 150 us after the GPU went idle
 
 
 def test_throughput_flags_a_diverged_run():
