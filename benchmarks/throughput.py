@@ -127,7 +127,7 @@ def profile_steps(trainer, st: S.Stage, args, sync) -> None:
 
 
 # kernel families by name, first match wins (FP8 before other matmuls: cuBLAS names both nvjet/sm90_xmma)
-KERNEL_FAMILIES = (("fp8 matmul", r"e4m3|e5m2|f8f8|_fp8|fp8_"),
+KERNEL_FAMILIES = (("fp8 matmul", r"e4m3|e5m2|f8f8|_fp8|fp8_|nvjet_sm\d+_[qr]"),
                    ("mlp (fused fp8)", r"up_(ptr|tma)_kernel|down_(ptr|tma)_kernel"),
                    ("bf16 matmul", r"nvjet|gemm|xmma|cutlass|sm90_"),
                    ("flex attention", r"flex_attention"),

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from . import schedule as S
 from .config import TrainConfig
-from .data import TrainLoader, batches_to_device, find_shards, to_device, val_batches
+from .data import Batch, TrainLoader, batches_to_device, find_shards, to_device, val_batches
 from .model import GPT
 from .optim import SpeedrunOptimizer
 from .prefix import load_ranks, prefix_table
@@ -231,6 +231,7 @@ class _Trainer:
             scales.next.zero_()
         self.opt = SpeedrunOptimizer(self.model, self.cfg.optim, compile=self.optimizer_compile)
         self.loader = TrainLoader(self.train_paths, self.cfg.data.bos_id, self.dist.rank, self.dist.world)
+        self._prefetched = None  # (shape, loader state before it, host rows) of the next step's batch
         self.adam_accum = 0
         self.long_window = None
 
@@ -281,7 +282,8 @@ class _Trainer:
         for scales in self.model.delayed_fp8_scales():
             scales.bootstrap.fill_(step < cfg.model.fp8_bootstrap_steps)
         micro = micro_tokens_for(stage.tokens_per_step, self.dist.world, cfg.data.max_micro_batch_tokens)
-        batches = batches_to_device(self.loader.next_step(stage.tokens_per_step, micro), self.device)
+        rows = self._host_rows(stage.tokens_per_step, micro).to(self.device, non_blocking=True)
+        batches = [Batch(row[0:1], row[1:2]) for row in rows]
         n_chunks = stage.tokens_per_step // micro
         mtp = to_device(torch.tensor(S.mtp_weights(sch, step), dtype=torch.float32), self.device)
         pw = S.prefix_weight(sch, step) if self.model.prefix_table is not None else None
@@ -305,7 +307,28 @@ class _Trainer:
         self.opt.zero_grad(adam_too=adam_due)
         if adam_due:
             self.adam_accum = 0
+        if step + 1 < sch.total_steps:  # the host's share of the next step, while the GPU works through this one
+            nxt = S.stage_at(sch, step + 1)
+            self._prefetch(nxt.tokens_per_step,
+                           micro_tokens_for(nxt.tokens_per_step, self.dist.world, cfg.data.max_micro_batch_tokens))
         return total / n_chunks
+
+    def _prefetch(self, tokens_per_step: int, micro: int) -> None:
+        """Cut the next step's batch now: after a synchronisation (logging, validation) the GPU would otherwise
+        sit idle while the host reads and copies it at the start of the step."""
+        state = self.loader.state()
+        rows = self.loader.next_step_rows(tokens_per_step, micro, pin=self.device.type == "cuda")
+        self._prefetched = ((tokens_per_step, micro), state, rows)
+
+    def _host_rows(self, tokens_per_step: int, micro: int) -> torch.Tensor:
+        """This step's batch on the host: the prefetched one if it was cut for this shape, else read now (after
+        rewinding the loader past a prefetch of another shape, so that the data order never depends on it)."""
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None:
+            if prefetched[0] == (tokens_per_step, micro):
+                return prefetched[2]
+            self.loader.restore(prefetched[1])
+        return self.loader.next_step_rows(tokens_per_step, micro, pin=self.device.type == "cuda")
 
     def validate(self, step: int, final: bool, batches: int | None = None) -> float:
         """The validation loss at `step` (`batches`: only the first few of this rank's batches, for the warm-up)."""

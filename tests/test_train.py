@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from conftest import fast_tiny
+from speedrun import schedule as S
 from speedrun.config import TrainConfig
+from speedrun.data import TrainLoader
 from speedrun.model import GPT
 from speedrun.train import _Trainer, micro_tokens_for, time_to_target, train
 
@@ -146,6 +148,29 @@ def test_warmup_visits_each_distinct_stage_shape_once():
     trainer.train_step = lambda step: steps.append(step) or real_step(step)
     trainer.warmup()
     assert len(steps) == 3 * 2, steps
+
+
+def test_the_next_steps_batch_is_cut_ahead_without_changing_the_data_order():
+    """Each step cuts the next step's batch before it returns (the host's work then overlaps the GPU's, also
+    after a synchronisation); the batches are those a plain loader reads in order, across a stage boundary where
+    the shape changes, and a step of another shape than the one cut ahead (as warm-up takes) rewinds first."""
+    cfg = fast_tiny(16, **{"schedule.tokens_per_step": [1024, 2048, 2048, 2048]})
+    sch = cfg.schedule
+    trainer = _Trainer(cfg, None, None)
+    reference = TrainLoader(trainer.train_paths, cfg.data.bos_id)
+    boundary = S.all_stages(sch)[1].start
+    for step in range(boundary + 2):
+        trainer.train_step(step)
+        reference.next_step_rows(S.stage_at(sch, step).tokens_per_step, 512)  # what this step read
+        upcoming = S.stage_at(sch, step + 1).tokens_per_step
+        shape, _, rows = trainer._prefetched
+        assert shape == (upcoming, 512)
+        state = reference.state()
+        assert torch.equal(rows, reference.next_step_rows(upcoming, 512))
+        reference.restore(state)
+    other = 1024 if upcoming != 1024 else 2048
+    assert torch.equal(trainer._host_rows(other, 512), reference.next_step_rows(other, 512))
+    assert trainer._prefetched is None
 
 
 UNIFORM_WINDOWS = {"schedule.max_seq_lens": [256] * 4, "schedule.short_windows": [1] * 4,
