@@ -175,7 +175,7 @@ def idle_gaps(events: list[dict], kernels: list[dict], top: int = 12) -> list[st
     next one (late: the host was busy), and the host ops that enclose that launch, outermost first."""
     kernels = sorted(kernels, key=lambda e: e["ts"])
     launches = {e["args"]["correlation"]: e for e in events
-                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
     host_ops = [e for e in events if e.get("cat") in ("cpu_op", "user_annotation") and "dur" in e]
     gaps, end, before = [], kernels[0]["ts"] + kernels[0]["dur"], kernels[0]
     for k in kernels[1:]:

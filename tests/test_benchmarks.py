@@ -64,7 +64,7 @@ def test_kernel_summary_splits_gpu_time_by_family_and_counts_idle_gaps(tmp_path)
                ("sm90_xmma_gemm_e4m3e4m3_e4m3f32_f32", 1800, 200)]
     events = [{"cat": "kernel", "name": n, "ts": ts, "dur": d} for n, ts, d in kernels]
     events[3]["args"] = {"correlation": 7}  # the qk kernel after the longest gap: launched late, inside an add
-    events += [{"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 1350, "dur": 5, "tid": 1,
+    events += [{"cat": "cuda_driver", "name": "cuLaunchKernelEx", "ts": 1350, "dur": 5, "tid": 1,  # as Triton's
                 "args": {"correlation": 7}},
                {"cat": "cpu_op", "name": "## Call CompiledFxGraph abc ##", "ts": 0, "dur": 5000, "tid": 1},
                {"cat": "cpu_op", "name": "aten::add_", "ts": 1300, "dur": 100, "tid": 1},
