@@ -82,6 +82,9 @@ class ModelConfig:
     fp8_bootstrap_steps: int = 16
     fused_mlp: bool = True  # delayed FP8 MLP on FP8 hardware: relu^2 inside its matmuls (speedrun.mlp_kernels)
     fused_qk_norm: bool = True  # FlexAttention path: QK-norm + RoPE in one Triton kernel (speedrun.qk_kernels)
+    # storage of the vocabulary-sized tables (embed, value embeddings, bigram embedding, lm_head): float32, or
+    # bfloat16 as record #89 keeps them (their gradients bf16 too; Adam's moments stay fp32)
+    table_dtype: str = "float32"
     init: str = "record"  # record | public-2508: lm_head zero, embeddings N(0, 1)
     attn_kernel: str = "auto"  # auto: FlexAttention on CUDA when compiled, else SDPA | flex | sdpa
     loss_chunk_tokens: int = 8192  # lm_head + loss in chunks of this many tokens (memory, not maths)
@@ -487,6 +490,7 @@ def validate(cfg: TrainConfig) -> None:
     need(m.init in ("record", "public-2508"), "model.init", "must be record or public-2508")
     need(m.bigram_hash in ("mul", "xor"), "model.bigram_hash", "must be mul or xor")
     need(m.fp8_mlp_scaling in ("current", "delayed"), "model.fp8_mlp_scaling", "must be current or delayed")
+    need(m.table_dtype in ("float32", "bfloat16"), "model.table_dtype", "must be float32 or bfloat16")
     need(m.fp8_act_headroom >= 1 and m.fp8_weight_headroom >= 1, "model.fp8_act_headroom",
          "FP8 headrooms must be >= 1 (the scale covers at least the last amax)")
     need(m.fp8_bootstrap_steps >= 0, "model.fp8_bootstrap_steps", "must be >= 0")

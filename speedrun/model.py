@@ -46,8 +46,8 @@ def previous_in_document(x: torch.Tensor, segment: torch.Tensor) -> torch.Tensor
 
 
 class CastedLinear(nn.Linear):
-    """fp32 master weight, cast to the activation dtype at use (or both operands to FP8 when `fp8` is set);
-    `scale` (a scalar tensor) multiplies the weight first."""
+    """A weight (fp32; lm_head's as model.table_dtype) cast to the activation dtype at use (or both operands to
+    FP8 when `fp8` is set); `scale` (a scalar tensor) multiplies the weight first."""
 
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
@@ -362,6 +362,13 @@ class GPT(nn.Module):
         softcap = (cfg.softcap_scale, cfg.softcap_shift, cfg.softcap_div)
         self.softcap = nn.Buffer(torch.tensor(softcap, dtype=torch.float32), persistent=False)
         self.flex = False
+        for table in self.vocab_tables():
+            table.data = table.data.to(getattr(torch, cfg.table_dtype))
+
+    def vocab_tables(self) -> list[nn.Parameter]:
+        """The vocabulary-sized tables, stored in cfg.table_dtype."""
+        tables = [self.lm_head.weight, self.embed.weight, *(e.weight for e in self.value_embeds)]
+        return tables + ([self.bigram.embed.weight] if self.bigram is not None else [])
 
     def set_fast_path(self, flex: bool, fp8: bool) -> None:
         """flex: FlexAttention (only worth it under torch.compile on a GPU), and with it the fused QK-norm + RoPE

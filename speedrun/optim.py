@@ -129,7 +129,7 @@ def adam_update(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
     for p, g, m, v, t, row in zip(params, grads, exp_avgs, exp_avg_sqs, counts, hp.unbind(0)):
         lr, decay, b1, b2, eps, grad_scale, active = row.unbind()
         t.add_(active)
-        g = g * grad_scale
+        g = g.float() * grad_scale  # a bf16 table's gradient (model.table_dtype), into fp32 moments
         m.lerp_(g, (1 - b1) * active)
         v.lerp_(g.square(), (1 - b2) * active)
         tc = t.clamp_min(1)  # a never-active parameter's moments are 0: its (masked) update stays finite
@@ -283,7 +283,7 @@ class SpeedrunOptimizer:
                 split = getattr(p, "muon_split", 1)
                 rows, cols = p.size(0) // split, p.size(1)
                 shape = (split, 1, cols) if second_axis(rows, cols, self.cfg.normuon_axis) else (split, rows, 1)
-                st["momentum"] = torch.zeros_like(p)
+                st["momentum"] = torch.zeros_like(p, dtype=torch.float32)
                 st["second_moment"] = torch.zeros(shape, device=p.device, dtype=torch.float32)
         self._normuon(params, [p.grad for p in params], [self.state[p]["momentum"] for p in params],
                       [self.state[p]["second_moment"] for p in params], hp,
@@ -294,8 +294,8 @@ class SpeedrunOptimizer:
         for p in params:
             st = self.state.setdefault(p, {})
             if "exp_avg" not in st:
-                st["exp_avg"] = torch.zeros_like(p)
-                st["exp_avg_sq"] = torch.zeros_like(p)
+                st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)  # fp32 also for bf16 tables
+                st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
                 st["t"] = torch.zeros((), dtype=torch.float32, device=p.device)
         st = [self.state[p] for p in params]
         # a parameter without a gradient is inactive in this step, and zeros stand in for its gradient: a tensor of

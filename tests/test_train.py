@@ -115,6 +115,29 @@ def test_chunked_head_loss_equals_the_plain_loss():
     assert torch.allclose(g1, g2, atol=1e-6)
 
 
+def test_bf16_tables_stay_bf16_and_train_like_fp32_ones():
+    """model.table_dtype=bfloat16 (record #89's storage of the vocabulary-sized tables): the tables and their
+    gradients are bf16 through the tie, the untie and Adam's steps, Adam's moments and every other weight stay
+    fp32, and the run learns as with fp32 tables, within bf16 rounding."""
+    def run(table_dtype: str):
+        trainer = _Trainer(fast_tiny(16, **{"model.table_dtype": table_dtype}), None, None)
+        tables = trainer.model.vocab_tables()
+        grad_dtypes = set()
+        for t in tables:
+            t.register_post_accumulate_grad_hook(lambda p: grad_dtypes.add(p.grad.dtype))
+        return trainer, tables, grad_dtypes, [trainer.train_step(s).item() for s in range(16)]
+
+    _, _, _, fp32_losses = run("float32")
+    trainer, tables, grad_dtypes, losses = run("bfloat16")
+    assert len(tables) >= 4 and not trainer.model.tied  # lm_head, embed, value and bigram tables; untied by now
+    assert all(t.dtype == torch.bfloat16 for t in tables) and grad_dtypes == {torch.bfloat16}
+    others = [p for p in trainer.model.parameters() if all(p is not t for t in tables)]
+    assert others and all(p.dtype == torch.float32 for p in others)
+    assert all(v.dtype == torch.float32 for st in trainer.opt.state.values() for v in st.values())
+    assert losses[-1] < losses[0] - 2
+    assert abs(losses[-1] - fp32_losses[-1]) < 0.05
+
+
 def test_tied_gradient_is_the_shared_weights_gradient():
     """While tied, the folded lm_head gradient equals autograd's through one truly shared weight tensor, and the
     embedding's copy follows lm_head through optimiser steps until untie."""
