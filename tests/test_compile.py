@@ -101,6 +101,18 @@ def test_compiled_optimizer_equals_eager():
         assert torch.allclose(p, q, atol=1e-6)
 
 
+def test_bf16_tables_train_the_same_compiled():
+    """With the vocabulary tables in bf16 (model.table_dtype), the model and the optimiser compiled through
+    AOTAutograd (mixed-dtype parameters and gradients in its joint graph) give eager's losses."""
+    cfg = fast_tiny(8, **{"model.table_dtype": "bfloat16"})
+    eager = _Trainer(cfg, None, None)
+    compiled = _Trainer(cfg, None, None, compile_backend="aot_eager")
+    losses = [[t.train_step(s).item() for s in range(8)] for t in (eager, compiled)]
+    assert losses[0][-1] < losses[0][0] - 2
+    assert losses[1] == pytest.approx(losses[0], abs=1e-3)
+    assert all(t.dtype == torch.bfloat16 for t in compiled.model.vocab_tables())
+
+
 def test_untying_does_not_recompile():
     """Tied and untied steps run the same graph: the tie lives outside the forward (a copy and a gradient fold)."""
     counter = CompileCounter()
