@@ -145,8 +145,11 @@ _PLAIN: list[float] = []
 FAST_VARIANTS = {"fp8": {"run.compile": True, "model.use_fp8": True},  # the fast path as shipped
                  "bf16": {"run.compile": True, "model.use_fp8": False},  # compile + flex only
                  # and with the vocabulary tables stored in bf16, as record #89 stores them
-                 "fp8-bf16-tables": {"run.compile": True, "model.use_fp8": True, "model.table_dtype": "bfloat16"}}
-TOLERANCE = {"fp8": 3e-2, "bf16": 1e-2, "fp8-bf16-tables": 3e-2}
+                 "fp8-bf16-tables": {"run.compile": True, "model.use_fp8": True, "model.table_dtype": "bfloat16"},
+                 # and with the embeddings' gradients added into kept buffers in the backward
+                 "fp8-kept-table-grads": {"run.compile": True, "model.use_fp8": True,
+                                          "model.table_grad_accumulate": True}}
+TOLERANCE = {"fp8": 3e-2, "bf16": 1e-2, "fp8-bf16-tables": 3e-2, "fp8-kept-table-grads": 3e-2}
 
 
 @pytest.mark.parametrize("variant", list(FAST_VARIANTS))
