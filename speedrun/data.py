@@ -145,14 +145,10 @@ class TrainLoader:
         raise ShardError(f"no BOS-aligned chunk of {length + 1} tokens in any training shard "
                          f"(bos_id={self.bos_id}): shards too small or wrong bos_id")
 
-    def next_step(self, tokens_per_step: int, micro_tokens: int) -> list[Batch]:
-        """This rank's chunks of the next global batch (tokens_per_step // micro_tokens chunks in all)."""
-        return [Batch(row[0:1], row[1:2]) for row in self.next_step_rows(tokens_per_step, micro_tokens)]
-
     def next_step_rows(self, tokens_per_step: int, micro_tokens: int, pin: bool = False) -> torch.Tensor:
-        """The same chunks as one (chunks, 2, micro_tokens) int64 host tensor, row j holding chunk j's inputs and
-        targets, written in one pass (in page-locked memory with pin=True: one copy to the GPU that does not
-        wait for its queued work)."""
+        """This rank's chunks of the next global batch (tokens_per_step // micro_tokens chunks in all) as one
+        (chunks, 2, micro_tokens) int64 host tensor, row j holding chunk j's inputs and targets, written in one
+        pass (in page-locked memory with pin=True: one copy to the GPU that does not wait for its queued work)."""
         if tokens_per_step % micro_tokens:
             raise ValueError(f"tokens_per_step {tokens_per_step} is not a multiple of micro_tokens {micro_tokens}")
         chunks = tokens_per_step // micro_tokens

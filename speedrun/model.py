@@ -371,8 +371,7 @@ class GPT(nn.Module):
 
     def vocab_tables(self) -> list[nn.Parameter]:
         """The vocabulary-sized tables, stored in cfg.table_dtype."""
-        tables = [self.lm_head.weight, self.embed.weight, *(e.weight for e in self.value_embeds)]
-        return tables + ([self.bigram.embed.weight] if self.bigram is not None else [])
+        return [self.lm_head.weight] + [m.weight for m in self.embeddings()]
 
     def embeddings(self) -> list[nn.Embedding]:
         return [self.embed, *self.value_embeds] + ([self.bigram.embed] if self.bigram is not None else [])

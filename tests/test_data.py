@@ -73,27 +73,23 @@ def test_chunks_start_at_bos_and_ranks_are_disjoint(shards):
         loader = D.TrainLoader(shards, bos_id=0, rank=rank, world_size=world)
         got = []
         for _ in range(steps):
-            for b in loader.next_step(8 * micro, micro):
-                assert b.inputs[0, 0].item() == 0  # BOS-aligned
-                assert torch_equal_shift(b)
-                got.append(tuple(b.inputs[0].tolist()))
+            for inputs, targets in loader.next_step_rows(8 * micro, micro):
+                assert inputs[0].item() == 0  # BOS-aligned
+                assert bool((inputs[1:] == targets[:-1]).all())
+                got.append(tuple(inputs.tolist()))
         per_rank.append(got)
     single = D.TrainLoader(shards, bos_id=0)
-    all_chunks = [tuple(b.inputs[0].tolist()) for _ in range(steps) for b in single.next_step(8 * micro, micro)]
+    all_chunks = [tuple(row[0].tolist()) for _ in range(steps) for row in single.next_step_rows(8 * micro, micro)]
     union = [c for r in per_rank for c in r]
     assert sorted(union) == sorted(all_chunks)  # together the ranks read exactly the world-1 batch
     assert len(set(union)) == len(union)  # and no chunk twice
     assert all(len(r) == steps * 2 for r in per_rank)
 
 
-def torch_equal_shift(b):
-    return bool((b.inputs[0, 1:] == b.targets[0, :-1]).all())
-
-
 def test_loader_wraps_across_shards(shards):
     loader = D.TrainLoader(shards, bos_id=0)
     for _ in range(60):  # 60 x 1024 tokens > 40k tokens in the two shards
-        assert len(loader.next_step(1024, 512)) == 2
+        assert len(loader.next_step_rows(1024, 512)) == 2
     assert loader.state()[0] in (0, 1)
 
 
