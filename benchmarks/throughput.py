@@ -149,13 +149,10 @@ def kernel_summary(trace_path: str, steps: int) -> str:
     kernels = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
     if not kernels:
         return "# no GPU kernels in the profile"
-    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
-    busy, end = 0.0, spans[0][0]
-    for a, b in spans:
-        if b > end:
-            busy += b - max(a, end)
-            end = b
-    span = spans[-1][1] - spans[0][0]
+    kernels = sorted(kernels, key=lambda e: e["ts"])
+    gaps = idle_stretches(kernels)
+    span = max(e["ts"] + e["dur"] for e in kernels) - kernels[0]["ts"]
+    busy = span - sum(g[0] for g in gaps)
     families: dict[str, float] = {}
     for e in kernels:
         name = e.get("name", "")
@@ -167,22 +164,26 @@ def kernel_summary(trace_path: str, steps: int) -> str:
     total = sum(families.values())
     for fam, us in sorted(families.items(), key=lambda kv: -kv[1]):
         lines.append(f"| {fam} | {us / steps / 1e3:.1f} | {100 * us / total:.1f}% |")
-    return "\n".join(lines + idle_gaps(events, kernels))
+    return "\n".join(lines + idle_gaps(events, gaps))
 
 
-def idle_gaps(events: list[dict], kernels: list[dict], top: int = 12) -> list[str]:
-    """The longest stretches with no kernel on the GPU: the kernels either side, when the host launched the
-    next one (late: the host was busy), and the host ops that enclose that launch, outermost first."""
-    kernels = sorted(kernels, key=lambda e: e["ts"])
-    launches = {e["args"]["correlation"]: e for e in events
-                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
-    host_ops = [e for e in events if e.get("cat") in ("cpu_op", "user_annotation") and "dur" in e]
+def idle_stretches(kernels: list[dict]) -> list[tuple[float, float, dict, dict]]:
+    """(length, start, kernel before, kernel after) of each stretch with no kernel running; kernels by start."""
     gaps, end, before = [], kernels[0]["ts"] + kernels[0]["dur"], kernels[0]
     for k in kernels[1:]:
         if k["ts"] > end:
             gaps.append((k["ts"] - end, end, before, k))
         if k["ts"] + k["dur"] >= end:
             end, before = k["ts"] + k["dur"], k
+    return gaps
+
+
+def idle_gaps(events: list[dict], gaps: list[tuple[float, float, dict, dict]], top: int = 12) -> list[str]:
+    """The longest stretches with no kernel on the GPU: the kernels either side, when the host launched the
+    next one (late: the host was busy), and the host ops that enclose that launch, outermost first."""
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    host_ops = [e for e in events if e.get("cat") in ("cpu_op", "user_annotation") and "dur" in e]
     lines = [f"# idle gaps: {len(gaps)}, {sum(g[0] for g in gaps) / 1e3:.1f} ms in all; the longest:",
              "| gap us | after kernel | next kernel | launched us into gap | host ops around the launch |",
              "|---|---|---|---|---|"]

@@ -264,7 +264,7 @@ class _Trainer:
 
     def _loss(self, batch, stage: S.Stage, mtp: torch.Tensor, short: int, long: int,
               prefix_weight: torch.Tensor | None = None, max_seq_len: int | None = None) -> torch.Tensor:
-        """batch: already on the device (batches_to_device). max_seq_len: documents are cut into pieces of at most
+        """batch: already on the device. max_seq_len: documents are cut into pieces of at most
         this many tokens (default: the stage's)."""
         with self._autocast():
             return self.forward(batch.inputs, batch.targets,
