@@ -85,9 +85,6 @@ class ModelConfig:
     # storage of the vocabulary-sized tables (embed, value embeddings, bigram embedding, lm_head): float32, or
     # bfloat16 as record #89 keeps them (their gradients bf16 too; Adam's moments stay fp32)
     table_dtype: str = "float32"
-    # the embeddings' backward adds its rows into a kept gradient buffer instead of a zero-filled dense gradient per
-    # micro-batch that autograd then adds (speedrun.table_grads)
-    table_grad_accumulate: bool = False
     init: str = "record"  # record | public-2508: lm_head zero, embeddings N(0, 1)
     attn_kernel: str = "auto"  # auto: FlexAttention on CUDA when compiled, else SDPA | flex | sdpa
     loss_chunk_tokens: int = 8192  # lm_head + loss in chunks of this many tokens (memory, not maths)

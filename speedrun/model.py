@@ -30,7 +30,6 @@ from .fp8 import capped_logsumexp, fp8_head_loss, fp8_linear, mtp_from_lse
 from .fp8_mlp import DelayedScales, fp8_delayed_mlp
 from .mudd import FINAL, LAST_LAYER, AttnInputs, MuddRouting
 from .qk_kernels import qk_norm_rope, rope
-from .table_grads import lookup
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -320,7 +319,7 @@ class BigramHashEmbedding(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         prev = F.pad(tokens[:, :-1], (1, 0), value=0)
-        out = lookup(self.embed, self.bucket(tokens, prev))
+        out = self.embed(self.bucket(tokens, prev))
         if self.signs is not None:
             idx = torch.bitwise_xor(prev, tokens) % self.signs.size(0)
             idx[:, 0] = 0
@@ -365,9 +364,6 @@ class GPT(nn.Module):
         self.flex = False
         for table in self.vocab_tables():
             table.data = table.data.to(getattr(torch, cfg.table_dtype))
-        if cfg.table_grad_accumulate:
-            for m in self.embeddings():
-                m.grad_kept = nn.Buffer(torch.zeros_like(m.weight), persistent=False)
 
     def vocab_tables(self) -> list[nn.Parameter]:
         """The vocabulary-sized tables, stored in cfg.table_dtype."""
@@ -375,20 +371,6 @@ class GPT(nn.Module):
 
     def embeddings(self) -> list[nn.Embedding]:
         return [self.embed, *self.value_embeds] + ([self.bigram.embed] if self.bigram is not None else [])
-
-    @torch.no_grad()
-    def attach_table_grads(self) -> None:
-        """With table_grad_accumulate: each embedding's kept buffer is its gradient (after the backward passes)."""
-        for m in self.embeddings():
-            if hasattr(m, "grad_kept"):
-                m.weight.grad = m.grad_kept
-
-    @torch.no_grad()
-    def restart_table_grads(self) -> None:
-        """Zero the kept buffer of every embedding whose gradient was dropped (an optimiser step, the tie fold)."""
-        for m in self.embeddings():
-            if hasattr(m, "grad_kept") and m.weight.grad is None:
-                m.grad_kept.zero_()
 
     def set_fast_path(self, flex: bool, fp8: bool) -> None:
         """flex: FlexAttention (only worth it under torch.compile on a GPU), and with it the fused QK-norm + RoPE
@@ -418,12 +400,11 @@ class GPT(nn.Module):
         """While tied: the embedding's gradient belongs to lm_head.weight (the shared weight); move it there."""
         g = self.embed.weight.grad
         if self.tied and g is not None:
-            if self.lm_head.weight.grad is None:  # a copy: g may be the embedding's kept buffer, zeroed next
-                self.lm_head.weight.grad = g.to(self.lm_head.weight.dtype, copy=True)
+            if self.lm_head.weight.grad is None:
+                self.lm_head.weight.grad = g.to(self.lm_head.weight.dtype)
             else:
                 self.lm_head.weight.grad.add_(g)
             self.embed.weight.grad = None
-            self.restart_table_grads()
 
     @torch.no_grad()
     def untie(self) -> None:
@@ -432,7 +413,7 @@ class GPT(nn.Module):
         self.tied = False
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        return lookup(self.embed, tokens)
+        return F.embedding(tokens, self.embed.weight)
 
     def block_masks(self, segment: torch.Tensor, windows) -> dict:
         """One BlockMask per (long window, paired) combination that some layer uses."""
@@ -473,7 +454,7 @@ class GPT(nn.Module):
 
     def value_embed(self, layer: int, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
         bank = self.ve_bank.get(layer)
-        return lookup(self.value_embeds[bank], tokens).to(dtype) if bank is not None else None
+        return self.value_embeds[bank](tokens).to(dtype) if bank is not None else None
 
     def forward_unet(self, x0: torch.Tensor, tokens: torch.Tensor, ctxs: list[LayerContext], dtype) -> torch.Tensor:
         """The blocks with U-net skips: the first half's outputs are added back, weighted, in reverse order."""

@@ -225,7 +225,6 @@ class _Trainer:
         # Adam steps every optim.adam_every steps on the gradients accumulated since its last step: a warm-up
         # that ends between two Adam steps would otherwise hand its gradients to the run's first Adam step
         self.model.zero_grad(set_to_none=True)
-        self.model.restart_table_grads()
         self.model.tied = self.cfg.model.untie_step != -1
         self.model.rotary.reset()
         for scales in self.model.delayed_fp8_scales():
@@ -294,7 +293,6 @@ class _Trainer:
             loss = self._loss(batch, stage, mtp, stage.short_window, stage.long_window, pw)
             (loss / n_chunks).backward()
             total += loss.detach()
-        self.model.attach_table_grads()
         self.model.fold_tied_grad()
         last = sch.total_steps - 1
         adam_due = self.opt.adam_due(step, last)
@@ -307,7 +305,6 @@ class _Trainer:
                       1.0 / self.adam_accum)
         self.model.share_tied_weights()
         self.opt.zero_grad(adam_too=adam_due)
-        self.model.restart_table_grads()
         if adam_due:
             self.adam_accum = 0
         if step + 1 < sch.total_steps:  # the host's share of the next step, while the GPU works through this one

@@ -101,24 +101,16 @@ def test_compiled_optimizer_equals_eager():
         assert torch.allclose(p, q, atol=1e-6)
 
 
-TABLE_KNOBS = {"bf16-tables": {"model.table_dtype": "bfloat16"},
-               "kept-table-grads": {"model.table_grad_accumulate": True,
-                                    "schedule.tokens_per_step": [2048] * 4, "data.max_micro_batch_tokens": 512}}
-
-
-@pytest.mark.parametrize("knobs", list(TABLE_KNOBS))
-def test_table_knobs_train_the_same_compiled(knobs):
-    """The vocabulary tables in bf16 (model.table_dtype: mixed-dtype parameters and gradients in the joint graph),
-    or their gradients added in the backward into kept buffers (model.table_grad_accumulate: a buffer mutated in
-    the backward graph): the model and the optimiser compiled through AOTAutograd give eager's losses."""
-    cfg = fast_tiny(8, **TABLE_KNOBS[knobs])
+def test_bf16_tables_train_the_same_compiled():
+    """With the vocabulary tables in bf16 (model.table_dtype), the model and the optimiser compiled through
+    AOTAutograd (mixed-dtype parameters and gradients in its joint graph) give eager's losses."""
+    cfg = fast_tiny(8, **{"model.table_dtype": "bfloat16"})
     eager = _Trainer(cfg, None, None)
     compiled = _Trainer(cfg, None, None, compile_backend="aot_eager")
     losses = [[t.train_step(s).item() for s in range(8)] for t in (eager, compiled)]
     assert losses[0][-1] < losses[0][0] - 2
     assert losses[1] == pytest.approx(losses[0], abs=1e-3)
-    want = torch.bfloat16 if knobs == "bf16-tables" else torch.float32
-    assert all(t.dtype == want for t in compiled.model.vocab_tables())
+    assert all(t.dtype == torch.bfloat16 for t in compiled.model.vocab_tables())
 
 
 def test_untying_does_not_recompile():

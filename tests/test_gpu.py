@@ -145,11 +145,8 @@ _PLAIN: list[float] = []
 FAST_VARIANTS = {"fp8": {"run.compile": True, "model.use_fp8": True},  # the fast path as shipped
                  "bf16": {"run.compile": True, "model.use_fp8": False},  # compile + flex only
                  # and with the vocabulary tables stored in bf16, as record #89 stores them
-                 "fp8-bf16-tables": {"run.compile": True, "model.use_fp8": True, "model.table_dtype": "bfloat16"},
-                 # and with the embeddings' gradients added into kept buffers in the backward
-                 "fp8-kept-table-grads": {"run.compile": True, "model.use_fp8": True,
-                                          "model.table_grad_accumulate": True}}
-TOLERANCE = {"fp8": 3e-2, "bf16": 1e-2, "fp8-bf16-tables": 3e-2, "fp8-kept-table-grads": 3e-2}
+                 "fp8-bf16-tables": {"run.compile": True, "model.use_fp8": True, "model.table_dtype": "bfloat16"}}
+TOLERANCE = {"fp8": 3e-2, "bf16": 1e-2, "fp8-bf16-tables": 3e-2}
 
 
 @pytest.mark.parametrize("variant", list(FAST_VARIANTS))
@@ -158,13 +155,12 @@ def test_fast_path_losses_match_the_plain_path(variant):
     if not _PLAIN:
         _PLAIN.extend(_first_losses({"run.compile": False, "model.attn_kernel": "sdpa", "model.use_fp8": False}))
     plain, fast = _PLAIN, _first_losses(FAST_VARIANTS[variant])
-    print(f"\nstep plain {variant}")
-    for i, row in enumerate(zip(plain, fast)):
-        print(i, *(f"{x:.4f}" for x in row))
     rel = max(abs(x - y) / y for x, y in zip(fast, plain))
-    print(f"max relative difference over 20 steps: {rel:.4f}")
-    assert plain[-1] < plain[0] - 2
-    assert rel < TOLERANCE[variant]
+    table = "\n".join([f"step plain {variant}"] + [f"{i} {x:.4f} {y:.4f}" for i, (x, y) in enumerate(zip(plain, fast))]
+                      + [f"max relative difference over 20 steps: {rel:.4f}"])
+    print("\n" + table)
+    assert plain[-1] < plain[0] - 2, table
+    assert rel < TOLERANCE[variant], table  # the table in the message: a failure's numbers reach any log
 
 
 def test_knob_changes_between_trials_do_not_recompile():

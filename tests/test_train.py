@@ -138,28 +138,6 @@ def test_bf16_tables_stay_bf16_and_train_like_fp32_ones():
     assert abs(losses[-1] - fp32_losses[-1]) < 0.05
 
 
-def test_kept_table_gradients_train_exactly_like_autograds():
-    """model.table_grad_accumulate: the embeddings' backward adds into kept buffers that become their gradients.
-    Four micro-batches a step, Adam every other step, through the tie and the untie: the same losses as autograd's
-    own accumulation; between Adam steps each gradient is its buffer, after one the buffer starts from zero."""
-    over = {"schedule.tokens_per_step": [2048] * 4, "data.max_micro_batch_tokens": 512, "optim.adam_every": 2}
-    plain = _Trainer(fast_tiny(16, **over), None, None)
-    kept = _Trainer(fast_tiny(16, **over, **{"model.table_grad_accumulate": True}), None, None)
-    tables = [m for m in kept.model.embeddings() if hasattr(m, "grad_kept")]
-    assert len(tables) >= 3  # token, value and bigram embeddings
-    plain_losses, kept_losses = [], []
-    for step in range(16):
-        plain_losses.append(plain.train_step(step).item())
-        kept_losses.append(kept.train_step(step).item())
-        rest = tables[1:]  # the token embedding's gradient is folded into lm_head's while tied
-        if (step + 1) % 2:  # Adam not due: the gradient, kept for the next step, is the buffer
-            assert all(m.weight.grad is m.grad_kept for m in rest) and any(m.grad_kept.any() for m in rest)
-        else:
-            assert all(m.weight.grad is None and not m.grad_kept.any() for m in rest)
-    assert not kept.model.tied and plain_losses[-1] < plain_losses[0] - 2
-    assert kept_losses == pytest.approx(plain_losses, abs=1e-5)
-
-
 def test_tied_gradient_is_the_shared_weights_gradient():
     """While tied, the folded lm_head gradient equals autograd's through one truly shared weight tensor, and the
     embedding's copy follows lm_head through optimiser steps until untie."""
