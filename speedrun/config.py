@@ -189,6 +189,9 @@ class RunConfig:
     target_loss: float = 3.28
     compile: bool = True  # GPU only: torch.compile of the model (full graph with flex) and the optimiser steps
     threads: int = 0  # CPU threads per process; 0 keeps torch's default
+    # compiled runs: processes that compile the later warm-up phases while the trainer compiles the first
+    # (speedrun.warmup_helpers); each holds a model and a step's activations on the trainer's device
+    warmup_workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -565,6 +568,7 @@ def validate(cfg: TrainConfig) -> None:
     need(r.val_every >= 1 and r.log_every >= 1, "run.val_every", "val_every and log_every must be >= 1")
     need(r.warmup_steps >= 0, "run.warmup_steps", "must be >= 0")
     need(r.threads >= 0, "run.threads", "must be >= 0")
+    need(r.warmup_workers >= 0, "run.warmup_workers", "must be >= 0 (0: no helper processes)")
 
 
 # ---- helpers -----------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from .model import GPT
 from .optim import SpeedrunOptimizer
 from .prefix import load_ranks, prefix_table
 from .sample import SAMPLE_TRAIN_PATTERN, SAMPLE_VAL_PATTERN, ensure_sample_corpus, sample_floor
+from .warmup_helpers import HelperPool, WarmupPhase
 
 Report = Callable[[dict], None]
 
@@ -86,9 +87,13 @@ def data_patterns(cfg: TrainConfig) -> tuple[str, str]:
 class _Dist:
     """Rank/world and the few collectives the loop needs; a no-op group of one when not distributed."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, stand_in: tuple[int, int] | None = None):
+        """stand_in: (rank, world) of a rank this process stands in for, alone (a warm-up helper)."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         self.owned = False
+        if stand_in is not None:
+            self.on, (self.rank, self.world) = False, stand_in
+            return
         if world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
             self.owned = True
@@ -172,14 +177,16 @@ def _pick_device(cfg: TrainConfig) -> torch.device:
 
 class _Trainer:
     def __init__(self, cfg: TrainConfig, report: Report | None, log: Callable[[str], None] | None,
-                 report_all_ranks: bool = False, compile_backend: object = None):
-        """compile_backend: compile with this torch.compile backend on any device (tests count compilations)."""
+                 report_all_ranks: bool = False, compile_backend: object = None,
+                 stand_in: tuple[int, int] | None = None):
+        """compile_backend: compile with this torch.compile backend on any device (tests count compilations).
+        stand_in: (rank, world) whose shapes this process takes without joining a group (warm-up helpers)."""
         self.t_enter = time.perf_counter()
         self.cfg = cfg
         self.device = _pick_device(cfg)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
-        self.dist = _Dist(self.device)
+        self.dist = _Dist(self.device, stand_in)
         self.is_main = self.dist.rank == 0
         self.report = report if (self.is_main or report_all_ranks) else None
         self.log = log if self.is_main else None
@@ -207,6 +214,7 @@ class _Trainer:
         self.initial_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.compiled = compile_backend is not None or (self.device.type == "cuda" and cfg.run.compile)
         backend = "inductor" if compile_backend is None else compile_backend
+        self.backend_name = backend if isinstance(backend, str) else None  # helpers can compile with it
         self.flex, fp8 = fast_path_kernels(cfg, self.device)
         self.model.set_fast_path(self.flex, fp8)
         self._window_tensors: dict[tuple[int, int], torch.Tensor] = {}
@@ -276,9 +284,7 @@ class _Trainer:
         stage = S.stage_at(sch, step)
         if self.long_window != stage.long_window:
             self._set_windows(stage.long_window)
-        if step == cfg.model.untie_step and self.model.tied:
-            self.model.untie()
-            self.opt.copy_state(self.model.lm_head.weight, self.model.embed.weight)
+        self._untie_at(step)
         for scales in self.model.delayed_fp8_scales():
             scales.bootstrap.fill_(step < cfg.model.fp8_bootstrap_steps)
         micro = micro_tokens_for(stage.tokens_per_step, self.dist.world, cfg.data.max_micro_batch_tokens)
@@ -312,6 +318,11 @@ class _Trainer:
             self._prefetch(nxt.tokens_per_step,
                            micro_tokens_for(nxt.tokens_per_step, self.dist.world, cfg.data.max_micro_batch_tokens))
         return total / n_chunks
+
+    def _untie_at(self, step: int) -> None:
+        if step == self.cfg.model.untie_step and self.model.tied:
+            self.model.untie()
+            self.opt.copy_state(self.model.lm_head.weight, self.model.embed.weight)
 
     def _prefetch(self, tokens_per_step: int, micro: int) -> None:
         """Cut the next step's batch now: after a synchronisation (logging, validation) the GPU would otherwise
@@ -369,34 +380,68 @@ class _Trainer:
         self.dist.sum_([totals])
         return (totals[0] / totals[1]).item()
 
+    def warmup_phases(self) -> list[WarmupPhase]:
+        """Every distinct stage shape's untimed steps, then one batch of each validation shape the run meets:
+        one on the FlexAttention path (windows are tensors there); off it, each stage's windows and the final."""
+        n, sch, phases = self.cfg.run.warmup_steps, self.cfg.schedule, []
+        if not n:
+            return phases
+        seen = set()
+        for stage in S.all_stages(sch):
+            shape = (stage.tokens_per_step, stage.max_seq_len, stage.short_window, stage.long_window,
+                     len(S.mtp_weights(sch, stage.start)),
+                     S.prefix_weight(sch, stage.start) is None)  # the prefix loss: another graph
+            if shape not in seen:
+                seen.add(shape)
+                phases.append(WarmupPhase(
+                    f"stage {stage.index + 1} ({stage.tokens_per_step} tokens/step, seq {stage.max_seq_len}, "
+                    f"windows {stage.short_window}/{stage.long_window})",
+                    steps=tuple(stage.start + i if stage.start + i < stage.end else stage.start for i in range(n))))
+        val_windows = set()
+        for stage in S.all_stages(sch):
+            if (stage.short_window, stage.long_window) not in val_windows:
+                val_windows.add((stage.short_window, stage.long_window))
+                phases.append(WarmupPhase(f"validation, windows {stage.short_window}/{stage.long_window}",
+                                          val_step=stage.start))
+        phases.append(WarmupPhase("final validation", val_step=sch.total_steps, final=True))
+        return phases
+
+    def warm(self, phases: list[WarmupPhase], only: set[int] | None = None,
+             before: Callable[[int], bool] | None = None, on_phase: Callable[[str, int], None] | None = None) -> None:
+        """Run the warm-up phases in order (`only`: just these; for the others, only the untie their steps make,
+        so that every phase compiles the graphs it compiles in the full sequence). `before(i)`: True when a
+        helper compiled phase i ahead (said in its log line)."""
+        for i, phase in enumerate(phases):
+            if only is not None and i not in only:
+                for step in phase.steps:
+                    self._untie_at(step)
+                continue
+            ahead = before(i) if before else False
+            if on_phase:
+                on_phase("start", i)
+            with self._timed_warmup(phase.label + (" (compiled ahead by a helper)" if ahead else "")):
+                for step in phase.steps:
+                    self.train_step(step)
+                if phase.val_step is not None:
+                    self.validate(phase.val_step, final=phase.final, batches=1)
+            if on_phase:
+                on_phase("done", i)
+
     def warmup(self) -> float:
         """Untimed steps at every distinct stage shape (compiles on GPU), then reset everything. Logs the seconds
-        each shape and each validation shape took (on a GPU, mostly compiling)."""
+        each shape and each validation shape took (on a GPU, mostly compiling). With run.warmup_workers, helper
+        processes compile the later phases meanwhile (speedrun.warmup_helpers)."""
         t0 = time.perf_counter()
-        n = self.cfg.run.warmup_steps
-        if n:
-            seen = set()
-            for stage in S.all_stages(self.cfg.schedule):
-                shape = (stage.tokens_per_step, stage.max_seq_len, stage.short_window, stage.long_window,
-                         len(S.mtp_weights(self.cfg.schedule, stage.start)),
-                         S.prefix_weight(self.cfg.schedule, stage.start) is None)  # the prefix loss: another graph
-                if shape in seen:
-                    continue
-                seen.add(shape)
-                with self._timed_warmup(f"stage {stage.index + 1} ({stage.tokens_per_step} tokens/step, seq "
-                                        f"{stage.max_seq_len}, windows {stage.short_window}/{stage.long_window})"):
-                    for i in range(n):
-                        self.train_step(stage.start + i if stage.start + i < stage.end else stage.start)
-            # one batch of each validation shape the run meets compiles it: one on the FlexAttention path (windows
-            # are tensors there); off it, each stage's windows and the final window
-            val_windows = set()
-            for stage in S.all_stages(self.cfg.schedule):
-                if (stage.short_window, stage.long_window) not in val_windows:
-                    val_windows.add((stage.short_window, stage.long_window))
-                    with self._timed_warmup(f"validation, windows {stage.short_window}/{stage.long_window}"):
-                        self.validate(stage.start, final=False, batches=1)
-            with self._timed_warmup("final validation"):
-                self.validate(self.cfg.schedule.total_steps, final=True, batches=1)
+        phases = self.warmup_phases()
+        workers = self.cfg.run.warmup_workers if self.compiled and self.backend_name else 0
+        pool = HelperPool.start(self.cfg.to_dict(), self.dist.rank, self.dist.world, self.backend_name, workers,
+                                len(phases)) if workers and len(phases) > 1 else None
+        try:
+            self.warm(phases, before=pool.wait_for if pool else None)
+        finally:
+            if pool:
+                pool.close()
+        if phases:
             self._reset()
         return time.perf_counter() - t0
 

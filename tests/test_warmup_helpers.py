@@ -1,0 +1,56 @@
+"""Warm-up helpers (run.warmup_workers): processes that compile the later warm-up phases ahead of the trainer.
+
+On the CPU the compile backend is aot_eager, which keeps no on-disk cache: these tests check the mechanism (the
+helpers run their phases in their own processes, the trainer waits for them, the run is untouched, a dead helper
+costs nothing but its phases), not the saving, which is GPU-only (README, "GPU speed")."""
+
+import sys
+
+import pytest
+
+from speedrun.train import _Trainer
+from speedrun.warmup_helpers import assign
+from conftest import fast_tiny
+
+# three stage shapes (the MTP targets 3, 2, 1) and one validation shape besides the final one: five phases
+FEW_PHASES = {"run.warmup_steps": 1, "schedule.short_windows": [3] * 4, "schedule.long_windows": [7] * 4,
+              "schedule.final_long_window": 7}
+
+
+def _warm_then_train(workers: int, monkeypatch=None, command=None) -> tuple[list[str], list[float]]:
+    if command is not None:
+        monkeypatch.setattr("speedrun.warmup_helpers.HELPER_COMMAND", command)
+    lines: list[str] = []
+    trainer = _Trainer(fast_tiny(8, **FEW_PHASES, **{"run.warmup_workers": workers}), None, lines.append,
+                       compile_backend="aot_eager")
+    assert len(trainer.warmup_phases()) == 5
+    trainer.warmup()
+    return lines, [trainer.train_step(s).item() for s in range(8)]
+
+
+def test_phases_are_dealt_round_robin_after_the_trainers_first():
+    assert assign(5, 2) == [[1, 3], [2, 4]]
+    assert assign(3, 4) == [[1], [2]]  # no helper without a phase
+    assert assign(1, 2) == []
+
+
+def test_helpers_compile_the_later_phases_ahead_and_the_run_is_unchanged():
+    alone_log, alone = _warm_then_train(0)
+    helped_log, helped = _warm_then_train(2)
+    ahead = [line for line in helped_log if "compiled ahead by a helper" in line]
+    assert len(alone_log) == len(helped_log) == 5
+    assert len(ahead) == 4 and "stage 1" not in " ".join(ahead)  # every phase after the trainer's first
+    assert not any("helper" in line for line in alone_log)
+    assert helped == pytest.approx(alone, abs=1e-6)
+    assert helped[-1] < helped[0]
+
+
+def test_a_helper_that_dies_mid_phase_leaves_its_phases_to_the_trainer(monkeypatch):
+    """The injected helper says it started phase 1, then exits: the trainer must not wait on it forever, and
+    compiles every phase itself."""
+    dies = (sys.executable, "-c", "import sys, time; sys.stdin.read(); print('start 1', flush=True); "
+                                  "time.sleep(0.5); sys.exit(3)")
+    log, losses = _warm_then_train(1, monkeypatch, dies)
+    assert len(log) == 5 and not any("helper" in line for line in log)
+    _, alone = _warm_then_train(0)
+    assert losses == pytest.approx(alone, abs=1e-6)
