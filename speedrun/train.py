@@ -163,6 +163,11 @@ def configure_compiler() -> None:
         dc.accumulated_recompile_limit = max(dc.accumulated_recompile_limit, 1024)
 
 
+def _compiled_in_this_process() -> bool:
+    from torch._dynamo.utils import counters
+    return bool(counters["stats"]["unique_graphs"])
+
+
 def _pick_device(cfg: TrainConfig) -> torch.device:
     want = cfg.run.device
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
@@ -434,6 +439,8 @@ class _Trainer:
         t0 = time.perf_counter()
         phases = self.warmup_phases()
         workers = self.cfg.run.warmup_workers if self.compiled and self.backend_name else 0
+        if workers and _compiled_in_this_process():
+            workers = 0  # a warm host's next trial: its own in-memory graphs serve every phase at once
         pool = HelperPool.start(self.cfg.to_dict(), self.dist.rank, self.dist.world, self.backend_name, workers,
                                 len(phases)) if workers and len(phases) > 1 else None
         try:

@@ -7,6 +7,8 @@ costs nothing but its phases), not the saving, which is GPU-only (README, "GPU s
 import sys
 
 import pytest
+import torch
+from torch._dynamo.utils import counters
 
 from speedrun.train import _Trainer
 from speedrun.warmup_helpers import assign
@@ -17,7 +19,11 @@ FEW_PHASES = {"run.warmup_steps": 1, "schedule.short_windows": [3] * 4, "schedul
               "schedule.final_long_window": 7}
 
 
-def _warm_then_train(workers: int, monkeypatch=None, command=None) -> tuple[list[str], list[float]]:
+def _warm_then_train(workers: int, monkeypatch=None, command=None, fresh: bool = True) -> tuple[list[str], list[float]]:
+    """fresh: as a new process would be (dynamo's in-memory graphs and its count of them dropped)."""
+    if fresh:
+        torch._dynamo.reset()
+        counters.clear()
     if command is not None:
         monkeypatch.setattr("speedrun.warmup_helpers.HELPER_COMMAND", command)
     lines: list[str] = []
@@ -34,9 +40,13 @@ def test_phases_are_dealt_round_robin_after_the_trainers_first():
     assert assign(1, 2) == []
 
 
-def test_helpers_compile_the_later_phases_ahead_and_the_run_is_unchanged():
-    alone_log, alone = _warm_then_train(0)
-    helped_log, helped = _warm_then_train(2)
+@pytest.fixture(scope="module")
+def alone() -> tuple[list[str], list[float]]:
+    return _warm_then_train(0)
+
+
+def test_helpers_compile_the_later_phases_ahead_and_the_run_is_unchanged(alone):
+    (alone_log, alone), (helped_log, helped) = alone, _warm_then_train(2)
     ahead = [line for line in helped_log if "compiled ahead by a helper" in line]
     assert len(alone_log) == len(helped_log) == 5
     assert len(ahead) == 4 and "stage 1" not in " ".join(ahead)  # every phase after the trainer's first
@@ -45,12 +55,18 @@ def test_helpers_compile_the_later_phases_ahead_and_the_run_is_unchanged():
     assert helped[-1] < helped[0]
 
 
-def test_a_helper_that_dies_mid_phase_leaves_its_phases_to_the_trainer(monkeypatch):
+def test_a_helper_that_dies_mid_phase_leaves_its_phases_to_the_trainer(monkeypatch, alone):
     """The injected helper says it started phase 1, then exits: the trainer must not wait on it forever, and
     compiles every phase itself."""
     dies = (sys.executable, "-c", "import sys, time; sys.stdin.read(); print('start 1', flush=True); "
                                   "time.sleep(0.5); sys.exit(3)")
     log, losses = _warm_then_train(1, monkeypatch, dies)
     assert len(log) == 5 and not any("helper" in line for line in log)
-    _, alone = _warm_then_train(0)
-    assert losses == pytest.approx(alone, abs=1e-6)
+    assert losses == pytest.approx(alone[1], abs=1e-6)
+
+
+def test_a_process_that_compiled_already_starts_no_helpers():
+    """A warm host's next trial (sweeps' --reuse-workers) has its graphs in memory: helpers would only delay it."""
+    _warm_then_train(0)
+    log, _ = _warm_then_train(2, fresh=False)
+    assert len(log) == 5 and not any("helper" in line for line in log)
