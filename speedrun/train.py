@@ -445,6 +445,12 @@ class _Trainer:
                                 len(phases)) if workers and len(phases) > 1 else None
         try:
             self.warm(phases, before=pool.wait_for if pool else None)
+        except torch.OutOfMemoryError as e:
+            if not pool:
+                raise
+            raise torch.OutOfMemoryError(f"out of GPU memory in the warm-up, with {len(pool.procs)} warm-up helper "
+                                         f"process(es) on this GPU: set run.warmup_workers={len(pool.procs) - 1} "
+                                         f"or lower ({str(e).splitlines()[0] if str(e) else 'CUDA OOM'})") from e
         finally:
             if pool:
                 pool.close()

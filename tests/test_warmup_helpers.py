@@ -70,3 +70,16 @@ def test_a_process_that_compiled_already_starts_no_helpers():
     _warm_then_train(0)
     log, _ = _warm_then_train(2, fresh=False)
     assert len(log) == 5 and not any("helper" in line for line in log)
+
+
+def test_out_of_memory_with_helpers_names_the_knob(monkeypatch):
+    """Helpers hold memory on the trainer's GPU: an OOM in the warm-up (injected) says which knob to lower."""
+    def oom(self, step):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    trainer = _Trainer(fast_tiny(8, **FEW_PHASES, **{"run.warmup_workers": 2}), None, None,
+                       compile_backend="aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(_Trainer, "train_step", oom)
+    with pytest.raises(torch.OutOfMemoryError, match=r"run.warmup_workers=1 or lower \(CUDA out of memory"):
+        trainer.warmup()
