@@ -4,6 +4,7 @@
     python benchmarks/startup.py --steps 40 --set run.warmup_steps=2
     python benchmarks/startup.py --runs node node --cache-dir SWEEP/inductor_cache --set ...  # the sweep's config
     python benchmarks/startup.py --tiny                           # the tiny preset (on a CPU: nothing compiles)
+    python benchmarks/startup.py --runs cold --set run.warmup_workers=2   # later phases compiled by 2 helpers
 
 Each row is a fresh Python process that builds the trainer and runs its warm-up (untimed steps at every stage's
 shape, then validation: the compilations a trial does before it starts its clock), as a sweep's trial worker
