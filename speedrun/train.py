@@ -91,6 +91,7 @@ class _Dist:
         """stand_in: (rank, world) of a rank this process stands in for, alone (a warm-up helper)."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         self.owned = False
+        self.stand_in = stand_in is not None
         if stand_in is not None:
             self.on, (self.rank, self.world) = False, stand_in
             return
@@ -304,6 +305,9 @@ class _Trainer:
             loss = self._loss(batch, stage, mtp, stage.short_window, stage.long_window, pw)
             (loss / n_chunks).backward()
             total += loss.detach()
+        if self.dist.stand_in:  # a warm-up helper compiles the model's graphs; the optimiser's are the trainer's
+            self.model.zero_grad(set_to_none=True)
+            return total / n_chunks
         self.model.fold_tied_grad()
         last = sch.total_steps - 1
         adam_due = self.opt.adam_due(step, last)

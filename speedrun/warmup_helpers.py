@@ -4,7 +4,9 @@ A cold record run compiles one graph per stage shape and validation shape, one a
 single-threaded host work (dynamo, AOTAutograd, Inductor's code generation). `run.warmup_workers=N` starts N
 helper processes next to the trainer, on the same device and the same compile caches (TORCHINDUCTOR_CACHE_DIR):
 each builds the same trainer (the rank's micro-batch shapes, no process group), replays the warm-up up to its
-phases and runs those, so that when the trainer reaches a phase its graphs load from the caches. Nothing a
+phases and runs those (forward and backward only: the optimiser's graphs, compiled in the trainer's first
+phase, and its state are the trainer's), so that when the trainer reaches a phase its graphs load from the
+caches. Nothing a
 helper computes reaches the run. The trainer waits for a helper's phase before running it (a cache hit then);
 a helper that dies costs only the parallelism: the trainer compiles its phases itself.
 

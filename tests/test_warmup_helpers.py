@@ -83,3 +83,14 @@ def test_out_of_memory_with_helpers_names_the_knob(monkeypatch):
     monkeypatch.setattr(_Trainer, "train_step", oom)
     with pytest.raises(torch.OutOfMemoryError, match=r"run.warmup_workers=1 or lower \(CUDA out of memory"):
         trainer.warmup()
+
+
+def test_a_helper_trains_no_optimiser_state():
+    """A helper's steps stop after the backward: no optimiser state or gradients held on the trainer's GPU (and no
+    optimiser graphs compiled twice), while its forward and backward are the trainer's."""
+    cfg = fast_tiny(8, **FEW_PHASES)
+    helper, trainer = _Trainer(cfg, None, None, stand_in=(0, 1)), _Trainer(cfg, None, None)
+    first = [helper.train_step(s).item() for s in range(3)]
+    assert helper.opt.state == {} and all(p.grad is None for p in helper.model.parameters())
+    assert first[0] == pytest.approx(trainer.train_step(0).item(), abs=1e-6)  # same weights, same batch
+    assert trainer.opt.state
