@@ -416,7 +416,7 @@ class _Trainer:
         return phases
 
     def warm(self, phases: list[WarmupPhase], only: set[int] | None = None,
-             before: Callable[[int], bool] | None = None, on_phase: Callable[[str, int], None] | None = None) -> None:
+             before: Callable[[int], bool] | None = None, on_done: Callable[[int], None] | None = None) -> None:
         """Run the warm-up phases in order (`only`: just these; for the others, only the untie their steps make,
         so that every phase compiles the graphs it compiles in the full sequence). `before(i)`: True when a
         helper compiled phase i ahead (said in its log line)."""
@@ -426,15 +426,13 @@ class _Trainer:
                     self._untie_at(step)
                 continue
             ahead = before(i) if before else False
-            if on_phase:
-                on_phase("start", i)
             with self._timed_warmup(phase.label + (" (compiled ahead by a helper)" if ahead else "")):
                 for step in phase.steps:
                     self.train_step(step)
                 if phase.val_step is not None:
                     self.validate(phase.val_step, final=phase.final, batches=1)
-            if on_phase:
-                on_phase("done", i)
+            if on_done:
+                on_done(i)
 
     def warmup(self) -> float:
         """Untimed steps at every distinct stage shape (compiles on GPU), then reset everything. Logs the seconds

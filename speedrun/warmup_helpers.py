@@ -6,12 +6,11 @@ helper processes next to the trainer, on the same device and the same compile ca
 each builds the same trainer (the rank's micro-batch shapes, no process group), replays the warm-up up to its
 phases and runs those (forward and backward only: the optimiser's graphs, compiled in the trainer's first
 phase, and its state are the trainer's), so that when the trainer reaches a phase its graphs load from the
-caches. Nothing a
-helper computes reaches the run. The trainer waits for a helper's phase before running it (a cache hit then);
-a helper that dies costs only the parallelism: the trainer compiles its phases itself.
+caches. Nothing a helper computes reaches the run. The trainer waits for a helper's phase before running it (a
+cache hit then); a helper that dies costs only the parallelism: the trainer compiles its phases itself.
 
-Protocol: the helper reads one JSON spec on stdin and writes `start I` / `done I` lines on its stdout (anything
-else the process prints goes to stderr).
+Protocol: the helper reads one JSON spec on stdin and writes a `done I` line on its stdout after each phase
+(anything else the process prints goes to stderr).
 """
 
 from __future__ import annotations
@@ -43,10 +42,11 @@ def assign(n_phases: int, workers: int) -> list[list[int]]:
 
 @dataclass
 class HelperPool:
-    """The running helpers and what each has started and finished."""
+    """The running helpers and the phases they finished."""
     procs: list[subprocess.Popen] = field(default_factory=list)
     owner: dict[int, int] = field(default_factory=dict)  # phase -> helper index
-    state: dict[int, str] = field(default_factory=dict)  # phase -> "start" | "done"
+    done: set[int] = field(default_factory=set)  # phases a helper finished
+    ended: set[int] = field(default_factory=set)  # helpers whose output ended (exited or died)
     lock: threading.Condition = field(default_factory=threading.Condition)
 
     @classmethod
@@ -61,18 +61,18 @@ class HelperPool:
             proc.stdin.close()
             pool.procs.append(proc)
             pool.owner.update({p: index for p in phases})
-            threading.Thread(target=pool._read, args=(proc,), daemon=True).start()
+            threading.Thread(target=pool._read, args=(index,), daemon=True).start()
         return pool
 
-    def _read(self, proc: subprocess.Popen) -> None:
-        for line in proc.stdout:
+    def _read(self, index: int) -> None:
+        for line in self.procs[index].stdout:
             word, _, phase = line.strip().partition(" ")
-            if word in ("start", "done") and phase.isdigit():
+            if word == "done" and phase.isdigit():
                 with self.lock:
-                    self.state[int(phase)] = word
+                    self.done.add(int(phase))
                     self.lock.notify_all()
-        proc.wait()
-        with self.lock:
+        with self.lock:  # after the last line it wrote: a helper that exits never hides a phase it finished
+            self.ended.add(index)
             self.lock.notify_all()
 
     def wait_for(self, phase: int, limit_s: float = 1800.0) -> bool:
@@ -82,11 +82,11 @@ class HelperPool:
         the time the trainer asks, a helper has usually finished."""
         if phase not in self.owner:
             return False
-        proc, deadline = self.procs[self.owner[phase]], time.monotonic() + limit_s
+        helper, deadline = self.owner[phase], time.monotonic() + limit_s
         with self.lock:
-            while self.state.get(phase) != "done" and proc.poll() is None and time.monotonic() < deadline:
+            while phase not in self.done and helper not in self.ended and time.monotonic() < deadline:
                 self.lock.wait(timeout=1.0)
-            return self.state.get(phase) == "done"
+            return phase in self.done
 
     def close(self) -> None:
         for proc in self.procs:
@@ -105,7 +105,7 @@ def main() -> int:
     cfg = TrainConfig.from_dict(spec["config"])
     trainer = _Trainer(cfg, None, None, compile_backend=spec["backend"], stand_in=(spec["rank"], spec["world"]))
     trainer.warm(trainer.warmup_phases(), only=set(spec["phases"]),
-                 on_phase=lambda word, i: print(word, i, file=protocol))
+                 on_done=lambda i: print("done", i, file=protocol))
     return 0
 
 
