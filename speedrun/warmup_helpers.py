@@ -50,13 +50,12 @@ class HelperPool:
     lock: threading.Condition = field(default_factory=threading.Condition)
 
     @classmethod
-    def start(cls, cfg_dict: dict, rank: int, world: int, backend: str, workers: int, n_phases: int,
-              command: tuple[str, ...] | None = None) -> "HelperPool":
-        pool, command = cls(), command or HELPER_COMMAND
+    def start(cls, cfg_dict: dict, rank: int, world: int, backend: str, workers: int, n_phases: int) -> "HelperPool":
+        pool = cls()
         env = {**os.environ, "WORLD_SIZE": "1", "RANK": "0"}
         for index, phases in enumerate(assign(n_phases, workers)):
             spec = {"config": cfg_dict, "rank": rank, "world": world, "backend": backend, "phases": phases}
-            proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+            proc = subprocess.Popen(HELPER_COMMAND, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
             proc.stdin.write(json.dumps(spec))
             proc.stdin.close()
             pool.procs.append(proc)
