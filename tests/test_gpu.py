@@ -147,7 +147,7 @@ FAST_VARIANTS = {"fp8": {"run.compile": True, "model.use_fp8": True},  # the fas
                  # and with the vocabulary tables stored in bf16, as record #89 stores them
                  "fp8-bf16-tables": {"run.compile": True, "model.use_fp8": True, "model.table_dtype": "bfloat16"}}
 # the FP8 variants' largest difference over five cold H200 runs: 0.017 to 0.033, the largest a one-step spike
-# (8.40 vs 8.67 at step 10, equal again at step 11) on the same code that gave 0.022 the next run
+# (8.40 vs 8.67 at step 10, equal again at step 11) with the same numerics that gave 0.022 on the next machine
 TOLERANCE = {"fp8": 4e-2, "bf16": 1e-2, "fp8-bf16-tables": 4e-2}
 
 
